@@ -1,0 +1,118 @@
+"""The admin API over its Unix socket."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tests.conftest import event
+
+
+async def test_webhook_crud(start_daemon: Any) -> None:
+    h = await start_daemon()
+    status, created = await h.api(
+        "POST", "/v1/webhooks",
+        {"url": "https://hooks.example.com/x", "events": ["delivered", "bounced"], "description": "shop"},
+    )
+    assert status == 201
+    assert created["secret"].startswith("whsec_")
+    wid = created["id"]
+    assert created["events"] == ["delivered", "bounced"] and created["enabled"] is True
+    assert created["disabled_reason"] is None and created["consecutive_failures"] == 0
+
+    status, listed = await h.api("GET", "/v1/webhooks")
+    assert [w["id"] for w in listed["webhooks"]] == [wid]
+    assert "secret" not in listed["webhooks"][0]
+
+    status, shown = await h.api("GET", f"/v1/webhooks/{wid}")
+    assert status == 200 and "secret" not in shown
+
+    status, updated = await h.api("PATCH", f"/v1/webhooks/{wid}", {"events": ["*"], "description": "all"})
+    assert status == 200 and updated["events"] == ["*"] and updated["description"] == "all"
+    assert updated["url"] == "https://hooks.example.com/x"
+
+    status, secret = await h.api("GET", f"/v1/webhooks/{wid}/secret")
+    assert secret == {"id": wid, "secret": created["secret"]}
+
+    status, rotated = await h.api("POST", f"/v1/webhooks/{wid}/rotate-secret")
+    assert status == 200 and rotated["secret"] != created["secret"]
+    assert rotated["previous_secret_expires_at"]
+
+    status, deleted = await h.api("DELETE", f"/v1/webhooks/{wid}")
+    assert status == 200 and deleted == {"deleted": wid}
+    status, body = await h.api("GET", f"/v1/webhooks/{wid}")
+    assert status == 404 and wid in body["error"]
+
+
+async def test_webhooks_survive_a_restart(start_daemon: Any) -> None:
+    h = await start_daemon()
+    created = await h.create_webhook("https://hooks.example.com/a", ["opened"])
+    await h.close()
+    h2 = await start_daemon()
+    assert (await h2.webhook(created["id"]))["events"] == ["opened"]
+
+
+async def test_validation_errors_name_the_problem(start_daemon: Any) -> None:
+    h = await start_daemon()
+    cases = [
+        ({"url": "ftp://x.example.com"}, "http"),
+        ({"url": "https://x.example.com", "events": ["exploded"]}, "exploded"),
+        ({"url": "https://x.example.com", "events": []}, "events"),
+        ({"url": "https://x.example.com", "colour": "red"}, "colour"),
+        ({}, "url"),
+    ]
+    for body, word in cases:
+        status, reply = await h.api("POST", "/v1/webhooks", body)
+        assert status == 400, body
+        assert word in reply["error"], (body, reply)
+
+
+async def test_production_requires_https(start_daemon: Any) -> None:
+    h = await start_daemon(environment="production")
+    status, reply = await h.api("POST", "/v1/webhooks", {"url": "http://example.com/hook"})
+    assert status == 400 and "https" in reply["error"]
+    status, _ = await h.api("POST", "/v1/webhooks", {"url": "https://example.com/hook"})
+    assert status == 201
+
+
+async def test_unknown_ids_are_404(start_daemon: Any) -> None:
+    h = await start_daemon()
+    for method, path in [
+        ("GET", "/v1/webhooks/wh_nope"),
+        ("PATCH", "/v1/webhooks/wh_nope"),
+        ("DELETE", "/v1/webhooks/wh_nope"),
+        ("POST", "/v1/webhooks/wh_nope/enable"),
+        ("POST", "/v1/webhooks/wh_nope/test"),
+        ("GET", "/v1/deliveries/999"),
+        ("GET", "/v1/deliveries/abc"),
+        ("POST", "/v1/deliveries/999/retry"),
+    ]:
+        status, body = await h.api(method, path)
+        assert status == 404, (method, path)
+        assert body["error"]
+
+
+async def test_status_and_delivery_filters(start_daemon: Any, make_receiver: Any) -> None:
+    receiver = await make_receiver()
+    h = await start_daemon()
+    a = await h.create_webhook(receiver.url)
+    b = await h.create_webhook(receiver.url)
+    await h.api("POST", f"/v1/webhooks/{b['id']}/disable")
+    await h.submit(*[event("delivered", i) for i in range(3)])
+    await receiver.wait_for(3)
+
+    async def counts() -> Any:
+        _, st = await h.api("GET", "/v1/status")
+        return st if st["deliveries"]["succeeded"] == 3 else None
+
+    from tests.conftest import eventually
+
+    st = await eventually(counts)
+    assert st["deliveries"] == {"pending": 0, "paused": 3, "succeeded": 3, "failed": 0}
+    assert st["webhooks"] == {"enabled": 1, "disabled": 1}
+    assert len(await h.deliveries(webhook_id=a["id"])) == 3
+    assert len(await h.deliveries(status="paused")) == 3
+    assert len(await h.deliveries(limit=2)) == 2
+    status, body = await h.api("GET", "/v1/deliveries?status=bogus")
+    assert status == 400 and "bogus" in body["error"]
+    _, hz = await h.api("GET", "/healthz")
+    assert hz == {"ok": True}

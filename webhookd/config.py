@@ -1,0 +1,352 @@
+"""Typed configuration: TOML loading and validation in one step.
+
+Every error is a `ConfigError` naming the dotted key, with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, cast
+
+DEFAULT_CONFIG_PATH = Path("/etc/webhookd/config.toml")
+
+
+class ConfigError(Exception):
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    path: Path
+    durability: Literal["full", "normal"] = "full"
+    retention: float = 7 * 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class IntakeConfig:
+    socket: Path | None
+    socket_mode: int = 0o660
+    socket_group: str = ""
+    http_listen: tuple[str, int] | None = ("127.0.0.1", 8025)
+    http_token: str = field(default="", repr=False)
+    max_event_bytes: int = 262144
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    socket: Path | None
+    socket_mode: int = 0o600
+    http_listen: tuple[str, int] | None = None
+    token: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    concurrency: int = 512
+    per_webhook_concurrency: int = 32
+    timeout: float = 10.0
+    connect_timeout: float = 5.0
+    retry_base: float = 30.0
+    retry_max: float = 4 * 3600.0
+    max_attempts: int = 12
+    disable_after: int = 10
+    max_response_bytes: int = 65536
+    shutdown_grace: float = 10.0
+    allow_targets: tuple[str, ...] = ()
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyConfig:
+    command: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console", "auto"] = "auto"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    environment: Literal["production", "development"]
+    state_dir: Path
+    runtime_dir: Path
+    storage: StorageConfig
+    intake: IntakeConfig
+    admin: AdminConfig
+    delivery: DeliveryConfig
+    notify: NotifyConfig
+    log: LogConfig
+    source: Path | None = None
+
+    @property
+    def dev(self) -> bool:
+        return self.environment == "development"
+
+
+# -- value parsers -----------------------------------------------------------------------------
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
+
+
+def parse_duration(value: object, key: str) -> float:
+    """Seconds from a number or a string like "500ms", "30s", "5m", "4h", "7d"."""
+    if isinstance(value, bool):
+        raise ConfigError(key, f"expected a duration such as \"30s\", got {value!r}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ConfigError(key, f"must not be negative, got {value!r}")
+        return float(value)
+    if isinstance(value, str):
+        m = _DURATION.match(value)
+        if m:
+            return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ConfigError(key, f"expected a duration such as 500ms, 30s, 5m, 4h or 7d, got {value!r}")
+
+
+def _int(value: object, key: str, lo: int, hi: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(key, f"must be {bound}, got {value}")
+    return value
+
+
+def _str(value: object, key: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    return value
+
+
+def _choice(value: object, key: str, choices: tuple[str, ...]) -> str:
+    text = _str(value, key)
+    if text not in choices:
+        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {text!r}")
+    return text
+
+
+def _mode(value: object, key: str) -> int:
+    if isinstance(value, str) and re.fullmatch(r"0?[0-7]{3}", value):
+        return int(value, 8)
+    hint = " (quote it: \"0660\")" if isinstance(value, int) and not isinstance(value, bool) else ""
+    raise ConfigError(key, f"expected an octal file mode string such as \"0660\", got {value!r}{hint}")
+
+
+def _listen(value: object, key: str) -> tuple[str, int] | None:
+    text = _str(value, key).strip()
+    if not text:
+        return None
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)", text) or re.fullmatch(r"([^:\[\]]+):(\d+)", text)
+    if not m:
+        raise ConfigError(key, f"expected HOST:PORT or [IPv6]:PORT, got {text!r}")
+    port = int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ConfigError(key, f"port must be between 1 and 65535, got {port}")
+    return m.group(1), port
+
+
+def _token(value: object, key: str) -> str:
+    text = _str(value, key)
+    if text and len(text) < 16:
+        raise ConfigError(key, "must be at least 16 characters when set")
+    return text
+
+
+def _allow_targets(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of CIDRs or host names, got {value!r}")
+    out: list[str] = []
+    for i, item in enumerate(value):
+        k = f"{key}[{i}]"
+        text = _str(item, k).strip()
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            labels = text.rstrip(".").split(".")
+            if not text or not all(_HOST_LABEL.match(label) for label in labels):
+                raise ConfigError(k, f"expected a CIDR (10.0.0.0/8) or a host name, got {text!r}") from None
+        out.append(text)
+    return tuple(out)
+
+
+# -- sections -------------------------------------------------------------------------------------
+Parser = Callable[[object, str], Any]
+
+
+def _section(data: Mapping[str, Any], name: str, parsers: Mapping[str, Parser]) -> dict[str, Any]:
+    raw = data.get(name, {})
+    if not isinstance(raw, dict):
+        raise ConfigError(name, f"expected a table [{name}], got {raw!r}")
+    for key in raw:
+        if key not in parsers:
+            raise ConfigError(f"{name}.{key}", f"unknown key (expected one of {', '.join(parsers)})")
+    return {key: parsers[key](raw[key], f"{name}.{key}") for key in raw}
+
+
+def _positive_duration(value: object, key: str) -> float:
+    seconds = parse_duration(value, key)
+    if seconds <= 0:
+        raise ConfigError(key, "must be greater than zero")
+    return seconds
+
+
+def _first_path(value: str | None) -> str | None:
+    if not value:
+        return None
+    return value.split(":", 1)[0] or None
+
+
+def _under(base: Path, value: str) -> Path:
+    return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+
+
+TOP_LEVEL = ("environment", "state_dir", "runtime_dir", "storage", "intake", "admin", "delivery", "notify", "log")
+
+
+def parse_config(
+    data: Mapping[str, Any],
+    *,
+    dev: bool = False,
+    env: Mapping[str, str] | None = None,
+    source: Path | None = None,
+) -> Config:
+    """Validate a decoded TOML document into a Config."""
+    env = os.environ if env is None else env
+    for key in data:
+        if key not in TOP_LEVEL:
+            raise ConfigError(key, f"unknown key (expected one of {', '.join(TOP_LEVEL)})")
+    environment = _choice(data.get("environment", "production"), "environment", ("production", "development"))
+    if dev:
+        environment = "development"
+
+    cwd = Path.cwd()
+    state_raw = data.get("state_dir")
+    state_text = _str(state_raw, "state_dir") if state_raw is not None else None
+    state_dir = _under(cwd, state_text or _first_path(env.get("STATE_DIRECTORY")) or "webhookd-data")
+    run_raw = data.get("runtime_dir")
+    run_text = _str(run_raw, "runtime_dir") if run_raw is not None else None
+    run_default = _first_path(env.get("RUNTIME_DIRECTORY"))
+    runtime_dir = _under(cwd, run_text) if run_text else (_under(cwd, run_default) if run_default else state_dir)
+
+    def socket_path(value: object, key: str) -> Path | None:
+        text = _str(value, key)
+        return _under(runtime_dir, text) if text else None
+
+    storage = _section(data, "storage", {
+        "path": lambda v, k: _under(state_dir, _str(v, k) or "webhookd.db"),
+        "durability": lambda v, k: _choice(v, k, ("full", "normal")),
+        "retention": _positive_duration,
+    })
+    storage.setdefault("path", state_dir / "webhookd.db")
+
+    intake = _section(data, "intake", {
+        "socket": socket_path,
+        "socket_mode": _mode,
+        "socket_group": _str,
+        "http_listen": _listen,
+        "http_token": _token,
+        "max_event_bytes": lambda v, k: _int(v, k, 1024, 16 * 1024 * 1024),
+        "max_connections": lambda v, k: _int(v, k, 1),
+    })
+    intake.setdefault("socket", runtime_dir / "intake.sock")
+
+    admin = _section(data, "admin", {
+        "socket": socket_path,
+        "socket_mode": _mode,
+        "http_listen": _listen,
+        "token": _token,
+    })
+    admin.setdefault("socket", runtime_dir / "admin.sock")
+    if admin.get("http_listen") and not admin.get("token"):
+        raise ConfigError("admin.token", "required when admin.http_listen is set")
+
+    base = source.parent if source is not None else cwd
+
+    def ca_file(value: object, key: str) -> Path | None:
+        text = _str(value, key)
+        if not text:
+            return None
+        path = _under(base, text)
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(key, f"{path} is not a readable file")
+        return path
+
+    delivery = _section(data, "delivery", {
+        "concurrency": lambda v, k: _int(v, k, 1),
+        "per_webhook_concurrency": lambda v, k: _int(v, k, 1),
+        "timeout": _positive_duration,
+        "connect_timeout": _positive_duration,
+        "retry_base": _positive_duration,
+        "retry_max": _positive_duration,
+        "max_attempts": lambda v, k: _int(v, k, 1),
+        "disable_after": lambda v, k: _int(v, k, 1),
+        "max_response_bytes": lambda v, k: _int(v, k, 0, 64 * 1024 * 1024),
+        "shutdown_grace": parse_duration,
+        "allow_targets": _allow_targets,
+        "ca_file": ca_file,
+    })
+    defaults = DeliveryConfig()
+    retry_base = delivery.get("retry_base", defaults.retry_base)
+    if delivery.get("retry_max", defaults.retry_max) < retry_base:
+        raise ConfigError("delivery.retry_max", f"must be at least delivery.retry_base ({retry_base:g}s)")
+
+    notify = _section(data, "notify", {"command": _str})
+    log = _section(data, "log", {
+        "level": lambda v, k: _choice(_str(v, k).lower(), k, ("debug", "info", "warning", "error")),
+        "format": lambda v, k: _choice(v, k, ("json", "console", "auto")),
+    })
+    return Config(
+        environment=cast(Literal["production", "development"], environment),
+        state_dir=state_dir,
+        runtime_dir=runtime_dir,
+        storage=StorageConfig(**storage),
+        intake=IntakeConfig(**intake),
+        admin=AdminConfig(**admin),
+        delivery=DeliveryConfig(**delivery),
+        notify=NotifyConfig(**notify),
+        log=LogConfig(**log),
+        source=source,
+    )
+
+
+def find_config_path(explicit: str | Path | None, env: Mapping[str, str]) -> Path | None:
+    """--config, else $WEBHOOKD_CONFIG, else /etc/webhookd/config.toml if it exists."""
+    if explicit:
+        return Path(explicit)
+    if env.get("WEBHOOKD_CONFIG"):
+        return Path(env["WEBHOOKD_CONFIG"])
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None
+
+
+def load_config(
+    path: str | Path | None = None, *, dev: bool = False, env: Mapping[str, str] | None = None
+) -> Config:
+    env = os.environ if env is None else env
+    found = find_config_path(path, env)
+    if found is None:
+        return parse_config({}, dev=dev, env=env)
+    try:
+        text = found.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError("", f"cannot read config file {found}: {reason}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{found}: {exc}") from exc
+    return parse_config(data, dev=dev, env=env, source=found.resolve())

@@ -1,0 +1,362 @@
+"""Wiring and lifecycle: start → serve → staged shutdown; signals; systemd notify."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import os
+import shlex
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from webhookd import __version__, logs
+from webhookd.admin import AdminApi
+from webhookd.config import Config, ConfigError, load_config
+from webhookd.dispatcher import Dispatcher
+from webhookd.intake import IntakeStats, LineProtocol, http_app
+from webhookd.netguard import TargetGuard
+from webhookd.scheduler import Scheduler, Webhook
+from webhookd.store import Store, StoreError
+
+log = structlog.get_logger("webhookd")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why, in one line."""
+
+
+def sd_notify(message: str) -> bool:
+    """Send a state line to systemd's $NOTIFY_SOCKET (abstract '@' names included)."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+        return True
+    except OSError as exc:
+        log.warning("sd_notify failed", error=str(exc))
+        return False
+
+
+def _socket_in_use(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def _prepare_socket_path(path: Path) -> None:
+    if len(str(path).encode()) > 107:
+        raise StartupError(f"socket path too long for a Unix socket (max 107 bytes): {path}")
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+    if path.exists() or path.is_symlink():
+        if _socket_in_use(path):
+            raise StartupError(f"another webhookd is already listening on {path}")
+        path.unlink()
+
+
+def _secure_socket(path: Path, mode: int, group: str = "") -> None:
+    os.chmod(path, mode)
+    if group:
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            raise StartupError(f"intake.socket_group: no group named {group!r}") from None
+        os.chown(path, -1, gid)
+
+
+class Daemon:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        cfg = config.delivery
+        self.store = Store(config.storage.path, durability=config.storage.durability, clock=clock)
+        guard = None if config.dev else TargetGuard(cfg.allow_targets)
+        self.dispatcher = Dispatcher(cfg, guard=guard)
+        self.scheduler = Scheduler(self.store, self.dispatcher, cfg, clock=clock, on_disabled=self._notify_disabled)
+        self.stats = IntakeStats()
+        self.admin = AdminApi(self.scheduler, production=not config.dev)
+        self.admin.extra_status = lambda: {"intake": {"connections": self.stats.connections}}
+        self._servers: list[asyncio.AbstractServer] = []
+        self._protocols: set[LineProtocol] = set()
+        self._runners: list[web.AppRunner] = []
+        self._socket_paths: list[Path] = []
+        self._stop = asyncio.Event()
+        self._force = False
+        self._stopped = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self._notify_tasks: set[asyncio.Task[None]] = set()
+
+    # -- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.config
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StartupError(f"cannot create state_dir {cfg.state_dir}: {exc.strerror}") from exc
+        try:
+            await self.store.open()
+        except StoreError as exc:
+            raise StartupError(str(exc)) from exc
+        await self.scheduler.load()
+        await self.dispatcher.start()
+        await self._start_intake()
+        await self._start_admin()
+        log.info(
+            "webhookd started",
+            version=__version__,
+            environment=cfg.environment,
+            database=str(cfg.storage.path),
+            intake_socket=str(cfg.intake.socket) if cfg.intake.socket else None,
+            intake_http=_fmt_listen(cfg.intake.http_listen),
+            admin_socket=str(cfg.admin.socket) if cfg.admin.socket else None,
+            webhooks=len(self.scheduler.webhooks),
+        )
+
+    async def _start_intake(self) -> None:
+        cfg = self.config.intake
+        loop = asyncio.get_running_loop()
+        if cfg.socket is not None:
+            _prepare_socket_path(cfg.socket)
+
+            def factory() -> LineProtocol:
+                proto = _TrackedProtocol(
+                    self._protocols, self.store, max_line=cfg.max_event_bytes,
+                    max_connections=cfg.max_connections, stats=self.stats, clock=self.clock,
+                )
+                return proto
+
+            old = os.umask(0o177)
+            try:
+                server = await loop.create_unix_server(factory, str(cfg.socket), backlog=1024)
+            finally:
+                os.umask(old)
+            _secure_socket(cfg.socket, cfg.socket_mode, cfg.socket_group)
+            self._servers.append(server)
+            self._socket_paths.append(cfg.socket)
+        if cfg.http_listen is not None:
+            app = http_app(
+                self.store, token=cfg.http_token, max_event_bytes=cfg.max_event_bytes, stats=self.stats,
+                clock=self.clock,
+            )
+            await self._serve_tcp(app, cfg.http_listen, "intake.http_listen")
+
+    async def _start_admin(self) -> None:
+        cfg = self.config.admin
+        if cfg.socket is not None:
+            _prepare_socket_path(cfg.socket)
+            runner = web.AppRunner(self.admin.app(), access_log=None, handle_signals=False)
+            await runner.setup()
+            self._runners.append(runner)
+            old = os.umask(0o177)
+            try:
+                await web.UnixSite(runner, str(cfg.socket)).start()
+            finally:
+                os.umask(old)
+            _secure_socket(cfg.socket, cfg.socket_mode)
+            self._socket_paths.append(cfg.socket)
+        if cfg.http_listen is not None:
+            await self._serve_tcp(self.admin.app(token=cfg.token), cfg.http_listen, "admin.http_listen")
+
+    async def _serve_tcp(self, app: web.Application, listen: tuple[str, int], key: str) -> None:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        self._runners.append(runner)
+        try:
+            await web.TCPSite(runner, listen[0], listen[1], backlog=1024).start()
+        except OSError as exc:
+            raise StartupError(f"{key}: cannot listen on {_fmt_listen(listen)}: {exc.strerror}") from exc
+
+    def _notify_disabled(self, wh: Webhook) -> None:
+        """Run `[notify] command` for an automatically disabled webhook."""
+        command = self.config.notify.command
+        if not command:
+            return
+        env = {
+            **os.environ,
+            "WEBHOOKD_EVENT": "webhook_disabled",
+            "WEBHOOKD_WEBHOOK_ID": wh.id,
+            "WEBHOOKD_WEBHOOK_URL": wh.url,
+            "WEBHOOKD_WEBHOOK_DESCRIPTION": wh.description,
+            "WEBHOOKD_REASON": wh.disabled_reason or "",
+            "WEBHOOKD_CONSECUTIVE_FAILURES": str(wh.consecutive_failures),
+        }
+
+        async def run_command() -> None:
+            try:
+                proc = await asyncio.create_subprocess_exec(
+                    *shlex.split(command), env=env, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                )
+                _, err = await asyncio.wait_for(proc.communicate(), 60)
+            except (OSError, ValueError, TimeoutError) as exc:
+                log.error("notify command failed", webhook_id=wh.id, error=str(exc))
+                return
+            if proc.returncode:
+                log.error("notify command failed", webhook_id=wh.id, exit_status=proc.returncode,
+                          stderr=err.decode(errors="replace")[-500:])
+
+        task = asyncio.create_task(run_command())
+        self._notify_tasks.add(task)
+        task.add_done_callback(self._notify_tasks.discard)
+
+    # -- run --------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        if self._stop.is_set():
+            log.warning("second stop signal: not waiting for in-flight deliveries")
+            self._force = True
+            for task in list(self.scheduler._attempts):
+                task.cancel()
+        self._stop.set()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        try:
+            await self.start()
+            sd_notify(f"READY=1\nSTATUS=listening; {len(self.scheduler.webhooks)} webhooks\nMAINPID={os.getpid()}")
+            self._watchdog = self._start_watchdog()
+            await self._stop.wait()
+        finally:
+            await self.stop()
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def _start_watchdog(self) -> asyncio.Task[None] | None:
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        if not usec.isdigit() or int(usec) <= 0:
+            return None
+        interval = int(usec) / 2e6
+
+        async def beat() -> None:
+            while True:
+                sd_notify("WATCHDOG=1")
+                await asyncio.sleep(interval)
+
+        return asyncio.create_task(beat(), name="watchdog")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; apply what can change live, log the rest."""
+        try:
+            new = load_config(self.config.source, dev=self.config.dev)
+        except ConfigError as exc:
+            log.error("config reload failed; keeping the running config", error=str(exc))
+            return
+        old = self.config
+        logs.configure(new.log.level, new.log.format)
+        live = {"concurrency", "ca_file", "allow_targets"}
+        restart = [
+            f"delivery.{name}"
+            for name in live
+            if getattr(old.delivery, name) != getattr(new.delivery, name)
+        ]
+        for section in ("storage", "intake", "admin"):
+            if getattr(old, section) != getattr(new, section):
+                restart.append(section)
+        for key in ("environment", "state_dir", "runtime_dir"):
+            if getattr(old, key) != getattr(new, key):
+                restart.append(key)
+        self.scheduler.cfg = self.scheduler.cfg.__class__(
+            **{
+                **{f: getattr(new.delivery, f) for f in new.delivery.__dataclass_fields__},
+                **{f: getattr(old.delivery, f) for f in live},
+            }
+        )
+        self.dispatcher.cfg = self.scheduler.cfg
+        self.config = new
+        log.info("config reloaded", source=str(new.source) if new.source else None, needs_restart=restart)
+
+    # -- stop --------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        """Stop intake, let in-flight deliveries finish, record outcomes, close. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        sd_notify("STOPPING=1")
+        log.info("stopping", in_flight=self.scheduler.in_flight)
+        for server in self._servers:
+            server.close()
+        for proto in list(self._protocols):
+            proto.stop_reading()
+        # Answer what was already read: those events commit with the next batch.
+        for _ in range(100):
+            if not any(p.pending for p in self._protocols):
+                break
+            await asyncio.sleep(0.01)
+        for proto in list(self._protocols):
+            if proto.transport is not None:
+                proto.transport.close()
+        grace = 0.0 if self._force else self.config.delivery.shutdown_grace
+        abandoned = await self.scheduler.drain(grace)
+        await self.store.close()
+        await self.dispatcher.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        for server in self._servers:
+            await server.wait_closed()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        for path in self._socket_paths:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        log.info("stopped", abandoned_attempts=abandoned)
+
+
+class _TrackedProtocol(LineProtocol):
+    def __init__(self, registry: set[LineProtocol], *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._registry = registry
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._registry.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.discard(self)
+        super().connection_lost(exc)
+
+
+def _fmt_listen(listen: tuple[str, int] | None) -> str | None:
+    if listen is None:
+        return None
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def run(config: Config) -> int:
+    """`webhookd serve`: run until SIGTERM/SIGINT; returns the exit status."""
+    logs.configure(config.log.level, config.log.format)
+    try:
+        import uvloop  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        runner: Callable[..., Any] = asyncio.run
+    else:  # pragma: no cover - optional speed-up
+        runner = uvloop.run
+
+    async def main() -> None:
+        await Daemon(config).serve()
+
+    try:
+        runner(main())
+    except StartupError as exc:
+        log.error("cannot start", error=str(exc))
+        print(f"webhookd: {exc}", file=sys.stderr)
+        return 1
+    return 0
