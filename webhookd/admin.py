@@ -82,7 +82,7 @@ DELIVERY_SELECT = (
 
 def delivery_json(row: Any) -> dict[str, Any]:
     return {
-        "id": row[0],
+        "id": f"dlv_{row[0]}",
         "event_id": row[1],
         "webhook_id": row[2],
         "event": row[3],
@@ -303,15 +303,15 @@ class AdminApi:
 
     def _delivery_id(self, request: web.Request) -> int:
         raw = request.match_info["id"]
-        try:
-            return int(raw)
-        except ValueError:
-            raise ApiError(404, f"no delivery with id {raw!r}") from None
+        digits = raw.removeprefix("dlv_")
+        if not digits.isdigit() or len(digits) > 18:
+            raise ApiError(404, f"no delivery with id {raw!r}")
+        return int(digits)
 
     async def _delivery(self, did: int) -> dict[str, Any]:
         rows = await self.store.read(DELIVERY_SELECT + " WHERE d.id = ?", (did,))
         if not rows:
-            raise ApiError(404, f"no delivery with id {did}")
+            raise ApiError(404, f"no delivery with id 'dlv_{did}'")
         return delivery_json(rows[0])
 
     async def show_delivery(self, request: web.Request) -> web.Response:
@@ -339,7 +339,7 @@ class AdminApi:
         try:
             await self.scheduler.retry_delivery(did)
         except KeyError:
-            raise ApiError(404, f"no delivery with id {did}") from None
+            raise ApiError(404, f"no delivery with id 'dlv_{did}'") from None
         except RuntimeError as exc:
             raise ApiError(409, str(exc)) from None
         return reply(await self._delivery(did))

@@ -1,0 +1,220 @@
+"""The real `webhookd serve` process: kill -9, SIGTERM drain, --dev with no config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+WEBHOOKD = [sys.executable, "-m", "webhookd"]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+class ThreadReceiver:
+    """A receiver in a thread, independent of any event loop; status and delay are settable."""
+
+    def __init__(self) -> None:
+        self.status = 200
+        self.delay = 0.0
+        self.bodies: list[bytes] = []
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if outer.delay:
+                    time.sleep(outer.delay)
+                with outer.lock:
+                    status = outer.status
+                    if status == 200:
+                        outer.bodies.append(body)
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+            request_queue_size = 256
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def delivered(self) -> set[str]:
+        with self.lock:
+            return {json.loads(b)["data"]["message_id"] for b in self.bodies}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[ThreadReceiver]:
+    r = ThreadReceiver()
+    yield r
+    r.close()
+
+
+class Proc:
+    def __init__(self, root: Path, run: Path, delivery: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.run = run
+        self.config = root / "config.toml"
+        settings = {"retry_base": "50ms", "retry_max": "200ms", "shutdown_grace": "5s", **(delivery or {})}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.config.write_text(
+            f'environment = "development"\nstate_dir = "{root / "state"}"\nruntime_dir = "{run}"\n'
+            f'[intake]\nhttp_listen = "127.0.0.1:{port}"\n'
+            '[log]\nformat = "json"\n'
+            "[delivery]\n" + "".join(f'{k} = "{v}"\n' for k, v in settings.items())
+        )
+        self.env = {**os.environ, "WEBHOOKD_CONFIG": str(self.config)}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / "daemon.log"
+
+    def start(self) -> Proc:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([*WEBHOOKD, "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            return self.cli("status").returncode == 0
+
+        wait_until(ready, what="the daemon to answer")
+        return self
+
+    def cli(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*WEBHOOKD, *args], env=self.env, input=stdin, capture_output=True, timeout=60)
+
+    def json(self, *args: str) -> Any:
+        p = self.cli(*args, "--json")
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def proc(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Proc]]:
+    made: list[Proc] = []
+
+    def make(delivery: dict[str, str] | None = None) -> Proc:
+        p = Proc(tmp_path, short_dir, delivery)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def lines(n: int, prefix: str) -> bytes:
+    out = []
+    for i in range(n):
+        out.append(json.dumps({"event": "delivered", "data": {"message_id": f"<{prefix}-{i}@x>"}}))
+    return ("\n".join(out) + "\n").encode()
+
+
+def test_acknowledged_events_survive_kill_9(proc: Callable[..., Proc], receiver: ThreadReceiver) -> None:
+    receiver.status = 503
+    d = proc({"retry_base": "1s", "retry_max": "1s"}).start()
+    d.json("webhooks", "create", "--url", receiver.url)
+    p = d.cli("submit", stdin=lines(300, "k"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(b'"ok":true') == 300
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGKILL)
+    d.proc.wait(10)
+
+    receiver.status = 200
+    d.start()
+    expected = {f"<k-{i}@x>" for i in range(300)}
+    wait_until(lambda: receiver.delivered() >= expected, timeout=60, what="all acknowledged events")
+
+
+def test_sigterm_lets_in_flight_deliveries_finish(proc: Callable[..., Proc], receiver: ThreadReceiver) -> None:
+    receiver.delay = 0.5
+    d = proc().start()
+    hook = d.json("webhooks", "create", "--url", receiver.url)
+    assert d.cli("submit", stdin=lines(5, "t")).returncode == 0
+    time.sleep(0.2)  # the requests are now in flight at the slow receiver
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    assert receiver.delivered() == {f"<t-{i}@x>" for i in range(5)}
+    # their outcomes were recorded before exit: nothing is sent again after a restart
+    d.start()
+    ds = d.json("deliveries", "list", "--webhook", hook["id"])["deliveries"]
+    assert {x["status"] for x in ds} == {"succeeded"}
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(15) == 0
+    assert len(receiver.bodies) == 5
+
+
+def test_submit_exit_codes(proc: Callable[..., Proc]) -> None:
+    d = proc()
+    p = d.cli("submit", '{"event": "delivered", "data": {"message_id": "a"}}')
+    assert p.returncode == 75  # daemon not running: MTAs retry later
+    d.start()
+    assert d.cli("submit", '{"event": "delivered", "data": {"message_id": "a"}}').returncode == 0
+    p = d.cli("submit", '{"event": "nope", "data": {"message_id": "a"}}')
+    assert p.returncode == 65 and b"nope" in p.stdout
+
+
+def test_serve_dev_works_with_no_config(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("WEBHOOKD_CONFIG", "STATE_DIRECTORY", "RUNTIME_DIRECTORY")}
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", 8025))
+        except OSError:
+            pytest.skip("127.0.0.1:8025, the --dev default, is in use on this machine")
+    p = subprocess.Popen([*WEBHOOKD, "serve", "--dev"], cwd=tmp_path, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: (tmp_path / "webhookd-data" / "admin.sock").exists(), what="sockets in ./webhookd-data")
+        status = subprocess.run([*WEBHOOKD, "status", "--json"], cwd=tmp_path, env=env, capture_output=True,
+                                timeout=30)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["webhooks"] == {"enabled": 0, "disabled": 0}
+        assert (tmp_path / "webhookd-data" / "intake.sock").exists()
+        assert (tmp_path / "webhookd-data" / "webhookd.db").exists()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(15) == 0

@@ -1,0 +1,3 @@
+from webhookd.cli import main
+
+raise SystemExit(main())
