@@ -1,20 +1,30 @@
 """The `webhookd` command line: `serve`, `submit`, `check-config`, and clients of the admin API.
 
-Only the standard library is imported here: MTA hooks run `webhookd submit`
-once per message, so start-up must stay fast. `serve` imports the daemon lazily.
+Only the standard library (and the stdlib-only `webhookd.config`) is imported here:
+MTA hooks run `webhookd submit` once per message, so start-up must stay fast. The
+daemon (aiohttp, asyncio, structlog) is imported by `serve` alone, and the clients
+when a command needs them.
+
+Exit status: 0 ok; 1 refused by the daemon (4xx/5xx) or an unexpected error; 2 usage;
+65 some events rejected; 69 daemon not running; 75 try later (submit); 78 bad config;
+130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
-from webhookd.client import AdminClient, DaemonUnreachable, submit_lines
 from webhookd.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:
+    from webhookd.client import AdminClient
 
 EX_OK = 0
 EX_FAIL = 1
@@ -23,150 +33,224 @@ EX_DATAERR = 65
 EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
+EX_INTERRUPTED = 130
+
+# Intake answers that mean "not committed, try later" rather than "this event is bad".
+# The spec's wording is "storage ..." / "temporarily ..."; the rest are what the daemon
+# says while shutting down or overloaded.
+TEMPFAIL_ERRORS = (
+    "storage",
+    "temporarily",
+    "daemon is shutting down",
+    "store is closed",
+    "too many connections",
+    "internal error",
+)
+
+Renderer = Callable[[Any], None]
 
 
 class CliError(Exception):
+    """A one-line failure with its exit status."""
+
     def __init__(self, message: str, status: int = EX_FAIL) -> None:
         super().__init__(message)
         self.status = status
 
 
-# -- output -------------------------------------------------------------------------------------
-def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False))
+# -- readable output ----------------------------------------------------------------------------
+def _one_line(text: str, limit: int = 0) -> str:
+    flat = " ".join(text.split())
+    return flat[: limit - 1] + "…" if limit and len(flat) > limit else flat
 
 
-def _table(rows: list[list[str]], headers: list[str]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
-    for row in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
-
-
-def _text(value: Any) -> str:
-    if value is None:
+def _text(value: Any, limit: int = 0) -> str:
+    if value is None or value == "":
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
     if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return str(value)
+        return _one_line(",".join(_text(v) for v in value), limit)
+    if isinstance(value, dict):
+        return _one_line(", ".join(f"{k} {_text(v)}" for k, v in value.items()), limit)
+    return _one_line(str(value), limit)
+
+
+def _events(value: Any) -> str:
+    return "all" if value in (["*"], "*") else _text(value)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    widths = [max([len(h), *(len(row[i]) for row in rows)]) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 def _fields(obj: dict[str, Any], skip: Sequence[str] = ()) -> None:
-    keys = [k for k in obj if k not in skip]
-    width = max((len(k) for k in keys), default=0)
-    for key in keys:
-        print(f"{key.ljust(width)}  {_text(obj[key])}")
+    items = [(k, v) for k, v in obj.items() if k not in skip]
+    width = max((len(k) for k, _ in items), default=0) + 1
+    for key, value in items:
+        text = _events(value) if key == "events" else _text(value)
+        print(f"{key + ':':<{width}} {text}")
 
 
-def _webhook_state(wh: dict[str, Any]) -> str:
-    return "enabled" if wh.get("enabled") else f"disabled ({wh.get('disabled_reason') or 'manual'})"
+def _state(hook: dict[str, Any]) -> str:
+    if hook.get("enabled"):
+        return "enabled"
+    return f"disabled ({hook.get('disabled_reason') or 'manual'})"
 
 
-def show_webhooks(data: dict[str, Any]) -> None:
-    rows = [
-        [w["id"], _webhook_state(w), str(w["consecutive_failures"]), _text(w["events"]), w["url"]]
-        for w in data["webhooks"]
-    ]
-    if not rows:
-        print("no webhooks yet: webhookd webhooks create --url URL")
+def show_webhooks(data: Any) -> None:
+    hooks = data.get("webhooks") or []
+    if not hooks:
+        print("no webhooks (add one: webhookd webhooks create --url URL)")
         return
-    _table(rows, ["ID", "STATE", "FAILURES", "EVENTS", "URL"])
+    rows = [
+        [_text(h.get("id")), _state(h), _text(h.get("consecutive_failures")), _events(h.get("events")),
+         _text(h.get("url"))]
+        for h in hooks
+    ]
+    _table(["ID", "STATE", "FAILS", "EVENTS", "URL"], rows)
 
 
-def show_webhook(data: dict[str, Any]) -> None:
+def show_webhook(data: Any) -> None:
     _fields(data, skip=("secret",))
     if data.get("secret"):
-        print(f"\nsigning secret: {data['secret']}")
-        print("Store it now in the receiving application; `webhookd webhooks secret ID` shows it again.")
+        print(f"secret: {data['secret']}")
+        print()
+        print("Store the secret now in the receiving application: it verifies the signatures.")
+        print(f"`webhookd webhooks secret {data.get('id', 'ID')}` shows it again.")
 
 
-def show_deliveries(data: dict[str, Any]) -> None:
-    rows = []
-    for d in data["deliveries"]:
-        last = d["last_error"] or (str(d["last_status_code"]) if d["last_status_code"] else "-")
-        rows.append([str(d["id"]), d["status"], str(d["attempts"]), d["event"], d["webhook_id"],
-                     _text(d["next_attempt_at"]), last[:60]])
-    if not rows:
+def show_secret(data: Any) -> None:
+    _fields(data)
+
+
+def _last_result(d: dict[str, Any]) -> str:
+    code, error = d.get("last_status_code"), d.get("last_error")
+    if code is not None and error:
+        return _one_line(f"{code} {error}", 60)
+    if code is not None:
+        return str(code)
+    return _text(error, 60)
+
+
+def show_deliveries(data: Any) -> None:
+    deliveries = data.get("deliveries") or []
+    if not deliveries:
         print("no deliveries match")
         return
-    _table(rows, ["ID", "STATUS", "ATTEMPTS", "EVENT", "WEBHOOK", "NEXT ATTEMPT", "LAST RESULT"])
+    rows = [
+        [_text(d.get("id")), _text(d.get("status")), _text(d.get("attempts")), _text(d.get("event")),
+         _text(d.get("webhook_id")), _text(d.get("next_attempt_at")), _last_result(d)]
+        for d in deliveries
+    ]
+    _table(["ID", "STATUS", "ATTEMPTS", "EVENT", "WEBHOOK", "NEXT ATTEMPT", "LAST CODE/ERROR"], rows)
 
 
-def show_delivery(data: dict[str, Any]) -> None:
+def _ms(value: Any) -> str:
+    return f"{value:.0f}" if isinstance(value, int | float) and not isinstance(value, bool) else _text(value)
+
+
+def show_delivery(data: Any) -> None:
     _fields(data, skip=("attempt_log",))
-    log = data.get("attempt_log") or []
-    if log:
-        print()
-        rows = [[a["at"], _text(a["status_code"]), f"{a['duration_ms']:.0f}", _text(a["error"])[:60]] for a in log]
-        _table(rows, ["AT", "STATUS", "MS", "ERROR"])
+    log = data.get("attempt_log")
+    if log is None:
+        return
+    print()
+    if not log:
+        print("no attempts yet")
+        return
+    rows = [
+        [_text(a.get("at")), _ms(a.get("duration_ms")), _text(a.get("status_code")), _text(a.get("error"), 50),
+         _text(a.get("response_body"), 50)]
+        for a in log
+    ]
+    _table(["AT", "MS", "CODE", "ERROR", "RESPONSE"], rows)
 
 
-def show_test(data: dict[str, Any]) -> None:
-    verdict = "accepted" if data["ok"] else "FAILED"
-    code = data["status_code"] if data["status_code"] is not None else "no response"
-    print(f"{verdict}: HTTP {code} in {data['duration_ms']:.0f} ms")
+def show_test(data: Any) -> None:
+    verdict = "accepted" if data.get("ok") else "NOT accepted"
+    code = data.get("status_code")
+    answer = f"HTTP {code}" if code is not None else "no HTTP response"
+    print(f"test event {verdict}: {answer} in {_ms(data.get('duration_ms'))} ms")
     if data.get("error"):
-        print(f"error: {data['error']}")
+        print(f"error: {_text(data['error'])}")
     if data.get("response_body"):
-        print(f"response: {data['response_body'][:200]}")
+        print(f"response: {_text(data['response_body'], 200)}")
 
 
-def show_status(data: dict[str, Any]) -> None:
-    print(f"webhookd {data.get('version', '?')}, up {data.get('uptime_s', 0):.0f} s")
-    d, w = data["deliveries"], data["webhooks"]
-    print("deliveries: " + ", ".join(f"{k} {v}" for k, v in d.items()))
-    print(f"webhooks: {w['enabled']} enabled, {w['disabled']} disabled")
+def _duration(seconds: Any) -> str:
+    if not isinstance(seconds, int | float):
+        return _text(seconds)
+    s = int(seconds)
+    days, s = divmod(s, 86400)
+    hours, s = divmod(s, 3600)
+    minutes, s = divmod(s, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m")) if n]
+    return " ".join(parts[:2]) if parts else f"{s}s"
 
 
-def show_secret(data: dict[str, Any]) -> None:
-    print(data["secret"])
+def show_status(data: Any) -> None:
+    print(f"webhookd {_text(data.get('version'))}, up {_duration(data.get('uptime_s'))}")
+    deliveries = data.get("deliveries")
+    if isinstance(deliveries, dict):
+        print("deliveries: " + ", ".join(f"{_text(n)} {status}" for status, n in deliveries.items()))
+    hooks = data.get("webhooks")
+    if isinstance(hooks, dict):
+        print("webhooks: " + ", ".join(f"{_text(n)} {state}" for state, n in hooks.items()))
+    _fields(data, skip=("version", "uptime_s", "deliveries", "webhooks"))
 
 
-def show_deleted(data: dict[str, Any]) -> None:
-    print(f"deleted {data['deleted']}")
+def show_deleted(data: Any) -> None:
+    print(f"deleted {_text(data.get('deleted'))}")
 
 
-# -- commands -----------------------------------------------------------------------------------
-def _events_arg(value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    return ["*"] if items in (["all"], ["*"]) else items
+# -- admin API commands -----------------------------------------------------------------------
+def _client(config: Config) -> AdminClient:
+    from webhookd.client import AdminClient
 
-
-def _admin(config: Config) -> AdminClient:
     if config.admin.socket is None:
-        raise CliError("admin.socket is disabled in the config; the CLI needs it", EX_CONFIG)
+        raise CliError("admin.socket is disabled in the config; the CLI talks to the daemon through it", EX_CONFIG)
     return AdminClient(config.admin.socket)
 
 
 def _call(args: argparse.Namespace, config: Config, method: str, path: str, body: dict[str, Any] | None,
-          show: Callable[[dict[str, Any]], None]) -> int:
-    status, data = _admin(config).request(method, path, body)
+          render: Renderer) -> int:
+    status, data = _client(config).request(method, path, body)
     if status >= 400:
         message = data.get("error") if isinstance(data, dict) else None
-        raise CliError(message or f"HTTP {status}")
+        raise CliError(_one_line(str(message)) if message else f"the daemon answered HTTP {status}")
     if args.json:
         print(json.dumps(data))
+    elif isinstance(data, dict):
+        render(data)
     else:
-        show(data)
+        print(_text(data))
     return EX_OK
 
 
-def _id(value: str) -> str:
+def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+def _event_list(value: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    return ["*"] if "all" in names or "*" in names else names
+
+
 def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
-    action = args.action
+    action: str = args.action
     if action == "create":
-        body: dict[str, Any] = {"url": args.url, "events": _events_arg(args.events)}
+        body: dict[str, Any] = {"url": args.url, "events": _event_list(args.events)}
         if args.description is not None:
             body["description"] = args.description
         return _call(args, config, "POST", "/v1/webhooks", body, show_webhook)
     if action == "list":
         return _call(args, config, "GET", "/v1/webhooks", None, show_webhooks)
-    base = f"/v1/webhooks/{_id(args.id)}"
+    base = f"/v1/webhooks/{_segment(args.id)}"
     if action == "show":
         return _call(args, config, "GET", base, None, show_webhook)
     if action == "update":
@@ -174,7 +258,7 @@ def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
         if args.url is not None:
             body["url"] = args.url
         if args.events is not None:
-            body["events"] = _events_arg(args.events)
+            body["events"] = _event_list(args.events)
         if args.description is not None:
             body["description"] = args.description
         if not body:
@@ -192,70 +276,35 @@ def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
         return _call(args, config, "POST", f"{base}/rotate-secret", None, show_webhook)
     if action == "secret":
         return _call(args, config, "GET", f"{base}/secret", None, show_secret)
-    raise CliError(f"unknown action {action}", EX_USAGE)
+    raise CliError(f"unknown action {action!r}", EX_USAGE)
 
 
 def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
-    if args.action == "list":
-        query = {k: v for k, v in (("webhook_id", args.webhook), ("status", args.status), ("limit", args.limit))
-                 if v is not None}
-        path = "/v1/deliveries" + (f"?{urlencode(query)}" if query else "")
-        return _call(args, config, "GET", path, None, show_deliveries)
-    base = f"/v1/deliveries/{_id(args.id)}"
-    if args.action == "show":
+    action: str = args.action
+    if action == "list":
+        given = (("webhook_id", args.webhook), ("status", args.status), ("limit", args.limit))
+        query = urlencode([(k, v) for k, v in given if v is not None])
+        return _call(args, config, "GET", "/v1/deliveries" + (f"?{query}" if query else ""), None, show_deliveries)
+    base = f"/v1/deliveries/{_segment(args.id)}"
+    if action == "show":
         return _call(args, config, "GET", base, None, show_delivery)
-    return _call(args, config, "POST", f"{base}/retry", None, show_delivery)
+    if action == "retry":
+        return _call(args, config, "POST", f"{base}/retry", None, show_delivery)
+    raise CliError(f"unknown action {action!r}", EX_USAGE)
 
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return _call(args, config, "GET", "/v1/status", None, show_status)
 
 
+# -- local commands -------------------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
-    where = str(config.source) if config.source else "built-in defaults"
+    source = str(config.source) if config.source is not None else None
     if args.json:
-        print(json.dumps({"ok": True, "source": config.source and str(config.source)}))
+        print(json.dumps({"ok": True, "config": source}))
     else:
-        print(f"config OK: {where}")
+        print(f"config OK: {source or 'built-in defaults'}")
     return EX_OK
-
-
-def _is_tempfail(answer: bytes) -> bool:
-    try:
-        error = json.loads(answer).get("error") or ""
-    except (ValueError, AttributeError):
-        return True
-    return str(error).startswith(("storage", "temporarily"))
-
-
-def cmd_submit(args: argparse.Namespace, config: Config) -> int:
-    if config.intake.socket is None:
-        raise CliError("intake.socket is disabled in the config", EX_CONFIG)
-    if args.events:
-        lines: list[bytes] = [e.encode() for e in args.events]
-    else:
-        lines = [line.rstrip(b"\r\n") for line in sys.stdin.buffer if line.strip()]
-    if not lines:
-        return EX_OK
-    rejected = tempfail = False
-    answered = 0
-    try:
-        for answer in submit_lines(config.intake.socket, lines):
-            answered += 1
-            sys.stdout.buffer.write(answer + b"\n")
-            sys.stdout.flush()
-            if b'"ok":true' not in answer.replace(b" ", b""):
-                rejected = True
-                tempfail = tempfail or _is_tempfail(answer)
-    except DaemonUnreachable as exc:
-        raise CliError(str(exc), EX_TEMPFAIL) from None
-    except (ConnectionError, OSError) as exc:
-        raise CliError(f"intake connection failed: {exc}", EX_TEMPFAIL) from None
-    if answered < len(lines):
-        raise CliError(f"only {answered} of {len(lines)} events were answered", EX_TEMPFAIL)
-    if tempfail:
-        return EX_TEMPFAIL
-    return EX_DATAERR if rejected else EX_OK
 
 
 def cmd_serve(args: argparse.Namespace, config: Config) -> int:
@@ -264,92 +313,193 @@ def cmd_serve(args: argparse.Namespace, config: Config) -> int:
     return run(config)
 
 
+def _answer_verdict(answer: bytes) -> str:
+    """"ok", "rejected" or "tempfail" for one intake answer line."""
+    try:
+        doc = json.loads(answer)
+    except ValueError:
+        return "tempfail"  # a garbled answer: nothing says the event was committed
+    if not isinstance(doc, dict):
+        return "tempfail"
+    if doc.get("ok") is True:
+        return "ok"
+    error = str(doc.get("error") or "").lower()
+    return "tempfail" if error.startswith(TEMPFAIL_ERRORS) else "rejected"
+
+
+def _argument_lines(values: Sequence[str]) -> list[bytes]:
+    # os.fsencode gives back the exact bytes of the argument; a pretty-printed JSON
+    # argument is flattened (a raw newline can only be whitespace between JSON tokens).
+    lines = [os.fsencode(v).replace(b"\r", b" ").replace(b"\n", b" ") for v in values]
+    return [line for line in lines if line.strip()]
+
+
+def _stdin_lines() -> Iterator[bytes]:
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        return
+    for line in stream:
+        line = line.rstrip(b"\r\n")
+        if line.strip():
+            yield line
+
+
+def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    from webhookd.client import ConnectionBroken, DaemonUnreachable, submit_lines
+
+    if config.intake.socket is None:
+        raise CliError("intake.socket is disabled in the config; submit needs it", EX_CONFIG)
+    lines: Iterable[bytes]
+    if args.events:
+        lines = _argument_lines(args.events)
+    else:
+        if sys.stdin is not None and sys.stdin.isatty():
+            print("webhookd: reading events from standard input, one JSON object a line (end with Ctrl-D)",
+                  file=sys.stderr)
+        stdin = _stdin_lines()
+        first = next(stdin, None)
+        lines = itertools.chain([first], stdin) if first is not None else []
+    if not lines:
+        return EX_OK
+
+    out = getattr(sys.stdout, "buffer", None)
+    verdicts: set[str] = set()
+    try:
+        for answer in submit_lines(config.intake.socket, lines):
+            if out is not None:
+                out.write(answer + b"\n")
+                out.flush()
+            else:
+                print(answer.decode("utf-8", "replace"), flush=True)
+            verdicts.add(_answer_verdict(answer))
+    except (DaemonUnreachable, ConnectionBroken) as exc:
+        raise CliError(str(exc), EX_TEMPFAIL) from None
+    if "tempfail" in verdicts:
+        return EX_TEMPFAIL
+    return EX_DATAERR if "rejected" in verdicts else EX_OK
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    # --config and --json are accepted anywhere: before the command or after its own
+    # options. SUPPRESS keeps a later parser from resetting a value given earlier.
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH", help="config file (default: $WEBHOOKD_CONFIG, "
-                        "else /etc/webhookd/config.toml if present, else built-in defaults)")
-    common.add_argument("--json", action="store_true", help="print the admin API's JSON")
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (default: $WEBHOOKD_CONFIG, else /etc/webhookd/config.toml "
+                             "if it exists, else built-in defaults)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the admin API's JSON document instead of text")
 
-    parser = argparse.ArgumentParser(prog="webhookd", description="Durable webhook dispatcher for mail events.")
     from webhookd import __version__
 
+    parser = argparse.ArgumentParser(prog="webhookd", parents=[common],
+                                     description="Durable webhook dispatcher for mail-server events.")
     parser.add_argument("--version", action="version", version=f"webhookd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("serve", parents=[common], help="run the daemon in the foreground")
-    p.add_argument("--dev", action="store_true", help="development mode: http:// and loopback receivers allowed")
-    p.set_defaults(func=cmd_serve)
+    def leaf(group: Any, name: str, func: Callable[[argparse.Namespace, Config], int], text: str,
+             *, with_id: bool = False) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = group.add_parser(name, parents=[common], help=text, description=text)
+        if with_id:
+            p.add_argument("id", metavar="ID")
+        p.set_defaults(func=func)
+        return p
 
-    p = sub.add_parser("submit", parents=[common], help="submit events (arguments, or lines of stdin)")
-    p.add_argument("events", nargs="*", metavar="JSON")
-    p.set_defaults(func=cmd_submit)
+    p = leaf(sub, "serve", cmd_serve, "run the daemon in the foreground")
+    p.add_argument("--dev", action="store_true",
+                   help='development mode (environment = "development": http:// and private receivers allowed)')
+    p = leaf(sub, "submit", cmd_submit, "submit events: each argument, or each line of standard input; "
+             "exit 0 all accepted, 65 some rejected, 75 try later")
+    p.add_argument("events", nargs="*", metavar="JSON", help="one event object per argument")
+    leaf(sub, "check-config", cmd_check_config, "validate the config file and exit (78 if it is bad)")
+    leaf(sub, "status", cmd_status, "daemon version, uptime, deliveries by status, webhooks by state")
 
-    p = sub.add_parser("check-config", parents=[common], help="validate the config and exit")
-    p.set_defaults(func=cmd_check_config)
-
-    p = sub.add_parser("status", parents=[common], help="deliveries by status, webhooks by state")
-    p.set_defaults(func=cmd_status)
-
-    wh = sub.add_parser("webhooks", help="manage webhooks").add_subparsers(dest="action", required=True,
-                                                                           metavar="ACTION")
-    p = wh.add_parser("create", parents=[common], help="create a webhook (prints its signing secret)")
-    p.add_argument("--url", required=True)
+    wh_parser = sub.add_parser("webhooks", parents=[common], help="manage webhooks")
+    wh = wh_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = leaf(wh, "create", cmd_webhooks, "create a webhook; prints its signing secret")
+    p.add_argument("--url", required=True, help="https:// endpoint (http:// only in development)")
     p.add_argument("--events", default="all", help="comma-separated event names, or all (default)")
-    p.add_argument("--description")
-    wh.add_parser("list", parents=[common], help="list webhooks")
-    for name, text in [("show", "show a webhook"), ("delete", "delete a webhook and its deliveries"),
-                       ("disable", "disable a webhook (its deliveries are paused)"),
-                       ("rotate-secret", "new secret; the old one stays valid for 24 h"),
-                       ("secret", "print the signing secret")]:
-        wh.add_parser(name, parents=[common], help=text).add_argument("id", metavar="ID")
-    p = wh.add_parser("update", parents=[common], help="change url, events or description")
-    p.add_argument("id", metavar="ID")
+    p.add_argument("--description", help="free text for operators")
+    leaf(wh, "list", cmd_webhooks, "list webhooks")
+    leaf(wh, "show", cmd_webhooks, "show one webhook", with_id=True)
+    p = leaf(wh, "update", cmd_webhooks, "change a webhook's url, events or description", with_id=True)
     p.add_argument("--url")
-    p.add_argument("--events")
+    p.add_argument("--events", help="comma-separated event names, or all")
     p.add_argument("--description")
-    p = wh.add_parser("enable", parents=[common], help="re-enable; paused deliveries resume")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--drop-backlog", action="store_true", help="mark paused deliveries failed instead")
-    p = wh.add_parser("test", parents=[common], help="send a synthetic signed event now")
-    p.add_argument("id", metavar="ID")
-    p.add_argument("--event", default="delivered")
-    for action in wh.choices.values():
-        action.set_defaults(func=cmd_webhooks)
+    leaf(wh, "delete", cmd_webhooks, "delete a webhook and its deliveries", with_id=True)
+    p = leaf(wh, "enable", cmd_webhooks, "enable a webhook; its paused deliveries resume", with_id=True)
+    p.add_argument("--drop-backlog", action="store_true", help="mark its paused deliveries failed instead")
+    leaf(wh, "disable", cmd_webhooks, "disable a webhook; its deliveries are kept as paused", with_id=True)
+    p = leaf(wh, "test", cmd_webhooks, "send one signed synthetic event now and show the answer", with_id=True)
+    p.add_argument("--event", default="delivered", metavar="TYPE", help="event type (default: delivered)")
+    leaf(wh, "rotate-secret", cmd_webhooks, "generate a new signing secret", with_id=True)
+    leaf(wh, "secret", cmd_webhooks, "show the signing secret", with_id=True)
 
-    dl = sub.add_parser("deliveries", help="inspect and retry deliveries").add_subparsers(
-        dest="action", required=True, metavar="ACTION")
-    p = dl.add_parser("list", parents=[common], help="list deliveries, newest first")
-    p.add_argument("--webhook", metavar="ID")
-    p.add_argument("--status", help="pending, paused, succeeded, failed (comma-separated)")
-    p.add_argument("--limit", type=int)
-    dl.add_parser("show", parents=[common], help="a delivery with its attempt log").add_argument("id", metavar="ID")
-    dl.add_parser("retry", parents=[common], help="attempt a delivery again now").add_argument("id", metavar="ID")
-    for action in dl.choices.values():
-        action.set_defaults(func=cmd_deliveries)
+    dl_parser = sub.add_parser("deliveries", parents=[common], help="inspect and retry deliveries")
+    dl = dl_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = leaf(dl, "list", cmd_deliveries, "list deliveries, newest first")
+    p.add_argument("--webhook", metavar="ID", help="only this webhook's")
+    p.add_argument("--status", help="pending, paused, succeeded or failed (comma-separated)")
+    p.add_argument("--limit", type=int, metavar="N", help="at most N (the daemon's default otherwise)")
+    leaf(dl, "show", cmd_deliveries, "show a delivery with its attempt log", with_id=True)
+    leaf(dl, "retry", cmd_deliveries, "attempt a delivery again now", with_id=True)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+# -- entry point ----------------------------------------------------------------------------------
+def _fail(message: str, status: int) -> int:
+    print(f"webhookd: {_one_line(message)}", file=sys.stderr)
+    return status
+
+
+def _quiet_stdout() -> None:
+    """After EPIPE on stdout (`webhookd ... | head`), keep the interpreter's final flush quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace | int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # usage errors (2) and --help/--version (0)
+        return exc.code if isinstance(exc.code, int) else (EX_OK if exc.code is None else EX_USAGE)
+    args.config = getattr(args, "config", None)
+    args.json = getattr(args, "json", False)
+    return args
+
+
+def _run(args: argparse.Namespace) -> int:
+    from webhookd.client import ConnectionBroken, DaemonUnreachable
+
     try:
         config = load_config(args.config, dev=getattr(args, "dev", False))
     except ConfigError as exc:
-        print(f"webhookd: config error: {exc}", file=sys.stderr)
-        return EX_CONFIG
+        return _fail(f"config error: {exc}", EX_CONFIG)
     try:
         status: int = args.func(args, config)
-        return status
     except CliError as exc:
-        print(f"webhookd: {exc}", file=sys.stderr)
-        return exc.status
-    except DaemonUnreachable as exc:
-        print(f"webhookd: {exc}", file=sys.stderr)
-        return EX_UNAVAILABLE
+        return _fail(str(exc), exc.status)
+    except (DaemonUnreachable, ConnectionBroken) as exc:
+        return _fail(str(exc), EX_UNAVAILABLE)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status (`raise SystemExit(main())`)."""
+    parsed = _parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    try:
+        return _run(parsed)
     except KeyboardInterrupt:
-        return 130
+        return EX_INTERRUPTED
     except BrokenPipeError:
+        _quiet_stdout()
         return EX_FAIL
     except Exception as exc:
-        print(f"webhookd: unexpected error: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EX_FAIL
+        if os.environ.get("WEBHOOKD_DEBUG"):
+            raise
+        return _fail(f"unexpected error: {type(exc).__name__}: {exc}", EX_FAIL)
