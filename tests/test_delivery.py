@@ -283,3 +283,67 @@ async def test_large_backlog_is_delivered_through_the_window(start_daemon: Any, 
     await asyncio.sleep(0.1)
     got = [r.json["data"]["to"] for r in receiver.requests]
     assert len(got) == n and len(set(got)) == n
+
+
+async def test_retry_after_delays_the_webhook(start_daemon: Any, make_receiver: Any) -> None:
+    receiver = await make_receiver(plan=[503], headers={"Retry-After": "1"})
+    h = await start_daemon(delivery={"retry_base": "10ms", "retry_max": "5s"})
+    await h.create_webhook(receiver.url)
+    await h.submit(event())
+    await receiver.wait_for(1)
+    loop = asyncio.get_running_loop()
+    first = loop.time()
+    await receiver.wait_for(2, timeout=5)
+    assert loop.time() - first >= 0.9, "Retry-After: 1 must hold the next attempt for about a second"
+
+
+async def test_production_refuses_private_targets(start_daemon: Any, make_receiver: Any) -> None:
+    receiver = await make_receiver()
+    port = receiver.url.split(":")[2].split("/")[0]
+    h = await start_daemon(environment="production", delivery={"max_attempts": 1})
+    hook = await h.create_webhook(f"https://127.0.0.1:{port}/hook")
+    localhost = await h.create_webhook(f"https://localhost:{port}/hook")
+    await h.submit(event())
+
+    async def failed() -> Any:
+        ds = await h.deliveries()
+        return ds if len(ds) == 2 and all(d["status"] == "failed" for d in ds) else None
+
+    for d in await eventually(failed):
+        assert d["last_error"].startswith("target refused: ")
+        assert "loopback" in d["last_error"] and "allow_targets" in d["last_error"]
+    assert {d["webhook_id"] for d in await h.deliveries()} == {hook["id"], localhost["id"]}
+    assert receiver.requests == []
+
+
+async def test_allow_targets_exempts_a_network(start_daemon: Any, make_receiver: Any) -> None:
+    receiver = await make_receiver()
+    port = receiver.url.split(":")[2].split("/")[0]
+    h = await start_daemon(environment="production",
+                           delivery={"max_attempts": 1, "allow_targets": ["127.0.0.0/8"]})
+    await h.create_webhook(f"https://127.0.0.1:{port}/hook")
+    await h.submit(event())
+
+    async def failed() -> Any:
+        ds = await h.deliveries()
+        return ds[0] if ds and ds[0]["status"] == "failed" else None
+
+    d = await eventually(failed)
+    # the connection was made (the plain-HTTP receiver cannot speak TLS): not refused by the guard
+    assert not d["last_error"].startswith("target refused")
+    assert receiver.requests == []
+
+
+async def test_fresh_events_beyond_the_window_wait_in_sqlite(start_daemon: Any, make_receiver: Any) -> None:
+    receiver = await make_receiver(delay=0.001)
+    h = await start_daemon(delivery={"per_webhook_concurrency": 1})
+    h.daemon.scheduler.window = 16
+    await h.create_webhook(receiver.url)
+    n = 600
+    await h.submit(*[event("delivered", i) for i in range(n)])
+    [wh] = h.daemon.scheduler.webhooks.values()
+    assert len(wh.items) <= 2 * 16, "memory holds a bounded window, the rest stays in SQLite"
+    await receiver.wait_for(n, timeout=30)
+    await asyncio.sleep(0.1)
+    got = [r.json["data"]["to"] for r in receiver.requests]
+    assert len(got) == n and len(set(got)) == n, "each delivery exactly once"

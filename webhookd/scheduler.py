@@ -171,6 +171,18 @@ def webhook_from_row(row: Sequence[Any]) -> Webhook:
     )
 
 
+@dataclass(slots=True)
+class _OutcomeRow:
+    wh: Webhook
+    item: DueItem
+    status: str
+    next_at: float | None
+    outcome: Outcome
+    at: float
+    now: float
+    reply: str
+
+
 class Scheduler:
     """Owns the webhooks in memory and drives their deliveries."""
 
@@ -194,6 +206,8 @@ class Scheduler:
         self._slot_waiters: deque[Webhook] = deque()
         self._attempts: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._outcomes: list[_OutcomeRow] = []
+        self._flush_queued = False
         self.window = max(64, 4 * cfg.per_webhook_concurrency)
         store.subscribers = self.subscribers
         store.on_fresh = self.push_fresh
@@ -394,35 +408,59 @@ class Scheduler:
                 reason=CONSECUTIVE_FAILURES,
                 consecutive_failures=wh.consecutive_failures,
             )
-        snapshot = _webhook_state(wh) if webhook_changed else None
         next_at = item.next_at if status == PENDING else None
         reply = outcome.response_body[:1024].decode("utf-8", "replace")
+        self._outcomes.append(_OutcomeRow(wh, item, status, next_at, outcome, at, now, reply))
+        self._queue_outcome_flush()
+        if webhook_changed:
+            snapshot = _webhook_state(wh)
 
-        async def write(db: aiosqlite.Connection) -> None:
-            await db.execute(
+            async def write_state(db: aiosqlite.Connection) -> None:
+                await _write_webhook_state(db, wh.id, snapshot)
+                if disabled_now:
+                    await _pause_pending(db, wh.id, now)
+
+            def state_committed(_: None) -> None:
+                if disabled_now and self.on_disabled is not None:
+                    self.on_disabled(wh)
+
+            self.store.run(write_state, on_commit=state_committed, internal=True)
+
+    def _queue_outcome_flush(self) -> None:
+        """One store operation writes every outcome recorded until it runs (executemany)."""
+        if self._flush_queued:
+            return
+        self._flush_queued = True
+        taken: list[_OutcomeRow] | None = None
+
+        async def write(db: aiosqlite.Connection) -> list[_OutcomeRow]:
+            nonlocal taken
+            if taken is None:  # first run; a retry after a failed commit writes the same rows
+                taken, self._outcomes = self._outcomes, []
+                self._flush_queued = False
+            await db.executemany(
                 "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status_code = ?,"
                 " last_error = ?, updated_at = ? WHERE id = ?",
-                (status, item.attempts, next_at, outcome.status_code, outcome.error, now, item.delivery_id),
+                [(r.status, r.item.attempts, r.next_at, r.outcome.status_code, r.outcome.error, r.now,
+                  r.item.delivery_id) for r in taken],
             )
-            await db.execute(
+            await db.executemany(
                 "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body)"
                 " VALUES (?,?,?,?,?,?)",
-                (item.delivery_id, at, round(outcome.duration_ms, 3), outcome.status_code, outcome.error, reply),
+                [(r.item.delivery_id, r.at, round(r.outcome.duration_ms, 3), r.outcome.status_code,
+                  r.outcome.error, r.reply) for r in taken],
             )
-            if snapshot is not None:
-                await _write_webhook_state(db, wh.id, snapshot)
-            if disabled_now:
-                await _pause_pending(db, wh.id, now)
+            return taken
 
-        def committed(_: None) -> None:
-            wh.inflight.discard(item.delivery_id)
-            if status == PENDING and wh.enabled and self.webhooks.get(wh.id) is wh:
-                wh.push(item)
+        self.store.run(write, on_commit=self._outcomes_committed, internal=True)
+
+    def _outcomes_committed(self, rows: list[_OutcomeRow]) -> None:
+        for r in rows:
+            wh = r.wh
+            wh.inflight.discard(r.item.delivery_id)
+            if r.status == PENDING and wh.enabled and self.webhooks.get(wh.id) is wh:
+                wh.push(r.item)
                 wh.wake.set()
-            if disabled_now and self.on_disabled is not None:
-                self.on_disabled(wh)
-
-        self.store.run(write, on_commit=committed, internal=True)
 
     def _disable_in_memory(self, wh: Webhook, reason: str, now: float) -> None:
         wh.enabled = False
