@@ -218,3 +218,25 @@ def test_serve_dev_works_with_no_config(tmp_path: Path) -> None:
     finally:
         p.send_signal(signal.SIGTERM)
         assert p.wait(15) == 0
+
+
+def test_sighup_reloads_and_keeps_the_old_config_on_error(proc: Callable[..., Proc]) -> None:
+    d = proc().start()
+    assert d.proc is not None
+    text = d.config.read_text()
+    d.config.write_text(text.replace('retry_base = "50ms"', 'retry_base = "100ms"').replace(
+        "[intake]", "[intake]\nmax_connections = 7"))
+    d.proc.send_signal(signal.SIGHUP)
+
+    def logged(word: str) -> Any:
+        return [json.loads(x) for x in d.log.read_text().splitlines() if word in x]
+
+    [reloaded] = wait_until(lambda: logged("config reloaded"), what="the reload log line")
+    assert "intake" in reloaded["needs_restart"]
+    d.config.write_text("[delivery]\nretry_base = 'soon'\n")
+    d.proc.send_signal(signal.SIGHUP)
+    [failed] = wait_until(lambda: logged("config reload failed"), what="the failed reload log line")
+    assert "delivery.retry_base" in failed["error"]
+    assert d.proc.poll() is None  # still running, on the old config
+    d.config.write_text(text)
+    assert d.cli("status").returncode == 0
