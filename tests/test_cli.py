@@ -492,7 +492,7 @@ def answer(line: bytes) -> dict[str, Any]:
     if event.get("event") == "diskfull":
         return {"ok": False, "error": "storage full: cannot commit (database or disk is full)"}
     if event.get("event") == "shutdown":
-        return {"ok": False, "error": "daemon is shutting down"}
+        return {"ok": False, "error": "temporarily unavailable: daemon is shutting down"}
     return {"ok": True, "id": f"evt_{event['data']['message_id']}"}
 
 

@@ -35,17 +35,10 @@ EX_TEMPFAIL = 75
 EX_CONFIG = 78
 EX_INTERRUPTED = 130
 
-# Intake answers that mean "not committed, try later" rather than "this event is bad".
-# The spec's wording is "storage ..." / "temporarily ..."; the rest are what the daemon
-# says while shutting down or overloaded.
-TEMPFAIL_ERRORS = (
-    "storage",
-    "temporarily",
-    "daemon is shutting down",
-    "store is closed",
-    "too many connections",
-    "internal error",
-)
+# Intake answers that mean "not committed, try later" rather than "this event is bad":
+# the daemon starts those with "storage" (a commit failed) or "temporarily unavailable"
+# (shutting down, too many connections); "internal error" is never the event's fault.
+TEMPFAIL_ERRORS = ("storage", "temporarily", "internal error")
 
 Renderer = Callable[[Any], None]
 

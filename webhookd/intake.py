@@ -73,7 +73,9 @@ class LineProtocol(asyncio.Protocol):
         self.transport = transport
         if self.stats.connections >= self.max_connections:
             log.warning("intake connection refused", reason="max_connections", limit=self.max_connections)
-            transport.write(error_line(f"too many connections (intake.max_connections = {self.max_connections})"))
+            transport.write(error_line(
+                f"temporarily unavailable: too many connections (intake.max_connections = {self.max_connections})"
+            ))
             transport.close()
             self.closed = True
             return

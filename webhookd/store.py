@@ -255,7 +255,7 @@ class Store:
         """Queue an event for the next commit; resolves to its event id."""
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         if self._closing:
-            fut.set_exception(StoreError("daemon is shutting down"))
+            fut.set_exception(StoreError("temporarily unavailable: daemon is shutting down"))
             return fut
         self._queue.append(_EventOp(event, fut))
         self._wake.set()
@@ -276,7 +276,7 @@ class Store:
         """
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         if self._closing and not internal:
-            fut.set_exception(StoreError("daemon is shutting down"))
+            fut.set_exception(StoreError("temporarily unavailable: daemon is shutting down"))
             return fut
         self._queue.append(_Op(fn, fut, on_commit, internal))
         self._wake.set()
