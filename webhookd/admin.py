@@ -14,6 +14,7 @@ from aiohttp import web
 from webhookd import __version__
 from webhookd.events import EVENT_TYPES, format_timestamp
 from webhookd.ids import new_id
+from webhookd.metrics import CONTENT_TYPE, Metrics
 from webhookd.scheduler import Scheduler, Webhook
 from webhookd.signing import generate_secret
 from webhookd.store import DELIVERY_STATUSES, StoreError
@@ -103,6 +104,8 @@ class AdminApi:
         self.production = production
         self.started = started if started is not None else time.time()
         self.extra_status: Callable[[], dict[str, Any]] = dict
+        self.metrics: Metrics | None = None
+        self.gauges: Callable[[], dict[str, Any]] = dict
 
     def app(self, token: str = "") -> web.Application:
         middlewares = [self._errors]
@@ -111,6 +114,7 @@ class AdminApi:
         app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
         r = app.router
         r.add_get("/healthz", self.healthz)
+        r.add_get("/metrics", self.prometheus)
         r.add_get("/v1/status", self.status)
         r.add_post("/v1/webhooks", self.create_webhook)
         r.add_get("/v1/webhooks", self.list_webhooks)
@@ -164,22 +168,39 @@ class AdminApi:
     async def healthz(self, request: web.Request) -> web.Response:
         return reply({"ok": True})
 
-    async def status(self, request: web.Request) -> web.Response:
+    async def _counts(self) -> tuple[dict[str, int], dict[str, int]]:
         rows = await self.store.read("SELECT status, count(*) FROM deliveries GROUP BY status")
-        counts = dict.fromkeys(DELIVERY_STATUSES, 0)
-        counts.update({row[0]: row[1] for row in rows})
+        deliveries = dict.fromkeys(DELIVERY_STATUSES, 0)
+        deliveries.update({row[0]: row[1] for row in rows})
         hooks = self.scheduler.webhooks.values()
         enabled = sum(1 for wh in hooks if wh.enabled)
+        return deliveries, {"enabled": enabled, "disabled": len(hooks) - enabled}
+
+    async def status(self, request: web.Request) -> web.Response:
+        deliveries, webhooks = await self._counts()
         return reply(
             {
                 "version": __version__,
                 "uptime_s": round(time.time() - self.started, 1),
-                "deliveries": counts,
-                "webhooks": {"enabled": enabled, "disabled": len(hooks) - enabled},
+                "deliveries": deliveries,
+                "webhooks": webhooks,
                 "in_flight": self.scheduler.in_flight,
                 **self.extra_status(),
             }
         )
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        if self.metrics is None:
+            raise ApiError(404, "metrics are not enabled")
+        deliveries, webhooks = await self._counts()
+        self.metrics.gauges = {
+            "deliveries": deliveries,
+            "webhooks": webhooks,
+            "in_flight": self.scheduler.in_flight,
+            "store_queue": self.store.queued,
+            **self.gauges(),
+        }
+        return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def create_webhook(self, request: web.Request) -> web.Response:
         body = await self._body(request)

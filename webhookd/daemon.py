@@ -23,6 +23,7 @@ from webhookd.admin import AdminApi
 from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatcher import Dispatcher
 from webhookd.intake import IntakeStats, LineProtocol, http_app
+from webhookd.metrics import Metrics
 from webhookd.netguard import TargetGuard
 from webhookd.scheduler import Scheduler, Webhook
 from webhookd.store import Store, StoreError
@@ -88,9 +89,16 @@ class Daemon:
         self.store = Store(config.storage.path, durability=config.storage.durability, clock=clock)
         guard = None if config.dev else TargetGuard(cfg.allow_targets)
         self.dispatcher = Dispatcher(cfg, guard=guard)
-        self.scheduler = Scheduler(self.store, self.dispatcher, cfg, clock=clock, on_disabled=self._notify_disabled)
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(
+            self.store, self.dispatcher, cfg, clock=clock, on_disabled=self._notify_disabled, metrics=self.metrics
+        )
         self.stats = IntakeStats()
+        self.metrics.received = lambda: self.store.received
+        self.metrics.rejected = lambda: self.stats.rejected
         self.admin = AdminApi(self.scheduler, production=not config.dev)
+        self.admin.metrics = self.metrics
+        self.admin.gauges = lambda: {"intake_connections": self.stats.connections}
         self.admin.extra_status = lambda: {"intake": {"connections": self.stats.connections}}
         self._servers: list[asyncio.AbstractServer] = []
         self._protocols: set[LineProtocol] = set()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -39,10 +39,28 @@ def error_line(reason: str) -> bytes:
 
 
 class IntakeStats:
+    """Counters read by /metrics: plain ints on the hot path, no locks, no allocations."""
+
     def __init__(self) -> None:
         self.connections = 0
         self.accepted = 0
-        self.rejected = 0
+        self.rejected: Counter[str] = Counter()
+
+    def reject(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+
+def rejection_reason(message: str) -> str:
+    """A small, fixed set of metric labels for intake errors."""
+    if message.startswith(("invalid JSON", "invalid UTF-8", "empty line")):
+        return "invalid_json"
+    if message.startswith("storage"):
+        return "storage"
+    if message.startswith("temporarily"):
+        return "unavailable"
+    if message.startswith("internal"):
+        return "internal"
+    return "invalid_event"
 
 
 class LineProtocol(asyncio.Protocol):
@@ -73,6 +91,7 @@ class LineProtocol(asyncio.Protocol):
         self.transport = transport
         if self.stats.connections >= self.max_connections:
             log.warning("intake connection refused", reason="max_connections", limit=self.max_connections)
+            self.stats.reject("too_many_connections")
             transport.write(error_line(
                 f"temporarily unavailable: too many connections (intake.max_connections = {self.max_connections})"
             ))
@@ -145,7 +164,7 @@ class LineProtocol(asyncio.Protocol):
 
     # -- lines --------------------------------------------------------------------------
     def _too_long(self) -> bytes:
-        self.stats.rejected += 1
+        self.stats.reject("too_long")
         return error_line(f"line longer than intake.max_event_bytes ({self.max_line} bytes); skipped")
 
     def _line(self, line: bytes) -> None:
@@ -155,8 +174,9 @@ class LineProtocol(asyncio.Protocol):
         try:
             event = parse_event(line, now=self.clock())
         except EventError as exc:
-            self.stats.rejected += 1
-            self._answer_now(error_line(str(exc)))
+            reason = str(exc)
+            self.stats.reject(rejection_reason(reason))
+            self._answer_now(error_line(reason))
             return
         fut = self.store.submit_event(event)
         self.pending.append(fut)
@@ -181,8 +201,8 @@ class LineProtocol(asyncio.Protocol):
                     self.stats.accepted += 1
                     out.append(ok_line(head.result()))
                 else:
-                    self.stats.rejected += 1
                     reason = str(exc) if isinstance(exc, StoreError) else f"internal error: {exc}"
+                    self.stats.reject(rejection_reason(reason))
                     out.append(error_line(reason))
             else:
                 break
@@ -226,13 +246,14 @@ def http_app(
     expected = f"Bearer {token}".encode() if token else b""
 
     def fail(status: int, reason: str) -> web.Response:
-        stats.rejected += 1
+        stats.reject("too_long" if status == 413 else rejection_reason(reason))
         return web.Response(status=status, body=orjson.dumps({"error": reason}), content_type="application/json")
 
     async def post_events(request: web.Request) -> web.Response:
         if expected:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
+                stats.reject("unauthorized")
                 return web.Response(
                     status=401,
                     body=orjson.dumps({"error": "missing or wrong bearer token"}),

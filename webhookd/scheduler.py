@@ -34,6 +34,7 @@ import structlog
 from webhookd import __version__
 from webhookd.config import DeliveryConfig
 from webhookd.dispatcher import Dispatcher, Outcome
+from webhookd.metrics import Metrics
 from webhookd.retry import backoff
 from webhookd.signing import Signer
 from webhookd.store import FAILED, PAUSED, PENDING, SUCCEEDED, DueItem, Store
@@ -194,12 +195,14 @@ class Scheduler:
         *,
         clock: Callable[[], float] = time.time,
         on_disabled: Callable[[Webhook], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.cfg = cfg
         self.clock = clock
         self.on_disabled = on_disabled
+        self.metrics = metrics
         self.webhooks: dict[str, Webhook] = {}
         self._subscribers: dict[str, list[tuple[str, bool]]] = {}
         self._free = cfg.concurrency
@@ -389,6 +392,10 @@ class Scheduler:
                 item.next_at = now + backoff(item.attempts, base=cfg.retry_base, cap=cfg.retry_max)
         if webhook_changed:
             wh.updated_at = now
+        if self.metrics is not None:
+            self.metrics.observe_attempt(outcome.success, outcome.error, outcome.duration_ms / 1000)
+            if disabled_now:
+                self.metrics.auto_disabled.inc()
         log.info(
             "attempt",
             webhook_id=wh.id,

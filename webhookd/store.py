@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +147,7 @@ class _Batch:
     ops: list[_EventOp | _Op[Any]] = field(default_factory=list)
     fresh: list[DueItem] = field(default_factory=list)
     event_results: list[tuple[_EventOp, str]] = field(default_factory=list)
+    new_types: list[str] = field(default_factory=list)
 
 
 class Store:
@@ -172,6 +174,7 @@ class Store:
         self.subscribers: Subscribers = lambda _type: ()
         self.on_fresh: Callable[[list[DueItem]], None] = lambda _items: None
         self.commits = 0
+        self.received: Counter[str] = Counter()  # new events committed, by type (for /metrics)
         self.retry_delay = 0.05
 
     # -- lifecycle -----------------------------------------------------------
@@ -358,6 +361,7 @@ class Store:
             if key is not None:
                 known[key] = uid
             event_rows.append((event_id, uid, key, ev.type, ev.body, now))
+            batch.new_types.append(ev.type)
             for webhook_id, enabled in self.subscribers(ev.type):
                 status = PENDING if enabled else PAUSED
                 delivery_rows.append(
@@ -383,6 +387,9 @@ class Store:
             )
 
     def _succeed(self, batch: _Batch) -> None:
+        received = self.received
+        for event_type in batch.new_types:
+            received[event_type] += 1
         for event_op, uid in batch.event_results:
             if not event_op.future.done():
                 event_op.future.set_result(uid)

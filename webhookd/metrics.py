@@ -1,0 +1,107 @@
+"""Prometheus metrics (prometheus-client), served as text at `GET /metrics`.
+
+Hot paths only bump plain counters (the store's `received`, the intake's
+`rejected`) or observe one histogram per attempt; everything else is read
+when Prometheus scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_ERROR_KINDS = (
+    ("HTTP 3", "redirect"),
+    ("HTTP ", "http_status"),
+    ("timeout", "timeout"),
+    ("connect timeout", "connect_timeout"),
+    ("connection failed", "connection"),
+    ("TLS", "tls"),
+    ("target refused", "refused"),
+    ("server disconnected", "protocol"),
+    ("response body broken", "protocol"),
+    ("invalid HTTP response", "protocol"),
+    ("invalid URL", "invalid_url"),
+)
+
+
+def outcome_kind(success: bool, error: str | None) -> str:
+    """A small, fixed set of labels for attempt outcomes."""
+    if success:
+        return "success"
+    if error:
+        for prefix, kind in _ERROR_KINDS:
+            if error.startswith(prefix):
+                return kind
+    return "other"
+
+
+class Metrics(Collector):
+    """All of webhookd's metrics, in a registry of their own."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.attempts = Counter(
+            "webhookd_delivery_attempts", "Delivery attempts by outcome.", ["outcome"], registry=self.registry
+        )
+        self.attempt_seconds = Histogram(
+            "webhookd_attempt_duration_seconds",
+            "Duration of delivery attempts.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.auto_disabled = Counter(
+            "webhookd_webhooks_auto_disabled", "Webhooks disabled after consecutive failures.",
+            registry=self.registry,
+        )
+        self.received: Callable[[], Mapping[str, int]] = dict
+        self.rejected: Callable[[], Mapping[str, int]] = dict
+        self.gauges: dict[str, Any] = {}
+        self.registry.register(self)
+        self._attempt_children: dict[str, Any] = {}
+
+    def observe_attempt(self, success: bool, error: str | None, seconds: float) -> None:
+        kind = outcome_kind(success, error)
+        child = self._attempt_children.get(kind)
+        if child is None:
+            child = self._attempt_children[kind] = self.attempts.labels(kind)
+        child.inc()
+        self.attempt_seconds.observe(seconds)
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        received = CounterMetricFamily("webhookd_events_received", "Events committed, by type.", labels=["event"])
+        for event, n in sorted(self.received().items()):
+            received.add_metric([event], n)
+        yield received
+        rejected = CounterMetricFamily(
+            "webhookd_intake_rejections", "Intake lines or requests refused, by reason.", labels=["reason"]
+        )
+        for reason, n in sorted(self.rejected().items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+        deliveries = GaugeMetricFamily("webhookd_deliveries", "Deliveries by status.", labels=["status"])
+        for status, n in self.gauges.get("deliveries", {}).items():
+            deliveries.add_metric([status], n)
+        yield deliveries
+        webhooks = GaugeMetricFamily("webhookd_webhooks", "Webhooks by state.", labels=["state"])
+        for state, n in self.gauges.get("webhooks", {}).items():
+            webhooks.add_metric([state], n)
+        yield webhooks
+        for name, help_text in (
+            ("intake_connections", "Open intake socket connections."),
+            ("in_flight", "Delivery attempts in flight."),
+            ("store_queue", "Operations waiting for the next commit."),
+        ):
+            yield GaugeMetricFamily(f"webhookd_{name}", help_text, value=self.gauges.get(name, 0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
