@@ -240,3 +240,34 @@ def test_sighup_reloads_and_keeps_the_old_config_on_error(proc: Callable[..., Pr
     assert d.proc.poll() is None  # still running, on the old config
     d.config.write_text(text)
     assert d.cli("status").returncode == 0
+
+
+@pytest.mark.parametrize("abstract", [True, False], ids=["abstract", "path"])
+def test_sd_notify_over_a_real_datagram_socket(proc: Callable[..., Proc], short_dir: Path, abstract: bool) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if abstract:
+        name = f"webhookd-test-{os.getpid()}-{time.monotonic_ns()}"
+        sock.bind("\0" + name)
+        address = "@" + name
+    else:
+        address = str(short_dir / "notify.sock")
+        sock.bind(address)
+    sock.settimeout(10)
+    d = proc()
+    d.env = {**d.env, "NOTIFY_SOCKET": address, "WATCHDOG_USEC": "200000"}
+    d.start()
+    messages: list[str] = []
+
+    def receive_until(word: str) -> None:
+        while not any(word in m for m in messages):
+            messages.append(sock.recv(4096).decode())
+
+    receive_until("READY=1")
+    ready = next(m for m in messages if "READY=1" in m)
+    assert "STATUS=0 deliveries pending" in ready and f"MAINPID={d.proc.pid}" in ready  # type: ignore[union-attr]
+    receive_until("WATCHDOG=1")
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGTERM)
+    receive_until("STOPPING=1")
+    assert d.proc.wait(15) == 0
+    sock.close()

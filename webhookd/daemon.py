@@ -30,6 +30,8 @@ from webhookd.store import Store, StoreError
 
 log = structlog.get_logger("webhookd")
 
+STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
+
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why, in one line."""
@@ -239,7 +241,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         try:
             await self.start()
-            sd_notify(f"READY=1\nSTATUS=listening; {len(self.scheduler.webhooks)} webhooks\nMAINPID={os.getpid()}")
+            sd_notify(f"READY=1\nSTATUS={await self._status_line()}\nMAINPID={os.getpid()}")
             self._watchdog = self._start_watchdog()
             await self._stop.wait()
         finally:
@@ -248,17 +250,37 @@ class Daemon:
                 loop.remove_signal_handler(sig)
 
     def _start_watchdog(self) -> asyncio.Task[None] | None:
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        if not usec.isdigit() or int(usec) <= 0:
+        """WATCHDOG=1 at half of $WATCHDOG_USEC, STATUS= with the queue depth every 10 s."""
+        if not os.environ.get("NOTIFY_SOCKET"):
             return None
-        interval = int(usec) / 2e6
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        watchdog = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
+        interval = min(watchdog or STATUS_INTERVAL, STATUS_INTERVAL)
 
         async def beat() -> None:
+            last_status = 0.0
             while True:
-                sd_notify("WATCHDOG=1")
+                lines = ["WATCHDOG=1"] if watchdog is not None else []
+                now = time.monotonic()
+                if now - last_status >= STATUS_INTERVAL:
+                    last_status = now
+                    lines.append(f"STATUS={await self._status_line()}")
+                if lines:
+                    sd_notify("\n".join(lines))
                 await asyncio.sleep(interval)
 
         return asyncio.create_task(beat(), name="watchdog")
+
+    async def _status_line(self) -> str:
+        try:
+            rows = await self.store.read("SELECT count(*) FROM deliveries WHERE status = 'pending'")
+            pending = str(rows[0][0])
+        except StoreError:
+            pending = "?"
+        return (
+            f"{pending} deliveries pending, {self.scheduler.in_flight} in flight, "
+            f"{len(self.scheduler.webhooks)} webhooks, {self.stats.connections} intake connections"
+        )
 
     def reload(self) -> None:
         """SIGHUP: re-read the config; apply what can change live, log the rest."""
