@@ -31,6 +31,8 @@ from webhookd.store import Store, StoreError
 log = structlog.get_logger("webhookd")
 
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
+PRUNE_INTERVAL = 60.0  # seconds between retention passes
+PRUNE_BATCH = 1000  # rows per retention transaction
 
 
 class StartupError(Exception):
@@ -111,6 +113,8 @@ class Daemon:
         self._stopped = False
         self._watchdog: asyncio.Task[None] | None = None
         self._notify_tasks: set[asyncio.Task[None]] = set()
+        self._pruner: asyncio.Task[None] | None = None
+        self.prune_interval = PRUNE_INTERVAL
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -127,6 +131,7 @@ class Daemon:
         await self.dispatcher.start()
         await self._start_intake()
         await self._start_admin()
+        self._pruner = asyncio.create_task(self._prune_forever(), name="retention")
         log.info(
             "webhookd started",
             version=__version__,
@@ -271,6 +276,28 @@ class Daemon:
 
         return asyncio.create_task(beat(), name="watchdog")
 
+    async def prune_once(self) -> int:
+        """Delete what is older than storage.retention, in small transactions."""
+        cutoff = self.clock() - self.config.storage.retention
+        total = 0
+        while True:
+            n = await self.store.prune(cutoff, PRUNE_BATCH)
+            total += n
+            if n < PRUNE_BATCH:
+                return total
+            await asyncio.sleep(0.01)  # let intake commits in between
+
+    async def _prune_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.prune_interval)
+            try:
+                pruned = await self.prune_once()
+            except StoreError as exc:
+                log.error("retention pass failed", error=str(exc))
+                continue
+            if pruned:
+                log.info("retention pass", pruned=pruned, retention_s=self.config.storage.retention)
+
     async def _status_line(self) -> str:
         try:
             rows = await self.store.read("SELECT count(*) FROM deliveries WHERE status = 'pending'")
@@ -323,6 +350,8 @@ class Daemon:
         log.info("stopping", in_flight=self.scheduler.in_flight)
         for server in self._servers:
             server.close()
+        if self._pruner is not None:
+            self._pruner.cancel()
         for proto in list(self._protocols):
             proto.stop_reading()
         # Answer what was already read: those events commit with the next batch.

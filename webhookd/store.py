@@ -98,6 +98,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX attempts_delivery ON attempts (delivery_id);
     """,
+    # v2: retention pruning finds finished deliveries by age, and events by their deliveries.
+    """
+    CREATE INDEX deliveries_finished ON deliveries (updated_at) WHERE status IN ('succeeded', 'failed');
+    CREATE INDEX deliveries_event ON deliveries (event_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -422,6 +427,32 @@ class Store:
                 op.future.set_exception(StoreError(reason))
         log.error("commit failed", error=reason, failed_ops=failed, retrying_ops=len(retry))
         return retry
+
+    # -- retention -------------------------------------------------------------------
+    async def prune(self, cutoff: float, limit: int = 1000) -> int:
+        """Delete up to `limit` finished deliveries (with their attempts) last updated
+        before `cutoff`, and up to `limit` events older than it that no delivery needs.
+
+        One small transaction through the writer, so intake never waits long; call it
+        again while it returns `limit`."""
+
+        async def run(db: aiosqlite.Connection) -> int:
+            async with db.execute(
+                "SELECT id FROM deliveries WHERE status IN ('succeeded', 'failed') AND updated_at < ?"
+                " ORDER BY updated_at LIMIT ?",
+                (cutoff, limit),
+            ) as cur:
+                ids = [(row[0],) for row in await cur.fetchall()]
+            await db.executemany("DELETE FROM attempts WHERE delivery_id = ?", ids)
+            await db.executemany("DELETE FROM deliveries WHERE id = ?", ids)
+            cur2 = await db.execute(
+                "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.created_at < ?"
+                " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) ORDER BY e.id LIMIT ?)",
+                (cutoff, limit),
+            )
+            return max(len(ids), cur2.rowcount)
+
+        return await self.run(run, internal=False)
 
     # -- reads for the admin API --------------------------------------------------
     async def read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
