@@ -116,3 +116,43 @@ async def test_status_and_delivery_filters(start_daemon: Any, make_receiver: Any
     assert status == 400 and "bogus" in body["error"]
     _, hz = await h.api("GET", "/healthz")
     assert hz == {"ok": True}
+
+
+async def test_replay_requeues_failed_deliveries_since_a_time(start_daemon: Any, make_receiver: Any) -> None:
+    from tests.conftest import eventually
+
+    receiver = await make_receiver(default=500)
+    h = await start_daemon(delivery={"max_attempts": 1, "disable_after": 100})
+    hook = await h.create_webhook(receiver.url)
+    await h.submit(*[event("delivered", i) for i in range(3)])
+
+    async def all_failed() -> bool:
+        return [d["status"] for d in await h.deliveries()] == ["failed"] * 3
+
+    await eventually(all_failed)
+    receiver.default = 200
+    status, body = await h.api("POST", f"/v1/webhooks/{hook['id']}/replay",
+                               {"since": "2020-01-01T00:00:00Z", "status": ["failed"]})
+    assert status == 200 and body["replayed"] == 3
+
+    async def all_succeeded() -> bool:
+        return [d["status"] for d in await h.deliveries()] == ["succeeded"] * 3
+
+    await eventually(all_succeeded)
+    status, body = await h.api("POST", f"/v1/webhooks/{hook['id']}/replay", {"since": "2999-01-01T00:00:00Z"})
+    assert body["replayed"] == 0
+    status, body = await h.api("POST", f"/v1/webhooks/{hook['id']}/replay", {"since": "yesterday"})
+    assert status == 400 and "since" in body["error"]
+    status, body = await h.api("POST", f"/v1/webhooks/{hook['id']}/replay",
+                               {"since": "2020-01-01T00:00:00Z", "status": ["pending"]})
+    assert status == 400
+
+
+def test_cli_since_accepts_a_duration_ago() -> None:
+    import time
+
+    from webhookd.cli import _since
+
+    assert _since("2026-02-23T10:00:00Z") == "2026-02-23T10:00:00Z"
+    two_hours_ago = time.strftime("%Y-%m-%dT%H", time.gmtime(time.time() - 7200))
+    assert _since("2h").startswith(two_hours_ago)

@@ -12,12 +12,12 @@ import orjson
 from aiohttp import web
 
 from webhookd import __version__
-from webhookd.events import EVENT_TYPES, format_timestamp
+from webhookd.events import EVENT_TYPES, EventError, format_timestamp, normalise_timestamp
 from webhookd.ids import new_id
 from webhookd.metrics import CONTENT_TYPE, Metrics
 from webhookd.scheduler import Scheduler, Webhook
 from webhookd.signing import generate_secret
-from webhookd.store import DELIVERY_STATUSES, StoreError
+from webhookd.store import DELIVERY_STATUSES, FAILED, PAUSED, SUCCEEDED, StoreError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -30,6 +30,13 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def parse_rfc3339(value: str) -> float:
+    """Epoch seconds of an RFC 3339 time (EventError if it is not one)."""
+    from datetime import datetime
+
+    return datetime.fromisoformat(normalise_timestamp(value).replace("Z", "+00:00")).timestamp()
 
 
 def reply(data: Any, status: int = 200) -> web.Response:
@@ -125,6 +132,7 @@ class AdminApi:
         r.add_post("/v1/webhooks/{id}/disable", self.disable_webhook)
         r.add_post("/v1/webhooks/{id}/test", self.test_webhook)
         r.add_post("/v1/webhooks/{id}/rotate-secret", self.rotate_secret)
+        r.add_post("/v1/webhooks/{id}/replay", self.replay)
         r.add_get("/v1/webhooks/{id}/secret", self.show_secret)
         r.add_get("/v1/deliveries", self.list_deliveries)
         r.add_get("/v1/deliveries/{id}", self.show_delivery)
@@ -292,6 +300,25 @@ class AdminApi:
                 "previous_secret_expires_at": format_timestamp(expires) if expires else None,
             }
         )
+
+    async def replay(self, request: web.Request) -> web.Response:
+        wh = self._webhook(request)
+        body = await self._body(request)
+        since_text = body.get("since")
+        if not isinstance(since_text, str):
+            raise ApiError(400, "since is required: an RFC 3339 time such as 2026-02-23T10:00:00Z")
+        try:
+            since = parse_rfc3339(since_text)
+        except EventError as exc:
+            raise ApiError(400, f"since: {exc}") from None
+        statuses = body.get("status", ["failed"])
+        if isinstance(statuses, str):
+            statuses = [s.strip() for s in statuses.split(",") if s.strip()]
+        allowed = (FAILED, PAUSED, SUCCEEDED)
+        if not isinstance(statuses, list) or not statuses or any(s not in allowed for s in statuses):
+            raise ApiError(400, f"status must be a list drawn from {', '.join(allowed)}")
+        count = await self.scheduler.replay(wh, since=since, statuses=statuses)
+        return reply({"id": wh.id, "replayed": count, "since": format_timestamp(since), "status": statuses})
 
     async def show_secret(self, request: web.Request) -> web.Response:
         wh = self._webhook(request)

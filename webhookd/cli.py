@@ -269,7 +269,28 @@ def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
         return _call(args, config, "POST", f"{base}/rotate-secret", None, show_webhook)
     if action == "secret":
         return _call(args, config, "GET", f"{base}/secret", None, show_secret)
+    if action == "replay":
+        body = {"since": _since(args.since), "status": [s.strip() for s in args.status.split(",") if s.strip()]}
+        return _call(args, config, "POST", f"{base}/replay", body, show_replay)
     raise CliError(f"unknown action {action!r}", EX_USAGE)
+
+
+def _since(value: str) -> str:
+    """An RFC 3339 time as given, or a duration ago ("2h", "7d") as an RFC 3339 time."""
+    import time
+
+    from webhookd.config import parse_duration
+
+    try:
+        seconds = parse_duration(value, "--since")
+    except ConfigError:
+        return value
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds))
+
+
+def show_replay(data: Any) -> None:
+    print(f"{data['replayed']} deliveries of {data['id']} queued again "
+          f"(status {', '.join(data['status'])}, created since {data['since']})")
 
 
 def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
@@ -427,6 +448,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--event", default="delivered", metavar="TYPE", help="event type (default: delivered)")
     leaf(wh, "rotate-secret", cmd_webhooks, "generate a new signing secret", with_id=True)
     leaf(wh, "secret", cmd_webhooks, "show the signing secret", with_id=True)
+    p = leaf(wh, "replay", cmd_webhooks, "send a webhook's deliveries again (bulk retry)", with_id=True)
+    p.add_argument("--since", required=True, metavar="TIME",
+                   help='created at or after TIME: RFC 3339 ("2026-02-23T10:00:00Z") or a duration ago ("6h")')
+    p.add_argument("--status", default="failed",
+                   help="which deliveries: failed, paused, succeeded (comma-separated; default failed)")
 
     dl_parser = sub.add_parser("deliveries", parents=[common], help="inspect and retry deliveries")
     dl = dl_parser.add_subparsers(dest="action", required=True, metavar="ACTION")

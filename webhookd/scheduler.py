@@ -680,6 +680,29 @@ class Scheduler:
         await self.store.run(write, on_commit=committed)
         return new_status
 
+    async def replay(self, wh: Webhook, *, since: float, statuses: Sequence[str]) -> int:
+        """Queue again every delivery of `wh` created since `since` with one of `statuses`."""
+        now = self.clock()
+        new_status = PENDING if wh.enabled else PAUSED
+        marks = ",".join("?" * len(statuses))
+
+        async def write(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                f"UPDATE deliveries SET status = ?, next_attempt_at = ?, updated_at = ?"  # noqa: S608
+                f" WHERE webhook_id = ? AND created_at >= ? AND status IN ({marks})",
+                (new_status, now if new_status == PENDING else None, now, wh.id, since, *statuses),
+            )
+            return int(cur.rowcount)
+
+        def committed(count: int) -> None:
+            if count and wh.enabled:
+                wh.forget_queue()  # reload the window from SQLite, replayed rows included
+                wh.wake.set()
+
+        count = await self.store.run(write, on_commit=committed)
+        log.info("deliveries replayed", webhook_id=wh.id, count=count, since=since, statuses=list(statuses))
+        return count
+
     async def send_test(self, wh: Webhook, event_type: str) -> Outcome:
         from webhookd.events import synthetic_event
         from webhookd.ids import new_id
