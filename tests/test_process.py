@@ -86,7 +86,7 @@ def receiver() -> Iterator[ThreadReceiver]:
 
 
 class Proc:
-    def __init__(self, root: Path, run: Path, delivery: dict[str, str] | None = None) -> None:
+    def __init__(self, root: Path, run: Path, delivery: dict[str, Any] | None = None) -> None:
         self.root = root
         self.run = run
         self.config = root / "config.toml"
@@ -98,7 +98,7 @@ class Proc:
             f'environment = "development"\nstate_dir = "{root / "state"}"\nruntime_dir = "{run}"\n'
             f'[intake]\nhttp_listen = "127.0.0.1:{port}"\n'
             '[log]\nformat = "json"\n'
-            "[delivery]\n" + "".join(f'{k} = "{v}"\n' for k, v in settings.items())
+            "[delivery]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
         )
         self.env = {**os.environ, "WEBHOOKD_CONFIG": str(self.config)}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -135,7 +135,7 @@ class Proc:
 def proc(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Proc]]:
     made: list[Proc] = []
 
-    def make(delivery: dict[str, str] | None = None) -> Proc:
+    def make(delivery: dict[str, Any] | None = None) -> Proc:
         p = Proc(tmp_path, short_dir, delivery)
         made.append(p)
         return p
