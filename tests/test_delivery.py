@@ -347,3 +347,15 @@ async def test_fresh_events_beyond_the_window_wait_in_sqlite(start_daemon: Any, 
     await asyncio.sleep(0.1)
     got = [r.json["data"]["to"] for r in receiver.requests]
     assert len(got) == n and len(set(got)) == n, "each delivery exactly once"
+
+
+async def test_hanging_webhooks_cannot_take_every_global_slot(start_daemon: Any, make_receiver: Any) -> None:
+    hanging = [await make_receiver(hang=True) for _ in range(3)]
+    healthy = await make_receiver()
+    h = await start_daemon(delivery={"timeout": "30s", "concurrency": 8, "per_webhook_concurrency": 8})
+    for r in hanging:
+        await h.create_webhook(r.url)
+    await h.create_webhook(healthy.url)
+    await h.submit(*[event("delivered", i) for i in range(40)])
+    await healthy.wait_for(40, timeout=5)
+    assert sum(len(r.requests) for r in hanging) <= 8

@@ -210,6 +210,8 @@ class Scheduler:
         self._attempts: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._outcomes: list[_OutcomeRow] = []
+        self._share = cfg.concurrency
+        self._share_at = float("-inf")
         self._flush_queued = False
         self.window = max(64, 4 * cfg.per_webhook_concurrency)
         store.subscribers = self.subscribers
@@ -267,6 +269,7 @@ class Scheduler:
         return subs
 
     def push_fresh(self, items: list[DueItem]) -> None:
+        self._share_at = float("-inf")  # new work: count busy webhooks afresh
         touched: set[Webhook] = set()
         for item in items:
             wh = self.webhooks.get(item.webhook_id)
@@ -308,11 +311,26 @@ class Scheduler:
             if start_at > now:
                 await self._sleep(wh, start_at - now)
                 continue
-            if self._free <= 0:
+            if self._free <= 0 or (wh.active and wh.active >= self._fair_share()):
                 self._slot_waiters.append(wh)
                 await wh.wake.wait()
                 continue
             self._start(wh, wh.pop())
+
+    def _fair_share(self) -> int:
+        """Slots one webhook may hold: an equal share of `delivery.concurrency` among
+        the webhooks that have work, so webhooks that hang (each up to its own limit,
+        for the whole timeout) cannot take every slot from the healthy ones. With few
+        busy webhooks the share is above `per_webhook_concurrency` and changes nothing.
+        """
+        now = time.monotonic()
+        if now - self._share_at > 0.01:  # counted at most every 10 ms: O(webhooks) per count
+            busy = sum(
+                1 for w in self.webhooks.values() if w.active or (w.enabled and not w.consecutive_failures and w.heap)
+            )
+            self._share = max(1, self.cfg.concurrency // max(1, busy))
+            self._share_at = now
+        return self._share
 
     async def _sleep(self, wh: Webhook, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
