@@ -6,6 +6,7 @@ Every error is a `ConfigError` naming the dotted key, with a one-line reason.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
@@ -106,6 +107,8 @@ def parse_duration(value: object, key: str) -> float:
     if isinstance(value, bool):
         raise ConfigError(key, f"expected a duration such as \"30s\", got {value!r}")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be a finite number of seconds, got {value!r}")
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {value!r}")
         return float(value)
@@ -149,7 +152,7 @@ def _listen(value: object, key: str) -> tuple[str, int] | None:
     text = _str(value, key).strip()
     if not text:
         return None
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)", text) or re.fullmatch(r"([^:\[\]]+):(\d+)", text)
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)", text) or re.fullmatch(r"([^:\[\]\s]+):(\d+)", text)
     if not m:
         raise ConfigError(key, f"expected HOST:PORT or [IPv6]:PORT, got {text!r}")
     port = int(m.group(2))
@@ -176,7 +179,8 @@ def _allow_targets(value: object, key: str) -> tuple[str, ...]:
             ipaddress.ip_network(text, strict=False)
         except ValueError:
             labels = text.rstrip(".").split(".")
-            if not text or not all(_HOST_LABEL.match(label) for label in labels):
+            numeric = all(label.isdigit() for label in labels)  # a mistyped address, not a host name
+            if not text or numeric or not all(_HOST_LABEL.match(label) for label in labels):
                 raise ConfigError(k, f"expected a CIDR (10.0.0.0/8) or a host name, got {text!r}") from None
         out.append(text)
     return tuple(out)
