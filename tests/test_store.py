@@ -144,3 +144,17 @@ async def test_close_commits_what_is_queued_and_is_idempotent(tmp_path: Path) ->
     await s.close()
     with pytest.raises(StoreError):
         await s.submit_event(ev(2))
+
+
+async def test_close_gives_up_on_ops_that_can_never_commit(tmp_path: Path) -> None:
+    s = Store(tmp_path / "g.db")
+    s.retry_delay = 0.01
+    await s.open()
+
+    async def broken(db: aiosqlite.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    fut = s.run(broken, internal=True)
+    await asyncio.wait_for(s.close(), 5)
+    with pytest.raises(StoreError):
+        fut.result()

@@ -105,6 +105,7 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+CLOSE_RETRIES = 3  # failed commits of internal operations tolerated while closing
 
 
 class StoreError(Exception):
@@ -297,6 +298,7 @@ class Store:
     # -- the writer ------------------------------------------------------------
     async def _writer(self) -> None:
         delay = self.retry_delay
+        failures_while_closing = 0
         while True:
             if not self._queue:
                 if self._closing:
@@ -310,6 +312,17 @@ class Store:
                 await self._execute(batch)
             except Exception as exc:
                 retry = self._fail(batch, exc)
+                if retry and self._closing:
+                    failures_while_closing += 1
+                    if failures_while_closing >= CLOSE_RETRIES:
+                        # Shutting down and still unable to commit: give up on them. Each is
+                        # a recorded outcome; the database still says "pending", so the
+                        # delivery is sent again after a restart (at-least-once).
+                        log.error("giving up on uncommitted outcomes at shutdown", ops=len(retry))
+                        for op in retry:
+                            if not op.future.done():
+                                op.future.set_exception(StoreError(_describe(exc)))
+                        retry = []
                 if retry:
                     self._queue[:0] = retry
                     await asyncio.sleep(delay)
