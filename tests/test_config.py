@@ -375,6 +375,69 @@ def test_allow_targets_refuses_a_mistyped_address(cwd: Path) -> None:
     assert err.key == "delivery.allow_targets[1]"
 
 
+@pytest.mark.parametrize("target", ["a\n.example", "x" * 64 + ".example", ("a" * 60 + ".") * 5, "-bad.example",
+                                    "under_score.example", "*.example.com", "1.2.3"])
+def test_allow_targets_refuses_what_is_not_a_host_name(cwd: Path, target: str) -> None:
+    assert refused({"delivery": {"allow_targets": [target]}}).key == "delivery.allow_targets[0]"
+
+
+@pytest.mark.parametrize("listen", ["[1.2.3.4]:80", "[zz]:80", "[]:80", "bad host!:80", "999.1.1.1:80", "a\n.b:80",
+                                    "127.0.0.1:\u0668\u0660", "127.0.0.1:080000", "127.0.0.1:-1", "host:port"])
+def test_listen_refuses_a_bad_host_or_port(cwd: Path, listen: str) -> None:
+    assert refused({"intake": {"http_listen": listen}}).key == "intake.http_listen"
+
+
+@pytest.mark.parametrize("value", ["\u0663s", "30s\nx", "3\u0660s"])
+def test_durations_take_ascii_digits_only(value: str) -> None:
+    with pytest.raises(ConfigError):
+        parse_duration(value, "storage.retention")
+
+
+@pytest.mark.parametrize(("data", "expected", "given"), [
+    ({"delivery": {"timeout": "0s"}}, "greater than zero", "'0s'"),
+    ({"delivery": {"concurrency": 0}}, "at least 1", "got 0"),
+    ({"intake": {"max_event_bytes": 100}}, "between 1024 and 16777216", "got 100"),
+    ({"delivery": {"max_attempts": 2.5}}, "integer", "2.5"),
+    ({"delivery": {"retry_base": "1m", "retry_max": "30s"}}, "at least delivery.retry_base (60s)", "got 30s"),
+    ({"environment": 1}, "production, development", "got 1"),
+    ({"log": {"level": "Verbose"}}, "debug, info, warning, error", "'Verbose'"),
+    ({"storage": {"durability": "fast"}}, "full, normal", "'fast'"),
+    ({"intake": {"socket_mode": "0999"}}, "octal", "'0999'"),
+    ({"intake": {"http_listen": "nope"}}, "HOST:PORT", "'nope'"),
+    ({"intake": {"http_listen": "127.0.0.1:0"}}, "between 1 and 65535", "got 0"),
+    ({"intake": {"http_token": "short"}}, "at least 16 characters", "got 5"),
+    ({"delivery": {"ca_file": "/nonexistent/ca.pem"}}, "readable", "does not exist"),
+    ({"delivery": {"ca_file": "/"}}, "readable", "is not a file"),
+    ({"delivery": {"allow_targets": ["bad!"]}}, "CIDR", "'bad!'"),
+    ({"storage": []}, "table [storage]", "got []"),
+])
+def test_messages_say_what_was_expected_and_given(cwd: Path, data: dict[str, Any], expected: str, given: str) -> None:
+    message = refused(data).message
+    assert expected in message
+    assert given in message
+
+
+@pytest.mark.parametrize("key", ["intake.http_token", "admin.token"])
+def test_a_token_of_the_wrong_type_is_not_echoed(cwd: Path, key: str) -> None:
+    section, name = key.split(".")
+    err = refused({section: {name: 12345678901234567890}})
+    assert err.key == key
+    assert "12345678901234567890" not in str(err)
+    assert "short-secret" not in str(refused({section: {name: "short-secret"}}))
+
+
+def test_paths_keep_symlinks_and_defaults_match_explicit_values(tmp_path: Path, cwd: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    state = str(tmp_path / "link")
+    default = parse({"state_dir": state})
+    explicit = parse({"state_dir": state, "storage": {"path": "webhookd.db"},
+                      "intake": {"socket": "intake.sock"}, "admin": {"socket": "./admin.sock"}})
+    assert explicit == default
+    assert default.storage.path == tmp_path / "link" / "webhookd.db"
+
+
 def test_tokens_of_sixteen_characters_are_enough(cwd: Path) -> None:
     config = parse({"intake": {"http_token": "x" * 16}, "admin": {"token": "y" * 16}})
     assert config.intake.http_token == "x" * 16

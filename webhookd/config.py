@@ -97,9 +97,9 @@ class Config:
 
 
 # -- value parsers -----------------------------------------------------------------------------
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$", re.IGNORECASE)
+_HOST_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)", re.IGNORECASE)
 
 
 def parse_duration(value: object, key: str) -> float:
@@ -113,7 +113,7 @@ def parse_duration(value: object, key: str) -> float:
             raise ConfigError(key, f"must not be negative, got {value!r}")
         return float(value)
     if isinstance(value, str):
-        m = _DURATION.match(value)
+        m = _DURATION.fullmatch(value)
         if m:
             return float(m.group(1)) * _UNITS[m.group(2)]
     raise ConfigError(key, f"expected a duration such as 500ms, 30s, 5m, 4h or 7d, got {value!r}")
@@ -134,10 +134,10 @@ def _str(value: object, key: str) -> str:
     return value
 
 
-def _choice(value: object, key: str, choices: tuple[str, ...]) -> str:
-    text = _str(value, key)
-    if text not in choices:
-        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {text!r}")
+def _choice(value: object, key: str, choices: tuple[str, ...], *, fold: bool = False) -> str:
+    text = value.lower() if fold and isinstance(value, str) else value
+    if not isinstance(text, str) or text not in choices:
+        raise ConfigError(key, f"expected one of {', '.join(choices)}, got {value!r}")
     return text
 
 
@@ -148,23 +148,43 @@ def _mode(value: object, key: str) -> int:
     raise ConfigError(key, f"expected an octal file mode string such as \"0660\", got {value!r}{hint}")
 
 
+def _is_host_name(text: str) -> bool:
+    """An RFC 1123 host name (a trailing dot allowed), not an all-numeric dotted string."""
+    labels = text[:-1].split(".") if text.endswith(".") else text.split(".")
+    if not text or len(text) > 253 or all(label.isdigit() for label in labels):
+        return False
+    return all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _is_ip(text: str, version: int) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == version
+    except ValueError:
+        return False
+
+
 def _listen(value: object, key: str) -> tuple[str, int] | None:
     text = _str(value, key).strip()
     if not text:
         return None
-    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)", text) or re.fullmatch(r"([^:\[\]\s]+):(\d+)", text)
+    m = re.fullmatch(r"\[([^\]]*)\]:([0-9]{1,5})", text) or re.fullmatch(r"([^:\[\]]+):([0-9]{1,5})", text)
     if not m:
         raise ConfigError(key, f"expected HOST:PORT or [IPv6]:PORT, got {text!r}")
-    port = int(m.group(2))
+    host, port = m.group(1), int(m.group(2))
+    valid = _is_ip(host, 6) if text.startswith("[") else _is_ip(host, 4) or _is_host_name(host)
+    if not valid:
+        raise ConfigError(key, f"expected an IP address or host name before the port, got {host!r}")
     if not 1 <= port <= 65535:
         raise ConfigError(key, f"port must be between 1 and 65535, got {port}")
-    return m.group(1), port
+    return host, port
 
 
 def _token(value: object, key: str) -> str:
-    text = _str(value, key)
+    if not isinstance(value, str):  # never echo what may be a secret
+        raise ConfigError(key, f"expected a string, got a {type(value).__name__}")
+    text = value
     if text and len(text) < 16:
-        raise ConfigError(key, "must be at least 16 characters when set")
+        raise ConfigError(key, f"must be at least 16 characters when set, got {len(text)}")
     return text
 
 
@@ -178,9 +198,7 @@ def _allow_targets(value: object, key: str) -> tuple[str, ...]:
         try:
             ipaddress.ip_network(text, strict=False)
         except ValueError:
-            labels = text.rstrip(".").split(".")
-            numeric = all(label.isdigit() for label in labels)  # a mistyped address, not a host name
-            if not text or numeric or not all(_HOST_LABEL.match(label) for label in labels):
+            if not _is_host_name(text):
                 raise ConfigError(k, f"expected a CIDR (10.0.0.0/8) or a host name, got {text!r}") from None
         out.append(text)
     return tuple(out)
@@ -203,7 +221,7 @@ def _section(data: Mapping[str, Any], name: str, parsers: Mapping[str, Parser]) 
 def _positive_duration(value: object, key: str) -> float:
     seconds = parse_duration(value, key)
     if seconds <= 0:
-        raise ConfigError(key, "must be greater than zero")
+        raise ConfigError(key, f"must be greater than zero, got {value!r}")
     return seconds
 
 
@@ -214,7 +232,8 @@ def _first_path(value: str | None) -> str | None:
 
 
 def _under(base: Path, value: str) -> Path:
-    return (base / value).resolve() if not Path(value).is_absolute() else Path(value)
+    """`value` made absolute against `base`; ".." is folded, symlinks are kept."""
+    return Path(os.path.normpath(base / value))
 
 
 TOP_LEVEL = ("environment", "state_dir", "runtime_dir", "storage", "intake", "admin", "delivery", "notify", "log")
@@ -254,7 +273,7 @@ def parse_config(
         "durability": lambda v, k: _choice(v, k, ("full", "normal")),
         "retention": _positive_duration,
     })
-    storage.setdefault("path", state_dir / "webhookd.db")
+    storage.setdefault("path", _under(state_dir, "webhookd.db"))
 
     intake = _section(data, "intake", {
         "socket": socket_path,
@@ -265,7 +284,7 @@ def parse_config(
         "max_event_bytes": lambda v, k: _int(v, k, 1024, 16 * 1024 * 1024),
         "max_connections": lambda v, k: _int(v, k, 1),
     })
-    intake.setdefault("socket", runtime_dir / "intake.sock")
+    intake.setdefault("socket", _under(runtime_dir, "intake.sock"))
 
     admin = _section(data, "admin", {
         "socket": socket_path,
@@ -273,7 +292,7 @@ def parse_config(
         "http_listen": _listen,
         "token": _token,
     })
-    admin.setdefault("socket", runtime_dir / "admin.sock")
+    admin.setdefault("socket", _under(runtime_dir, "admin.sock"))
     if admin.get("http_listen") and not admin.get("token"):
         raise ConfigError("admin.token", "required when admin.http_listen is set")
 
@@ -284,8 +303,11 @@ def parse_config(
         if not text:
             return None
         path = _under(base, text)
-        if not path.is_file() or not os.access(path, os.R_OK):
-            raise ConfigError(key, f"{path} is not a readable file")
+        if not path.is_file():
+            problem = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(key, f"expected a readable CA bundle (PEM), got {str(path)!r}, which {problem}")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(key, f"expected a readable CA bundle (PEM), got {str(path)!r}, which cannot be read")
         return path
 
     delivery = _section(data, "delivery", {
@@ -304,12 +326,14 @@ def parse_config(
     })
     defaults = DeliveryConfig()
     retry_base = delivery.get("retry_base", defaults.retry_base)
-    if delivery.get("retry_max", defaults.retry_max) < retry_base:
-        raise ConfigError("delivery.retry_max", f"must be at least delivery.retry_base ({retry_base:g}s)")
+    retry_max = delivery.get("retry_max", defaults.retry_max)
+    if retry_max < retry_base:
+        raise ConfigError("delivery.retry_max",
+                          f"must be at least delivery.retry_base ({retry_base:g}s), got {retry_max:g}s")
 
     notify = _section(data, "notify", {"command": _str})
     log = _section(data, "log", {
-        "level": lambda v, k: _choice(_str(v, k).lower(), k, ("debug", "info", "warning", "error")),
+        "level": lambda v, k: _choice(v, k, ("debug", "info", "warning", "error"), fold=True),
         "format": lambda v, k: _choice(v, k, ("json", "console", "auto")),
     })
     return Config(
@@ -353,4 +377,4 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{found}: {exc}") from exc
-    return parse_config(data, dev=dev, env=env, source=found.resolve())
+    return parse_config(data, dev=dev, env=env, source=_under(Path.cwd(), str(found)))
