@@ -56,12 +56,14 @@ def classify_exception(exc: BaseException, timeout: float, connect_timeout: floa
         if isinstance(cause, TargetRefused):
             return f"target refused: {cause}"
         return f"connection failed: {cause.strerror or cause}"
+    if isinstance(exc, aiohttp.ClientOSError):  # e.g. reset after connecting, before the response
+        return f"connection failed: {exc.strerror or exc}"
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "server disconnected without a complete response"
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"response body broken: {exc}"
+        return f"response body broken: {_first_line(str(exc))}"
     if isinstance(exc, aiohttp.ClientResponseError):
-        return f"invalid HTTP response: {exc.message}"
+        return f"invalid HTTP response: {_first_line(str(exc.message))}"
     if isinstance(exc, aiohttp.InvalidURL):
         return f"invalid URL: {exc}"
     if isinstance(exc, aiohttp.ClientError):
@@ -69,13 +71,18 @@ def classify_exception(exc: BaseException, timeout: float, connect_timeout: floa
     return f"unexpected error: {type(exc).__name__}: {exc}"
 
 
+def _first_line(text: str, limit: int = 200) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    return line[:limit]
+
+
 def parse_retry_after(value: str | None, now: float) -> float | None:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if value.isascii() and value.isdigit():
+        return float(value) if len(value) <= 12 else None
     from email.utils import parsedate_to_datetime
 
     try:
