@@ -178,6 +178,7 @@ async def test_socket_mode_is_tight(start_daemon: Any) -> None:
     assert h.config.intake.socket.stat().st_mode & 0o777 == 0o660
     assert h.config.admin.socket.stat().st_mode & 0o777 == 0o600
     assert h.config.storage.path.stat().st_mode & 0o777 == 0o600
+    assert h.config.state_dir.stat().st_mode & 0o777 == 0o700
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
