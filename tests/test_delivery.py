@@ -359,3 +359,20 @@ async def test_hanging_webhooks_cannot_take_every_global_slot(start_daemon: Any,
     await h.submit(*[event("delivered", i) for i in range(40)])
     await healthy.wait_for(40, timeout=5)
     assert sum(len(r.requests) for r in hanging) <= 8
+
+
+async def test_rotation_signs_with_both_secrets_during_the_grace_period(
+    start_daemon: Any, make_receiver: Any
+) -> None:
+    receiver = await make_receiver()
+    h = await start_daemon()
+    hook = await h.create_webhook(receiver.url)
+    _, rotated = await h.api("POST", f"/v1/webhooks/{hook['id']}/rotate-secret")
+    old, new = hook["secret"], rotated["secret"]
+    await h.submit(event())
+    [req] = await receiver.wait_for(1)
+    headers = {k.lower(): v for k, v in req.headers.items()}
+    assert len(headers["webhook-signature"].split(" ")) == 2
+    StandardWebhook(old).verify(req.body, headers)  # receivers not yet updated keep working
+    StandardWebhook(new).verify(req.body, headers)
+    assert headers["x-webhook-signature"] == hmac.new(new.encode(), req.body, hashlib.sha256).hexdigest()

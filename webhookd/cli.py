@@ -212,12 +212,14 @@ def _client(config: Config) -> AdminClient:
 
 def _call(args: argparse.Namespace, config: Config, method: str, path: str, body: dict[str, Any] | None,
           render: Renderer) -> int:
-    status, data = _client(config).request(method, path, body)
+    client = _client(config)
+    status, data = client.request(method, path, body)
     if status >= 400:
         message = data.get("error") if isinstance(data, dict) else None
         raise CliError(_one_line(str(message)) if message else f"the daemon answered HTTP {status}")
-    if args.json:
-        print(json.dumps(data))
+    if args.json:  # exactly the API's JSON, byte for byte
+        sys.stdout.buffer.write(client.last_body.strip() + b"\n")
+        sys.stdout.flush()
     elif isinstance(data, dict):
         render(data)
     else:

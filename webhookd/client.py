@@ -75,6 +75,7 @@ class AdminClient:
     def __init__(self, socket_path: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        self.last_body = b""  # the raw JSON of the last answer, for --json
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
         """(HTTP status, decoded JSON body). An undecodable error body becomes {"error": text}."""
@@ -94,6 +95,7 @@ class AdminClient:
             raise ConnectionBroken(self.socket_path, _reason(exc)) from None
         finally:
             conn.close()
+        self.last_body = raw
         if not raw.strip():
             return resp.status, None
         try:
