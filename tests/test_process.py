@@ -271,3 +271,11 @@ def test_sd_notify_over_a_real_datagram_socket(proc: Callable[..., Proc], short_
     receive_until("STOPPING=1")
     assert d.proc.wait(15) == 0
     sock.close()
+
+
+def test_serve_runs_on_uvloop_when_installed(proc: Callable[..., Proc]) -> None:
+    pytest.importorskip("uvloop")
+    d = proc().start()
+    p = d.cli("submit", '{"event": "delivered", "data": {"message_id": "u"}}')
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert b"uvloop" in d.log.read_bytes()  # the start line names the event loop

@@ -141,6 +141,7 @@ class Daemon:
             intake_http=_fmt_listen(cfg.intake.http_listen),
             admin_socket=str(cfg.admin.socket) if cfg.admin.socket else None,
             webhooks=len(self.scheduler.webhooks),
+            event_loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
 
     async def _start_intake(self) -> None:

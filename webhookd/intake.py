@@ -15,7 +15,7 @@ import hmac
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import structlog
@@ -87,15 +87,15 @@ class LineProtocol(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods
+        self.transport = cast(asyncio.Transport, transport)
         if self.stats.connections >= self.max_connections:
             log.warning("intake connection refused", reason="max_connections", limit=self.max_connections)
             self.stats.reject("too_many_connections")
-            transport.write(error_line(
+            self.transport.write(error_line(
                 f"temporarily unavailable: too many connections (intake.max_connections = {self.max_connections})"
             ))
-            transport.close()
+            self.transport.close()
             self.closed = True
             return
         self.stats.connections += 1
