@@ -24,6 +24,8 @@ from typing import Any, Final
 
 import orjson
 
+from webhookd import logfmt
+
 __all__ = [
     "BOUNCE_TYPES",
     "EVENT_TYPES",
@@ -251,7 +253,15 @@ def _decode_error(raw: bytes | str, exc: orjson.JSONDecodeError) -> EventError:
 
 
 def parse_event(raw: bytes | str, *, now: float) -> Event:
-    """Validate one JSON text (an intake line, without its newline). Raises only EventError."""
+    """Validate one intake line (without its newline): a JSON text, or logfmt
+    (`event=delivered message_id=...`, see webhookd.logfmt). Raises only EventError."""
+    if not isinstance(raw, str) and logfmt.looks_like_logfmt(raw):
+        try:
+            obj = logfmt.to_event(bytes(raw))
+        except logfmt.LogfmtError as exc:
+            reason = str(exc)
+            raise EventError(reason if reason.startswith("invalid UTF-8") else f"logfmt: {reason}") from None
+        return validate_event(obj, now=now)
     return validate_event(decode_json(raw), now=now)
 
 
