@@ -395,6 +395,24 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
     return EX_DATAERR if "rejected" in verdicts else EX_OK
 
 
+MAX_REPORT_BYTES = 10 * 1024 * 1024
+
+
+def cmd_submit_arf(args: argparse.Namespace, config: Config) -> int:
+    """A spam-complaint report (RFC 5965) on stdin → one `complained` event."""
+    from webhookd.arf import ArfError, parse_report
+
+    raw = sys.stdin.buffer.read(MAX_REPORT_BYTES + 1)
+    if len(raw) > MAX_REPORT_BYTES:
+        raise CliError(f"feedback report larger than {MAX_REPORT_BYTES} bytes", EX_DATAERR)
+    try:
+        event = parse_report(raw)
+    except ArfError as exc:
+        raise CliError(f"submit-arf: {exc}", EX_DATAERR) from None
+    args.events = [json.dumps(event, ensure_ascii=False)]
+    return cmd_submit(args, config)
+
+
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     # --config and --json are accepted anywhere: before the command or after its own
@@ -427,6 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "submit", cmd_submit, "submit events: each argument, or each line of standard input; "
              "exit 0 all accepted, 65 some rejected, 75 try later")
     p.add_argument("events", nargs="*", metavar="JSON", help="one event object per argument")
+    leaf(sub, "submit-arf", cmd_submit_arf, "read a spam-complaint feedback report (RFC 5965) on standard "
+         "input, e.g. from an alias pipe, and submit a complained event for the original message")
     leaf(sub, "check-config", cmd_check_config, "validate the config file and exit (78 if it is bad)")
     leaf(sub, "status", cmd_status, "daemon version, uptime, deliveries by status, webhooks by state")
 
