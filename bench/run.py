@@ -1,30 +1,61 @@
-"""webhookd benchmark: each figure beside a ceiling measured in the same run. Prints JSON.
+"""webhookd benchmark: each figure beside a ceiling or target measured in the same run. Prints JSON.
 
-    .venv/bin/python bench/run.py [--events 50000] [--deliveries 5000]
+    .venv/bin/python bench/run.py [--only intake,delivery,latency,backlog,isolation]
+        [--events 50000] [--deliveries 5000] [--latency-rate 500] [--latency-seconds 10]
+        [--backlog 1000000] [--backlog-connections 4] [--isolation-events 3000] [--hanging 50]
+        [--late-events 1000] [--profile DIR]
 
 The daemon runs as a real `webhookd serve` process pinned to core 0 (taskset, when
-available); the load generator and the receiver run on core 1. Only loopback.
+available); the load generator and the receivers run on core 1; each bare-client
+ceiling runs on core 0, the core the daemon had. Only loopback. Every phase runs by
+default; `--only` picks some. `--profile DIR` runs `py-spy record --format raw` on the
+daemon during each measured part (summarise with `bench/pyspy_top.py DIR/NAME.txt`).
+
+Phases:
+  intake     durable intake over the Unix socket vs batched SQLite inserts
+  delivery   end-to-end deliveries/s, one webhook, vs a bare aiohttp client
+  latency    intake -> receiver latency at a steady rate (each event carries time.time_ns() in
+             data.metadata.sent_ns; the receiver subtracts it from its own clock on arrival)
+             vs a bare aiohttp client POSTing the same bodies to the receiver at that rate
+  backlog    N deliveries queued behind a refused port (retry_base 1h): submit time, peak RSS
+             (VmHWM), database size, SIGTERM, restart-to-ready, RSS after restart
+  isolation  a healthy webhook's deliveries/s beside N webhooks whose receivers accept and never
+             answer (delivery.timeout 30s), each with a backlog, as a ratio to its solo figure;
+             plus the fan-out-only control, the drain variant and the late-start case
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
 DAEMON_CORE, LOAD_CORE = "0", "1"
+PHASES = ("intake", "delivery", "latency", "backlog", "isolation")
+MIB = 1024 * 1024
+
+# Targets from issue 5.
+TARGET_BACKLOG_PEAK_RSS_MIB = 150
+TARGET_RESTART_S = 3.0
+TARGET_ISOLATION_RATIO = 0.8
 
 
 def pin(cmd: list[str], core: str) -> list[str]:
@@ -44,26 +75,65 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_port(port: int, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.1).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise SystemExit(f"nothing listening on 127.0.0.1:{port} after {seconds:g}s")
+
+
+_EVENT = (b'{"event":"delivered","data":{"message_id":"<bench-%d@mail.example.com>","from":"shop@example.com",'
+          b'"to":"customer%d@example.org","subject":"Order Confirmation","tags":["order"],'
+          b'"metadata":{"order_id":"%d"}}}')
+_TIMED = (b'{"event":"delivered","data":{"message_id":"<lat-%d@mail.example.com>","from":"shop@example.com",'
+          b'"to":"customer%d@example.org","subject":"Order Confirmation","tags":["order"],'
+          b'"metadata":{"sent_ns":%d}}}')
+
+
 def event_line(i: int) -> bytes:
-    return json.dumps({
-        "event": "delivered",
-        "data": {"message_id": f"<bench-{i}@mail.example.com>", "from": "shop@example.com",
-                 "to": f"customer{i}@example.org", "subject": "Order Confirmation", "tags": ["order"],
-                 "metadata": {"order_id": str(i)}},
-    }).encode() + b"\n"
+    return _EVENT % (i, i, i) + b"\n"
 
 
+def timed_body(i: int) -> bytes:
+    """An event carrying its send time (time.time_ns()) in data.metadata.sent_ns."""
+    return _TIMED % (i, i, time.time_ns())
+
+
+def loadavg() -> float:
+    """The 1-minute load average: other work on this machine shows here."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def percentiles_ms(values_ns: list[int]) -> dict[str, float]:
+    if not values_ns:
+        return {"n": 0}
+    v = sorted(values_ns)
+
+    def q(p: float) -> float:
+        return round(v[min(len(v) - 1, int(p * len(v)))] / 1e6, 2)
+
+    return {"n": len(v), "p50_ms": q(0.50), "p99_ms": q(0.99), "max_ms": round(v[-1] / 1e6, 2)}
+
+
+# -- the daemon --------------------------------------------------------------------------------------
 class Daemon:
-    def __init__(self, root: Path, durability: str = "full") -> None:
+    def __init__(self, root: Path, durability: str = "full", extra: str = "") -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.run_dir = Path(tempfile.mkdtemp(prefix="whb", dir="/tmp"))
         self.config = root / "config.toml"
+        self.db = root / "state" / "webhookd.db"
+        self.log = root / "daemon.log"  # stdout and stderr: warnings and errors only
         self.config.write_text(
             f'environment = "development"\nstate_dir = "{root / "state"}"\nruntime_dir = "{self.run_dir}"\n'
             f'[storage]\ndurability = "{durability}"\n'
             f'[intake]\nhttp_listen = "127.0.0.1:{free_port()}"\n'
             '[log]\nlevel = "warning"\nformat = "json"\n'
+            + extra
         )
         self.env = {**os.environ, "WEBHOOKD_CONFIG": str(self.config)}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -72,47 +142,166 @@ class Daemon:
     def intake(self) -> str:
         return str(self.run_dir / "intake.sock")
 
-    def start(self) -> float:
+    @property
+    def admin(self) -> str:
+        return str(self.run_dir / "admin.sock")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 120.0) -> float:
+        """Start `webhookd serve`; seconds until `webhookd status` answers."""
         started = time.perf_counter()
         cmd = pin([sys.executable, "-m", "webhookd", "serve"], DAEMON_CORE)
-        self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while True:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log)
+        while time.perf_counter() - started < timeout:
             if self.proc.poll() is not None:
-                raise SystemExit(f"daemon exited with {self.proc.returncode}")
+                raise SystemExit(f"daemon exited with {self.proc.returncode}: {self.log_tail()}")
             if self.cli("status").returncode == 0:
                 return time.perf_counter() - started
             time.sleep(0.01)
+        raise SystemExit(f"daemon not ready after {timeout:g}s")
+
+    def log_tail(self, size: int = 2000) -> str:
+        text = self.log.read_bytes().decode(errors="replace") if self.log.exists() else ""
+        return text[-size:]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([sys.executable, "-m", "webhookd", *args], env=self.env, capture_output=True)
+        return subprocess.run([sys.executable, "-m", "webhookd", *args], env=self.env, capture_output=True,
+                              timeout=120)
+
+    def status(self) -> dict[str, Any]:
+        out = self.cli("status", "--json")
+        assert out.returncode == 0, out.stderr
+        return dict(json.loads(out.stdout))
+
+    def proc_status(self) -> dict[str, int]:
+        """VmRSS, VmHWM (peak RSS), ... of the daemon, in bytes."""
+        fields: dict[str, int] = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.startswith("Vm") and value.strip().endswith("kB"):
+                fields[key] = int(value.split()[0]) * 1024
+        return fields
+
+    def db_bytes(self) -> dict[str, int]:
+        sizes = {}
+        for suffix in ("", "-wal", "-shm"):
+            path = Path(f"{self.db}{suffix}")
+            sizes["db" + suffix.replace("-", "_")] = path.stat().st_size if path.exists() else 0
+        return sizes
+
+    def terminate(self, timeout: float = 60.0) -> float:
+        """SIGTERM; seconds until the process exits."""
+        assert self.proc is not None
+        started = time.perf_counter()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        return time.perf_counter() - started
 
     def stop(self) -> None:
+        if self.proc and self.proc.poll() is not None and self.proc.returncode != 0:
+            print(f"bench: daemon had exited with {self.proc.returncode}: {self.log_tail()}", file=sys.stderr)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(30)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
-async def pipelined_submit(path: str, n: int) -> float:
-    """Send n events on one connection while reading answers; seconds until the last answer."""
-    reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
-    payload = [event_line(i) for i in range(n)]
+async def admin_call(daemon: Daemon, method: str, path: str, body: Any = None) -> Any:
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=daemon.admin)) as session,
+        session.request(method, f"http://localhost{path}", json=body, timeout=aiohttp.ClientTimeout(total=30)) as r,
+    ):
+        assert r.status < 300, (r.status, await r.text())
+        return await r.json()
+
+
+async def create_webhooks(daemon: Daemon, urls: list[str]) -> list[str]:
+    ids = []
+    for url in urls:
+        hook = await admin_call(daemon, "POST", "/v1/webhooks", {"url": url, "events": ["*"]})
+        ids.append(hook["id"])
+    return ids
+
+
+@contextlib.contextmanager
+def profiled(pid: int, directory: Path | None, name: str) -> Iterator[None]:
+    """py-spy record --format raw on `pid` for the duration of the block (when asked for)."""
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if directory is None or spy is None:
+        if directory is not None:
+            print("bench: py-spy not found; no profile", file=sys.stderr)
+        yield
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / f"{name}.txt"
+    proc = subprocess.Popen(pin([spy, "record", "--format", "raw", "--nonblocking", "--rate", "200",
+                                 "-p", str(pid), "-o", str(out)], LOAD_CORE),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)  # let it attach
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+# -- submitting over the intake socket --------------------------------------------------------------
+async def read_acks(reader: asyncio.StreamReader, n: int) -> int:
+    """Read n answer lines; the number that say ok."""
+    ok = seen = 0
+    tail = b""
+    while seen < n:
+        chunk = await reader.read(1 << 16)
+        if not chunk:
+            break
+        data = tail + chunk
+        cut = data.rfind(b"\n") + 1
+        done, tail = data[:cut], data[cut:]
+        seen += done.count(b"\n")
+        ok += done.count(b'{"ok":true')
+    return ok
+
+
+async def pipelined_submit(path: str, n: int, *, first: int = 0, connections: int = 1,
+                           timeout: float = 900.0) -> float:
+    """Send n events over `connections` pipelining connections while reading the answers;
+    seconds until the last answer."""
+
+    async def one(lo: int, hi: int) -> int:
+        reader, writer = await asyncio.open_unix_connection(path, limit=1 << 20)
+
+        async def send() -> None:
+            for start in range(lo, hi, 1000):
+                writer.write(b"".join([event_line(i) for i in range(start, min(hi, start + 1000))]))
+                await writer.drain()
+
+        sender = asyncio.create_task(send())
+        ok = await read_acks(reader, hi - lo)
+        await sender
+        writer.close()
+        return ok
+
+    bounds = [first + n * k // connections for k in range(connections + 1)]
     started = time.perf_counter()
-
-    async def send() -> None:
-        for start in range(0, n, 500):
-            writer.write(b"".join(payload[start:start + 500]))
-            await writer.drain()
-
-    sender = asyncio.create_task(send())
-    ok = 0
-    for _ in range(n):
-        line = await reader.readline()
-        ok += line.startswith(b'{"ok":true')
+    oks = await asyncio.wait_for(asyncio.gather(*(one(bounds[k], bounds[k + 1]) for k in range(connections))),
+                                 timeout)
     elapsed = time.perf_counter() - started
-    await sender
-    writer.close()
-    assert ok == n, f"{n - ok} events not acknowledged"
+    assert sum(oks) == n, f"{n - sum(oks)} events not acknowledged"
     return elapsed
 
 
@@ -141,27 +330,89 @@ def sqlite_ceiling(path: Path, n: int, batch: int = 1000) -> float:
     return n / elapsed
 
 
-RECEIVER = r"""
-import sys
-from aiohttp import web
-count = 0
-async def hook(request):
-    global count
-    await request.read()
-    count += 1
-    return web.Response(text="ok")
-async def stats(request):
-    return web.Response(text=str(count))
-app = web.Application()
-app.router.add_post("/hook", hook)
-app.router.add_get("/count", stats)
-web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None, access_log=None)
-"""
+# -- receivers -------------------------------------------------------------------------------------------
+class Receiver:
+    """bench/receiver.py in a subprocess on the load core."""
+
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.proc = subprocess.Popen(pin([sys.executable, str(BENCH / "receiver.py"), str(self.port), *flags],
+                                         LOAD_CORE))
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.url = f"{self.base}/hook"
+        wait_port(self.port)
+
+    async def count(self, session: Any) -> int:
+        async with session.get(f"{self.base}/count") as r:
+            return int(await r.text())
+
+    async def latencies(self, session: Any) -> list[int]:
+        async with session.get(f"{self.base}/latencies") as r:
+            return list(await r.json())
+
+    async def reset(self, session: Any) -> None:
+        async with session.post(f"{self.base}/reset") as r:
+            await r.read()
+
+    async def wait_count(self, session: Any, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.count(session) >= n:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
-async def receiver_count(session: Any, base: str) -> int:
-    async with session.get(f"{base}/count") as r:
-        return int(await r.text())
+class Hanging:
+    """bench/hang.py: n TCP servers that read requests and never answer."""
+
+    def __init__(self, n: int) -> None:
+        self.proc = subprocess.Popen(pin([sys.executable, str(BENCH / "hang.py"), str(n)], LOAD_CORE),
+                                     stdout=subprocess.PIPE)
+        assert self.proc.stdout is not None
+        info = json.loads(self.proc.stdout.readline())
+        self.ports: list[int] = info["ports"]
+        self.control: int = info["control"]
+
+    async def state(self) -> dict[str, Any]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.control)
+        line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        return dict(json.loads(line))
+
+    async def held(self) -> tuple[int, int]:
+        """(connections open now, connections accepted so far)."""
+        st = await self.state()
+        return int(st["open"]), int(st["total"])
+
+    async def spread(self) -> dict[str, int]:
+        """How many webhooks hold how many connections: {"32": 16, "0": 34} ..."""
+        counts = Counter((await self.state())["per_port"].values())
+        return {str(k): counts[k] for k in sorted(counts, reverse=True)}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+# -- phases ------------------------------------------------------------------------------------------------
+def phase_intake(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    out: dict[str, Any] = {"events": args.events}
+    out["sqlite_batched_insert_events_per_s"] = round(sqlite_ceiling(root / "ceiling.db", args.events))
+    daemon = Daemon(root / "intake")
+    out["daemon_start_s"] = round(daemon.start(), 3)
+    try:
+        with profiled(daemon.pid, args.profile, "intake"):
+            elapsed = asyncio.run(pipelined_submit(daemon.intake, args.events))
+        out["intake_events_per_s"] = round(args.events / elapsed)
+    finally:
+        daemon.stop()
+    out["ratio_to_sqlite"] = round(out["intake_events_per_s"] / out["sqlite_batched_insert_events_per_s"], 3)
+    results["intake"] = out
 
 
 async def bare_client_rate(url: str, n: int, concurrency: int) -> float:
@@ -182,68 +433,415 @@ async def bare_client_rate(url: str, n: int, concurrency: int) -> float:
         return n / (time.perf_counter() - started)
 
 
-async def deliveries_rate(daemon: Daemon, base: str, n: int) -> float:
+async def deliveries_rate(daemon: Daemon, recv: Receiver, n: int, first: int = 0, timeout: float = 300.0) -> float:
+    """Submit n events (pipelined) and wait until the receiver has counted n more POSTs."""
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
-        before = await receiver_count(session, base)
+        before = await recv.count(session)
         started = time.perf_counter()
-        await pipelined_submit(daemon.intake, n)
-        while await receiver_count(session, base) < before + n:
-            await asyncio.sleep(0.01)
+        await pipelined_submit(daemon.intake, n, first=first)
+        if not await recv.wait_count(session, before + n, timeout):
+            raise SystemExit(f"receiver got {await recv.count(session) - before} of {n} in {timeout:g}s")
         return n / (time.perf_counter() - started)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--events", type=int, default=50_000)
-    ap.add_argument("--deliveries", type=int, default=5_000)
-    args = ap.parse_args()
-    results: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-    }
-    pin_self(LOAD_CORE)
-    with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
-        root = Path(tmp)
-        results["sqlite_batched_insert_events_per_s"] = round(sqlite_ceiling(root / "ceiling.db", args.events))
-
-        daemon = Daemon(root / "intake")
-        results["daemon_start_s"] = round(daemon.start(), 3)
+def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    recv = Receiver()
+    try:
+        daemon = Daemon(root / "delivery")
+        daemon.start()
         try:
-            elapsed = asyncio.run(pipelined_submit(daemon.intake, args.events))
-            results["intake_events_per_s"] = round(args.events / elapsed)
+            hook = daemon.cli("webhooks", "create", "--url", recv.url, "--json")
+            assert hook.returncode == 0, hook.stderr
+            with profiled(daemon.pid, args.profile, "delivery"):
+                rate = asyncio.run(deliveries_rate(daemon, recv, args.deliveries))
         finally:
             daemon.stop()
-        results["intake_ratio_to_sqlite"] = round(
-            results["intake_events_per_s"] / results["sqlite_batched_insert_events_per_s"], 3)
-
-        port = free_port()
-        recv = subprocess.Popen(pin([sys.executable, "-c", RECEIVER, str(port)], LOAD_CORE))
-        base = f"http://127.0.0.1:{port}"
+        pin_self(DAEMON_CORE)  # the ceiling client gets the core the daemon had
         try:
-            for _ in range(500):
-                try:
-                    socket.create_connection(("127.0.0.1", port), 0.1).close()
-                    break
-                except OSError:
-                    time.sleep(0.01)
-            daemon = Daemon(root / "delivery")
-            daemon.start()
-            try:
-                hook = daemon.cli("webhooks", "create", "--url", f"{base}/hook", "--json")
-                assert hook.returncode == 0, hook.stderr
-                rate = asyncio.run(deliveries_rate(daemon, base, args.deliveries))
-            finally:
-                daemon.stop()
-            pin_self(DAEMON_CORE)  # the ceiling client gets the core the daemon had
-            ceiling = asyncio.run(bare_client_rate(f"{base}/hook", args.deliveries, 32))
-            pin_self(LOAD_CORE)
+            ceiling = asyncio.run(bare_client_rate(recv.url, args.deliveries, 32))
         finally:
-            recv.terminate()
-            recv.wait(10)
-        results["end_to_end_deliveries_per_s"] = round(rate)
-        results["bare_aiohttp_posts_per_s"] = round(ceiling)
-        results["end_to_end_ratio"] = round(rate / ceiling, 3)
+            pin_self(LOAD_CORE)
+    finally:
+        recv.stop()
+    results["delivery"] = {
+        "deliveries": args.deliveries,
+        "end_to_end_deliveries_per_s": round(rate),
+        "bare_aiohttp_posts_per_s": round(ceiling),
+        "ratio": round(rate / ceiling, 3),
+    }
+
+
+# -- latency -------------------------------------------------------------------------------------------------
+async def paced(rate: float, count: int, send: Callable[[int], None]) -> None:
+    """Call send(k) for k in range(count), the k-th at start + k/rate (late ones at once, in order)."""
+    start = time.perf_counter()
+    for k in range(count):
+        delay = start + k / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        send(k)
+
+
+async def paced_intake(path: str, rate: float, count: int, first: int) -> list[int]:
+    """Events at a steady pace over one intake connection; returns the ack latencies (ns)."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    sent: list[int] = []
+    acks: list[int] = []
+
+    async def read() -> None:
+        for k in range(count):
+            line = await reader.readline()
+            assert line.startswith(b'{"ok":true'), line
+            acks.append(time.perf_counter_ns() - sent[k])
+
+    reading = asyncio.create_task(read())
+
+    def send(k: int) -> None:
+        sent.append(time.perf_counter_ns())
+        writer.write(timed_body(first + k) + b"\n")
+
+    await paced(rate, count, send)
+    await writer.drain()
+    await asyncio.wait_for(reading, 60)
+    writer.close()
+    return acks
+
+
+async def paced_posts(url: str, rate: float, count: int, first: int) -> None:
+    """The ceiling: a bare aiohttp client POSTing timed bodies straight to the receiver at the same pace."""
+    import aiohttp
+
+    tasks: set[asyncio.Task[None]] = set()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=256)) as session:
+
+        async def post(i: int) -> None:
+            async with session.post(url, data=timed_body(i), headers={"Content-Type": "application/json"}) as r:
+                await r.read()
+
+        def send(k: int) -> None:
+            task = asyncio.create_task(post(first + k))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        await paced(rate, count, send)
+        if tasks:
+            await asyncio.wait_for(asyncio.gather(*tasks), 60)
+
+
+async def latency_run(recv: Receiver, rate: float, seconds: float, warmup: int,
+                      send: Callable[[int, int], Any]) -> tuple[dict[str, Any], Any]:
+    """Warm up (not counted), reset the receiver, then `send(count, first)` at the pace; percentiles."""
+    import aiohttp
+
+    count = round(rate * seconds)
+    async with aiohttp.ClientSession() as session:
+        await recv.reset(session)
+        await send(warmup, 10_000_000)
+        if not await recv.wait_count(session, warmup, 30):
+            raise SystemExit("latency warm-up did not arrive")
+        await recv.reset(session)
+        started = time.perf_counter()
+        extra = await send(count, 0)
+        sent_s = time.perf_counter() - started
+        if not await recv.wait_count(session, count, 60):
+            raise SystemExit(f"only {await recv.count(session)} of {count} timed events arrived")
+        lat = await recv.latencies(session)
+    return {**percentiles_ms(lat), "sent_per_s": round(count / sent_s, 1)}, extra
+
+
+def phase_latency(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    rate, seconds, warmup = args.latency_rate, args.latency_seconds, 100
+    recv = Receiver("--latency")
+    try:
+        daemon = Daemon(root / "latency")
+        daemon.start()
+        try:
+            hook = daemon.cli("webhooks", "create", "--url", recv.url, "--json")
+            assert hook.returncode == 0, hook.stderr
+            with profiled(daemon.pid, args.profile, "latency"):
+                figure, acks = asyncio.run(latency_run(
+                    recv, rate, seconds, warmup, lambda n, first: paced_intake(daemon.intake, rate, n, first)))
+        finally:
+            daemon.stop()
+        pin_self(DAEMON_CORE)  # the ceiling client gets the core the daemon had
+        try:
+            ceiling, _ = asyncio.run(latency_run(
+                recv, rate, seconds, warmup, lambda n, first: paced_posts(recv.url, rate, n, first)))
+        finally:
+            pin_self(LOAD_CORE)
+    finally:
+        recv.stop()
+    results["latency"] = {
+        "rate_per_s": rate,
+        "seconds": seconds,
+        "intake_to_receiver": figure,
+        "intake_ack": percentiles_ms(acks),
+        "ceiling_bare_aiohttp_post": ceiling,
+    }
+
+
+@contextlib.contextmanager
+def rss_samples(daemon: Daemon, every: float = 0.25, keep: int = 12) -> Iterator[list[list[float]]]:
+    """Sample the daemon's RSS in a thread; the list gets `keep` evenly spaced [seconds, MiB] pairs."""
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+    started = time.perf_counter()
+
+    def sample() -> None:
+        while not done.wait(every):
+            with contextlib.suppress(OSError, KeyError):
+                samples.append((time.perf_counter() - started, daemon.proc_status()["VmRSS"]))
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    series: list[list[float]] = []
+    try:
+        yield series
+    finally:
+        done.set()
+        thread.join(5)
+        step = max(1, len(samples) // keep)
+        picked = samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else [])
+        series.extend([round(t, 1), round(rss / MIB, 1)] for t, rss in picked)
+
+
+# -- backlog ---------------------------------------------------------------------------------------------------
+def phase_backlog(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    n = args.backlog
+    out: dict[str, Any] = {"deliveries": n, "connections": args.backlog_connections}
+    refused = free_port()  # closed again at once: every attempt gets "connection refused"
+    daemon = Daemon(root / "backlog", extra='[delivery]\nretry_base = "1h"\n')
+    daemon.start()
+    try:
+        hook = daemon.cli("webhooks", "create", "--url", f"http://127.0.0.1:{refused}/hook", "--json")
+        assert hook.returncode == 0, hook.stderr
+        out["rss_before_mib"] = round(daemon.proc_status()["VmRSS"] / MIB, 1)
+        with profiled(daemon.pid, args.profile, "backlog-submit"), rss_samples(daemon) as series:
+            elapsed = asyncio.run(pipelined_submit(daemon.intake, n, connections=args.backlog_connections,
+                                                   timeout=args.backlog_timeout))
+        out["rss_during_submit_mib"] = series
+        out["submit_s"] = round(elapsed, 1)
+        out["submit_events_per_s"] = round(n / elapsed)
+        time.sleep(2)  # let the first attempts fail and the window settle
+        st = daemon.status()
+        out["status_after_submit"] = st["deliveries"]
+        mem = daemon.proc_status()
+        out["peak_rss_mib"] = round(mem["VmHWM"] / MIB, 1)
+        out["rss_after_submit_mib"] = round(mem["VmRSS"] / MIB, 1)
+        sizes = daemon.db_bytes()
+        out["db_mib"] = round(sizes["db"] / MIB, 1)
+        out["wal_mib"] = round(sizes["db_wal"] / MIB, 1)
+        out["db_plus_wal_mib"] = round((sizes["db"] + sizes["db_wal"]) / MIB, 1)
+        out["db_bytes_per_delivery"] = round((sizes["db"] + sizes["db_wal"]) / n)
+        out["shutdown_s"] = round(daemon.terminate(), 3)
+        out["db_plus_wal_after_shutdown_mib"] = round(sum(daemon.db_bytes().values()) / MIB, 1)
+        out["restart_to_ready_s"] = round(daemon.start(), 3)
+        cli_started = time.perf_counter()
+        st = daemon.status()
+        out["status_cli_s"] = round(time.perf_counter() - cli_started, 3)
+        out["status_after_restart"] = st["deliveries"]
+        time.sleep(3)  # the pumps have refilled their windows
+        mem = daemon.proc_status()
+        out["rss_after_restart_mib"] = round(mem["VmRSS"] / MIB, 1)
+        out["peak_rss_after_restart_mib"] = round(mem["VmHWM"] / MIB, 1)
+    finally:
+        daemon.stop()
+    out["target_peak_rss_mib"] = TARGET_BACKLOG_PEAK_RSS_MIB
+    out["target_restart_s"] = TARGET_RESTART_S
+    out["peak_rss_met"] = out["peak_rss_mib"] <= TARGET_BACKLOG_PEAK_RSS_MIB
+    out["restart_met"] = out["restart_to_ready_s"] <= TARGET_RESTART_S
+    results["backlog"] = out
+
+
+# -- isolation ------------------------------------------------------------------------------------------------
+async def drain_rate(daemon: Daemon, recv: Receiver, webhook_id: str, n: int, first: int,
+                     profile: tuple[Path | None, str] = (None, ""), timeout: float = 120.0) -> float:
+    """Queue n deliveries for a disabled webhook, enable it, and time until the receiver has them all."""
+    import aiohttp
+
+    await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/disable")
+    await pipelined_submit(daemon.intake, n, first=first)
+    async with aiohttp.ClientSession() as session:
+        before = await recv.count(session)
+        with profiled(daemon.pid, *profile):
+            started = time.perf_counter()
+            await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/enable")
+            if not await recv.wait_count(session, before + n, timeout):
+                raise SystemExit(f"drain: receiver got {await recv.count(session) - before} of {n} in {timeout:g}s")
+            return n / (time.perf_counter() - started)
+
+
+async def settled_in_flight(daemon: Daemon, seconds: float = 10.0) -> int:
+    """Poll the daemon's in-flight count until it holds still (three polls alike) or time runs out."""
+    deadline = time.monotonic() + seconds
+    seen: list[int] = []
+    while time.monotonic() < deadline:
+        seen.append((await admin_call(daemon, "GET", "/v1/status"))["in_flight"])
+        if len(seen) >= 3 and seen[-1] > 0 and seen[-1] == seen[-2] == seen[-3]:
+            break
+        await asyncio.sleep(0.2)
+    return seen[-1]
+
+
+async def isolation_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: argparse.Namespace,
+                        timeout: float) -> dict[str, Any]:
+    """The healthy webhook's deliveries/s, measured two ways:
+
+    live:  submit n events (pipelined) and time until the healthy receiver has n more. Every
+           event fans out to every webhook (enabled or paused), so intake does more work when
+           the others exist.
+    drain: the healthy webhook disabled, n events queued, then enabled: time until the receiver
+           has them all (delivery alone, intake out of the picture).
+
+    in three situations: solo; beside the others disabled (fan-out rows written, nothing
+    attempted: the control); beside the others enabled and hanging, all 51 webhooks made busy
+    by the same submitted events (the backlog), within `timeout` of the first hanging attempt.
+    """
+    n, out = args.isolation_events, {}
+    (healthy,) = await create_webhooks(daemon, [recv.url])
+    await deliveries_rate(daemon, recv, 500, first=0)  # warm-up
+    with profiled(daemon.pid, args.profile, "isolation-solo"):
+        out["solo_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=1_000_000))
+    out["solo_drain_deliveries_per_s"] = round(
+        await drain_rate(daemon, recv, healthy, n, first=2_000_000, profile=(args.profile, "isolation-solo-drain")))
+
+    others = await create_webhooks(daemon, [f"http://127.0.0.1:{port}/hook" for port in hang.ports])
+    for webhook_id in others:
+        await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/disable")
+    with profiled(daemon.pid, args.profile, "isolation-fanout"):
+        out["fanout_only_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=3_000_000))
+    for webhook_id in others:  # enabled and idle: their paused rows are dropped
+        await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/enable",
+                         {"drop_backlog": True})
+
+    hang_started = time.monotonic()
+    await deliveries_rate(daemon, recv, args.isolation_backlog, first=4_000_000)  # every webhook's backlog
+    out["in_flight_before"] = await settled_in_flight(daemon)
+    out["hanging_connections_before"] = (await hang.held())[0]
+    out["webhooks_by_connections_held"] = await hang.spread()
+    with profiled(daemon.pid, args.profile, "isolation-hanging"):
+        out["with_hanging_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=5_000_000))
+    out["with_hanging_drain_deliveries_per_s"] = round(await drain_rate(
+        daemon, recv, healthy, n, first=6_000_000, profile=(args.profile, "isolation-hanging-drain")))
+    out["hanging_connections_after"], out["hanging_connections_accepted"] = await hang.held()
+    out["in_flight_after"] = (await admin_call(daemon, "GET", "/v1/status"))["in_flight"]
+    out["seconds_since_hang_start"] = round(time.monotonic() - hang_started, 1)
+    out["valid"] = out["seconds_since_hang_start"] < timeout  # no hanging attempt has timed out yet
+    return out
+
+
+async def late_start_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: argparse.Namespace,
+                         window: float) -> dict[str, Any]:
+    """The hanging webhooks become busy while the healthy one is idle (here: their paused backlog
+    resumes on enable; the same happens when pumps start after a restart). Then n events: how
+    many reach the healthy receiver within `window` seconds."""
+    import aiohttp
+
+    n, out = args.late_events, {}
+    (_healthy,) = await create_webhooks(daemon, [recv.url])
+    others = await create_webhooks(daemon, [f"http://127.0.0.1:{port}/hook" for port in hang.ports])
+    for webhook_id in others:
+        await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/disable")
+    await deliveries_rate(daemon, recv, args.isolation_backlog, first=0)  # their backlog, paused
+    for webhook_id in others:
+        await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/enable")
+    out["in_flight_before"] = await settled_in_flight(daemon)
+    out["hanging_connections_before"] = (await hang.held())[0]
+    out["webhooks_by_connections_held"] = await hang.spread()
+    async with aiohttp.ClientSession() as session:
+        before = await recv.count(session)
+        started = time.perf_counter()
+        with profiled(daemon.pid, args.profile, "isolation-late-start"):
+            await pipelined_submit(daemon.intake, n, first=1_000_000)
+            done = await recv.wait_count(session, before + n, window - (time.perf_counter() - started))
+        elapsed = time.perf_counter() - started
+        got = await recv.count(session) - before
+    out.update({"events": n, "window_s": window, "healthy_delivered": got,
+                "healthy_deliveries_per_s": round(got / elapsed),
+                "all_delivered_s": round(elapsed, 2) if done else None})
+    return out
+
+
+def phase_isolation(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    timeout = 30.0
+    extra = f'[delivery]\ntimeout = "{timeout:g}s"\n'
+    out: dict[str, Any] = {"events": args.isolation_events, "hanging_webhooks": args.hanging,
+                           "backlog_events": args.isolation_backlog, "delivery_timeout_s": timeout}
+    recv = Receiver()
+    try:
+        hang = Hanging(args.hanging)
+        daemon = Daemon(root / "isolation", extra=extra)
+        try:
+            daemon.start()
+            out.update(asyncio.run(isolation_run(daemon, recv, hang, args, timeout)))
+        finally:
+            hang.stop()  # first: the daemon's hanging attempts fail at once and the shutdown is quick
+            daemon.stop()
+        if args.late_events:
+            hang = Hanging(args.hanging)
+            daemon = Daemon(root / "late-start", extra=extra)
+            try:
+                daemon.start()
+                out["late_start"] = asyncio.run(late_start_run(daemon, recv, hang, args, window=10.0))
+            finally:
+                hang.stop()
+                daemon.stop()
+    finally:
+        recv.stop()
+    out["ratio"] = round(out["with_hanging_deliveries_per_s"] / out["solo_deliveries_per_s"], 3)
+    out["fanout_only_ratio"] = round(out["fanout_only_deliveries_per_s"] / out["solo_deliveries_per_s"], 3)
+    out["hanging_vs_fanout_only_ratio"] = round(
+        out["with_hanging_deliveries_per_s"] / out["fanout_only_deliveries_per_s"], 3)
+    out["drain_ratio"] = round(out["with_hanging_drain_deliveries_per_s"] / out["solo_drain_deliveries_per_s"], 3)
+    out["target_ratio"] = TARGET_ISOLATION_RATIO
+    out["met"] = out["ratio"] >= TARGET_ISOLATION_RATIO
+    results["isolation"] = out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases (default: all: {PHASES})")
+    ap.add_argument("--events", type=int, default=50_000, help="intake: events")
+    ap.add_argument("--deliveries", type=int, default=5_000, help="delivery: deliveries")
+    ap.add_argument("--latency-rate", type=float, default=500.0, help="latency: events/s")
+    ap.add_argument("--latency-seconds", type=float, default=10.0, help="latency: seconds at that rate")
+    ap.add_argument("--backlog", type=int, default=1_000_000, help="backlog: deliveries queued")
+    ap.add_argument("--backlog-connections", type=int, default=4, help="backlog: pipelining connections")
+    ap.add_argument("--backlog-timeout", type=float, default=1800.0, help="backlog: give up submitting after")
+    ap.add_argument("--isolation-events", type=int, default=3_000, help="isolation: events measured")
+    ap.add_argument("--isolation-backlog", type=int, default=200,
+                    help="isolation: events submitted to give every webhook its backlog")
+    ap.add_argument("--late-events", type=int, default=1_000,
+                    help="isolation: events for the late-start case (0: skip it)")
+    ap.add_argument("--hanging", type=int, default=50, help="isolation: hanging webhooks")
+    ap.add_argument("--profile", type=Path, help="write py-spy raw profiles of the daemon here")
+    args = ap.parse_args()
+    only = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = set(only) - set(PHASES)
+    if unknown:
+        ap.error(f"unknown phase(s) {', '.join(sorted(unknown))}; expected some of {', '.join(PHASES)}")
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "kernel": platform.release()},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+    }
+    pin_self(LOAD_CORE)
+    runners = {"intake": phase_intake, "delivery": phase_delivery, "latency": phase_latency,
+               "backlog": phase_backlog, "isolation": phase_isolation}
+    with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
+        for phase in PHASES:
+            if phase in only:
+                started = time.perf_counter()
+                (Path(tmp) / phase).mkdir()
+                load_before = loadavg()
+                runners[phase](Path(tmp) / phase, args, results)
+                results[phase]["loadavg_1m_before_after"] = [load_before, loadavg()]
+                results[phase]["phase_s"] = round(time.perf_counter() - started, 1)
+                print(f"bench: {phase} done in {results[phase]['phase_s']}s", file=sys.stderr, flush=True)
     print(json.dumps(results, indent=2))
 
 
