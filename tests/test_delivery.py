@@ -77,7 +77,7 @@ async def test_burst_of_concurrent_failures_counts_once(start_daemon: Any, make_
     h = await start_daemon(delivery={"retry_base": "10s", "retry_max": "10s"})
     hook = await h.create_webhook(receiver.url)
     await h.submit(*[event("delivered", i) for i in range(8)])
-    await receiver.wait_for(8)
+    await receiver.wait_for(4)  # slow start: 4 at once for a webhook without a success yet
 
     async def counted() -> Any:
         wh = await h.webhook(hook["id"])
@@ -87,7 +87,7 @@ async def test_burst_of_concurrent_failures_counts_once(start_daemon: Any, make_
     await asyncio.sleep(0.2)
     wh = await h.webhook(hook["id"])
     assert wh["consecutive_failures"] == 1
-    assert len(receiver.requests) == 8, "no probe may start before the webhook's backoff expires"
+    assert len(receiver.requests) == 4, "no probe may start before the webhook's backoff expires"
 
 
 async def test_disable_pause_enable_resume(start_daemon: Any, make_receiver: Any) -> None:
@@ -376,3 +376,27 @@ async def test_rotation_signs_with_both_secrets_during_the_grace_period(
     StandardWebhook(old).verify(req.body, headers)  # receivers not yet updated keep working
     StandardWebhook(new).verify(req.body, headers)
     assert headers["x-webhook-signature"] == hmac.new(new.encode(), req.body, hashlib.sha256).hexdigest()
+
+
+async def test_slow_start_opens_up_with_successes(start_daemon: Any, make_receiver: Any) -> None:
+    receiver = await make_receiver(delay=0.05)
+    h = await start_daemon(delivery={"per_webhook_concurrency": 16})
+    await h.create_webhook(receiver.url)
+    [wh] = h.daemon.scheduler.webhooks.values()
+    peak = 0
+
+    async def watch() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, wh.active)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    await h.submit(*[event("delivered", i) for i in range(4)])
+    await receiver.wait_for(4)
+    await asyncio.sleep(0.1)
+    assert peak <= 4  # a new webhook starts with 4 at once
+    await h.submit(*[event("delivered", i) for i in range(4, 100)])
+    await receiver.wait_for(100)
+    watcher.cancel()
+    assert peak == 16  # successes opened it up to per_webhook_concurrency

@@ -42,6 +42,9 @@ from webhookd.store import FAILED, PAUSED, PENDING, SUCCEEDED, DueItem, Store
 log = structlog.get_logger("webhookd.scheduler")
 
 USER_AGENT = f"webhookd/{__version__}"
+# A webhook starts with this many attempts at once and doubles it with each success up
+# to per_webhook_concurrency: one that hangs from the start never holds more than this.
+SLOW_START = 4
 MANUAL = "manual"
 CONSECUTIVE_FAILURES = "consecutive_failures"
 _START: tuple[float, int] = (float("-inf"), -1)
@@ -70,6 +73,7 @@ class Webhook:
     boundary: tuple[float, int] | None = _START
     inflight: set[int] = field(default_factory=set)
     active: int = 0
+    ramp: int = 0  # slow start: attempts allowed at once until successes open it up
     epoch: int = 0
     refilling: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
@@ -304,7 +308,7 @@ class Scheduler:
                     continue
                 start_at = max(item.next_at, wh.backoff_until)
             else:
-                if wh.active >= cfg.per_webhook_concurrency:
+                if wh.active >= min(cfg.per_webhook_concurrency, wh.ramp or SLOW_START):
                     await wh.wake.wait()
                     continue
                 start_at = item.next_at
@@ -384,12 +388,14 @@ class Scheduler:
         disabled_now = False
         if outcome.success:
             status = SUCCEEDED
+            wh.ramp = min(cfg.per_webhook_concurrency, 2 * (wh.ramp or SLOW_START))
             if wh.consecutive_failures or wh.backoff_until:
                 wh.consecutive_failures = 0
                 wh.backoff_until = 0.0
                 wh.epoch += 1
                 webhook_changed = True
         else:
+            wh.ramp = 0  # back to slow start
             if epoch == wh.epoch and wh.enabled and wh.id in self.webhooks:
                 wh.consecutive_failures += 1
                 wh.epoch += 1
