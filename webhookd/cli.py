@@ -398,6 +398,36 @@ def cmd_submit(args: argparse.Namespace, config: Config) -> int:
 MAX_REPORT_BYTES = 10 * 1024 * 1024
 
 
+def cmd_follow(args: argparse.Namespace, config: Config) -> int:
+    """Follow an MTA's log and submit its events (Postfix)."""
+    from pathlib import Path
+
+    from webhookd.client import ConnectionBroken, DaemonUnreachable, submit_lines
+    from webhookd.postfix import Follower
+
+    intake = config.intake.socket
+    if intake is None:
+        raise CliError("intake.socket is disabled in the config; follow needs it", EX_CONFIG)
+    state = Path(args.state) if args.state else config.state_dir / "postfix-follow.json"
+
+    def submit(events: list[dict[str, Any]]) -> bool:
+        lines = [json.dumps(e, ensure_ascii=False).encode() for e in events]
+        try:
+            answers = list(submit_lines(intake, lines))
+        except (DaemonUnreachable, ConnectionBroken) as exc:
+            print(f"webhookd: {_one_line(str(exc))}; retrying", file=sys.stderr)
+            return False
+        if len(answers) < len(lines) or any(_answer_verdict(a) == "tempfail" for a in answers):
+            return False  # not committed: submit again (idempotency keys make that harmless)
+        for answer in answers:
+            if _answer_verdict(answer) == "rejected":
+                print(f"webhookd: event refused: {answer.decode('utf-8', 'replace')}", file=sys.stderr)
+        return True
+
+    Follower(Path(args.log), state, submit).run(once=args.once)
+    return EX_OK
+
+
 def cmd_submit_arf(args: argparse.Namespace, config: Config) -> int:
     """A spam-complaint report (RFC 5965) on stdin → one `complained` event."""
     from webhookd.arf import ArfError, parse_report
@@ -445,6 +475,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(sub, "submit", cmd_submit, "submit events: each argument, or each line of standard input; "
              "exit 0 all accepted, 65 some rejected, 75 try later")
     p.add_argument("events", nargs="*", metavar="JSON", help="one event object per argument")
+    follow = sub.add_parser("follow", parents=[common], help="follow an MTA's log and submit its events")
+    mta = follow.add_subparsers(dest="mta", required=True, metavar="MTA")
+    p = leaf(mta, "postfix", cmd_follow, "follow Postfix's log (syslog format or maillog_file)")
+    p.add_argument("--log", default="/var/log/mail.log", help="the log file (default: /var/log/mail.log)")
+    p.add_argument("--once", action="store_true", help="read to the end of the log, then exit")
+    p.add_argument("--state", metavar="FILE",
+                   help="position and correlation state (default: STATE_DIR/postfix-follow.json)")
     leaf(sub, "submit-arf", cmd_submit_arf, "read a spam-complaint feedback report (RFC 5965) on standard "
          "input, e.g. from an alias pipe, and submit a complained event for the original message")
     leaf(sub, "check-config", cmd_check_config, "validate the config file and exit (78 if it is bad)")
