@@ -415,6 +415,23 @@ def phase_intake(root: Path, args: argparse.Namespace, results: dict[str, Any]) 
     results["intake"] = out
 
 
+def loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def loop_runner() -> Any:
+    """The event loop `webhookd serve` uses: uvloop when importable, else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run
+    return uvloop.run
+
+
 async def bare_client_rate(url: str, n: int, concurrency: int) -> float:
     """The ceiling: a bare aiohttp client POSTing the same bodies, same concurrency."""
     import aiohttp
@@ -460,13 +477,15 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
             daemon.stop()
         pin_self(DAEMON_CORE)  # the ceiling client gets the core the daemon had
         try:
-            ceiling = asyncio.run(bare_client_rate(recv.url, args.deliveries, 32))
+            # like for like: the daemon runs on uvloop when it is installed, so does the ceiling
+            ceiling = loop_runner()(bare_client_rate(recv.url, args.deliveries, 32))
         finally:
             pin_self(LOAD_CORE)
     finally:
         recv.stop()
     results["delivery"] = {
         "deliveries": args.deliveries,
+        "event_loop": loop_name(),
         "end_to_end_deliveries_per_s": round(rate),
         "bare_aiohttp_posts_per_s": round(ceiling),
         "ratio": round(rate / ceiling, 3),
