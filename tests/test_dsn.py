@@ -45,3 +45,6 @@ def test_codes_are_found_only_as_whole_tokens() -> None:
     assert find_codes("host 10.5.1.1 said 250 ok") == (None, 250)
     assert find_codes("queued as 12345; 452 4.2.2 full") == ("4.2.2", 452)
     assert find_codes("version 1.5.1.1") == (None, None)
+    assert find_codes("host mx[192.0.2.250] said: 550 No such user") == (None, 550)
+    assert find_codes("RCPT TO:<user552@example.org>: 550 unknown") == (None, 550)
+    assert classify("host mx[192.0.2.250] said: 550 No such user").bounce_type == "hard"

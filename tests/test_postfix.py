@@ -151,3 +151,16 @@ async def test_follow_postfix_once_submits_to_the_daemon(start_daemon: Any, make
         ("delivered", "ann@example.org"), ("bounced", "nobody@example.org"), ("bounced", "full@example.net"),
         ("bounced", "spam@example.com"), ("delivered", "full@example.net"), ("failed", "bob@example.com"),
     ])
+
+
+def test_long_recipients_keep_distinct_idempotency_keys() -> None:
+    rcpt = "x" * 300 + "@example.org"
+    lines = [
+        "Nov 28 10:00:01 mx1 postfix/qmgr[880]: ABCDE12345: from=<a@shop.example>, size=1, nrcpt=1 (queue active)",
+        f"Nov 28 10:00:02 mx1 postfix/smtp[1]: ABCDE12345: to=<{rcpt}>, relay=x, dsn=4.2.2, status=deferred "
+        "(host x said: 452 4.2.2 Mailbox full)",
+        f"Nov 28 10:00:03 mx1 postfix/smtp[1]: ABCDE12345: to=<{rcpt}>, relay=x, dsn=2.0.0, status=sent (250 ok)",
+    ]
+    a, b = parse_lines(lines)
+    assert len(a["id"]) <= 255 and len(b["id"]) <= 255
+    assert a["id"] != b["id"] and a["id"].endswith(":mailbox-full") and b["id"].endswith(":sent")

@@ -82,7 +82,13 @@ def _secure_socket(path: Path, mode: int, group: str = "") -> None:
             gid = grp.getgrnam(group).gr_gid
         except KeyError:
             raise StartupError(f"intake.socket_group: no group named {group!r}") from None
-        os.chown(path, -1, gid)
+        try:
+            os.chown(path, -1, gid)
+        except OSError as exc:
+            raise StartupError(
+                f"intake.socket_group: cannot give {path} to group {group!r} ({exc.strerror}); "
+                "the daemon must be a member of that group"
+            ) from None
 
 
 class Daemon:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
-_REPLY = re.compile(r"(?<!\d)([245]\d\d)(?![\d.])")
+# A reply code stands alone: not part of an IP address ("192.0.2.250"), a name
+# ("user552@...") or a longer number, and followed by a space, a dash or the end.
+_REPLY = re.compile(r"(?<![\w.])([245]\d\d)(?=[ -]|$)")
 
 BounceType = Literal["hard", "soft"]
 

@@ -17,6 +17,7 @@ creates nothing new. Standard library only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -137,7 +138,12 @@ class Tracker:
 
     @staticmethod
     def _event(kind: str, key: str, data: dict[str, Any]) -> dict[str, Any]:
-        return {"event": kind, "id": f"postfix:{key}"[:255], "data": data}
+        ident = f"postfix:{key}"
+        if len(ident) > 255:  # a very long recipient: hash it, keep queue id and outcome readable
+            qid, _, rest = key.partition(":")
+            rcpt, _, outcome = rest.rpartition(":")
+            ident = f"postfix:{qid}:sha256-{hashlib.sha256(rcpt.encode()).hexdigest()}:{outcome}"
+        return {"event": kind, "id": ident, "data": data}
 
     # -- persistence -----------------------------------------------------------------------
     def dump(self) -> dict[str, Any]:
