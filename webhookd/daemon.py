@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import grp
 import os
 import shlex
@@ -242,8 +243,7 @@ class Daemon:
         if self._stop.is_set():
             log.warning("second stop signal: not waiting for in-flight deliveries")
             self._force = True
-            for task in list(self.scheduler._attempts):
-                task.cancel()
+            self.scheduler.cancel_attempts()
         self._stop.set()
 
     async def serve(self) -> None:
@@ -337,12 +337,7 @@ class Daemon:
         for key in ("environment", "state_dir", "runtime_dir"):
             if getattr(old, key) != getattr(new, key):
                 restart.append(key)
-        self.scheduler.cfg = self.scheduler.cfg.__class__(
-            **{
-                **{f: getattr(new.delivery, f) for f in new.delivery.__dataclass_fields__},
-                **{f: getattr(old.delivery, f) for f in live},
-            }
-        )
+        self.scheduler.cfg = dataclasses.replace(new.delivery, **{f: getattr(old.delivery, f) for f in live})
         self.dispatcher.cfg = self.scheduler.cfg
         self.config = new
         log.info("config reloaded", source=str(new.source) if new.source else None, needs_restart=restart)

@@ -70,7 +70,7 @@ class Tracker:
         m = _LINE.search(line)
         if m is None:
             return []
-        service, qid, rest = m.group("service"), m.group("qid"), m.group("rest")
+        qid, rest = m.group("qid"), m.group("rest")
         if rest.startswith("message-id="):
             self._queue(qid).message_id = rest[len("message-id="):].strip()
             return []
@@ -113,7 +113,6 @@ class Tracker:
             q.pending.pop(rcpt, None)
             data["error_message"] = text or "message expired in the queue"
             return [self._event("failed", f"{qid}:{rcpt}:expired", data)]
-        _ = service
         return []
 
     def _expired(self, qid: str, q: Queued) -> list[dict[str, Any]]:

@@ -34,6 +34,8 @@ import structlog
 from webhookd import __version__
 from webhookd.config import DeliveryConfig
 from webhookd.dispatcher import Dispatcher, Outcome
+from webhookd.events import format_timestamp, synthetic_event
+from webhookd.ids import new_id
 from webhookd.metrics import Metrics
 from webhookd.retry import backoff
 from webhookd.signing import Signer
@@ -78,29 +80,24 @@ class Webhook:
     refilling: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    _signer: Signer | None = None
+    _signer: tuple[tuple[str, ...], Signer] | None = None  # (the secrets it signs with, the signer)
 
     def subscribes(self, event_type: str) -> bool:
         return "*" in self.events or event_type in self.events
 
-    def secrets(self, now: float) -> list[str]:
-        out = [self.secret]
+    def secrets(self, now: float) -> tuple[str, ...]:
+        """The valid secrets, newest first (the previous one during its rotation grace)."""
         if self.previous_secret and (self.previous_secret_expires_at or 0) > now:
-            out.append(self.previous_secret)
-        return out
+            return (self.secret, self.previous_secret)
+        return (self.secret,)
 
     def signer(self, now: float) -> Signer:
         secrets = self.secrets(now)
-        if self._signer is None or len(secrets) != self._signer_count:
-            self._signer = Signer(secrets)
-            self._signer_count = len(secrets)
-        return self._signer
-
-    _signer_count: int = 0
+        if self._signer is None or self._signer[0] != secrets:
+            self._signer = (secrets, Signer(secrets))
+        return self._signer[1]
 
     def public(self) -> dict[str, Any]:
-        from webhookd.events import format_timestamp
-
         return {
             "id": self.id,
             "url": self.url,
@@ -243,6 +240,11 @@ class Scheduler:
         self._stopping = True
         for wh in self.webhooks.values():
             wh.wake.set()
+
+    def cancel_attempts(self) -> None:
+        """Abandon every attempt in flight (a second stop signal)."""
+        for task in list(self._attempts):
+            task.cancel()
 
     @property
     def in_flight(self) -> int:
@@ -662,7 +664,6 @@ class Scheduler:
         def committed(_: None) -> None:
             wh.secret, wh.previous_secret, wh.previous_secret_expires_at = new_secret, old, expires
             wh.updated_at = now
-            wh._signer = None
 
         await self.store.run(write, on_commit=committed)
         return wh
@@ -728,9 +729,6 @@ class Scheduler:
         return count
 
     async def send_test(self, wh: Webhook, event_type: str) -> Outcome:
-        from webhookd.events import synthetic_event
-        from webhookd.ids import new_id
-
         now = self.clock()
         ev = synthetic_event(event_type, now=now)
         event_id = new_id("evt")
