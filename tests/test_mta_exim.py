@@ -19,34 +19,24 @@ import os
 import pwd
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.mta import HAVE_AIOSMTPD, Sink, free_port, required
+from tests.mta import Webhookd as Daemon
 from tests.test_process import ThreadReceiver, wait_until
 from webhookd.dsn import classify
-
-try:
-    from aiosmtpd.controller import Controller
-
-    HAVE_AIOSMTPD = True
-except ImportError:  # pragma: no cover - depends on the machine
-    HAVE_AIOSMTPD = False
 
 ROOT = Path(__file__).resolve().parent.parent
 SNIPPET = ROOT / "docs" / "mta" / "exim-webhookd.conf"
 SNIPPET_SOCKET = "/run/webhookd/intake.sock"
-WEBHOOKD = [sys.executable, "-m", "webhookd"]
 
 
 def find_exim() -> str | None:
@@ -58,6 +48,7 @@ def find_exim() -> str | None:
 
 
 EXIM = find_exim()
+required("exim", None if EXIM else "Exim is not installed")
 
 pytestmark = [
     pytest.mark.skipif(EXIM is None, reason="Exim is not installed (Debian: apt-get install exim4-daemon-light)"),
@@ -76,48 +67,10 @@ def exim_setting(name: str) -> str:
     return m.group(1).strip()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# -- the SMTP sink --------------------------------------------------------------------------
-@dataclass
-class Sink:
-    """What the 'remote' server saw: RCPT attempts and accepted messages."""
-
-    rcpts: list[str] = field(default_factory=list)
-    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
-        with self.lock:
-            self.rcpts.append(address)
-        local = address.split("@")[0]
-        if local == "b":
-            return "550 5.1.1 User unknown"
-        if local.startswith("c"):
-            return "452 4.2.2 Mailbox full"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        with self.lock:
-            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content)))
-        return "250 2.0.0 Ok: queued"
-
-    def attempts(self, rcpt: str) -> int:
-        with self.lock:
-            return self.rcpts.count(rcpt)
-
-
 @pytest.fixture
 def sink() -> Iterator[tuple[Sink, int]]:
-    handler = Sink()
-    port = free_port()
-    controller = Controller(handler, hostname="127.0.0.1", port=port)
-    controller.start()
+    handler, port = Sink(), free_port()
+    controller = handler.start(port)
     yield handler, port
     controller.stop()
 
@@ -161,51 +114,9 @@ def work() -> Iterator[Work]:
 
 
 # -- the daemon -----------------------------------------------------------------------------
-class Daemon:
-    def __init__(self, state: Path, work: Work) -> None:
-        self.config = state / "webhookd.toml"
-        state.mkdir(parents=True, exist_ok=True)
-        self.config.write_text(
-            f'environment = "development"\nstate_dir = "{state}"\nruntime_dir = "{work.run}"\n'
-            '[storage]\ndurability = "normal"\n'
-            f'[intake]\nhttp_listen = ""\nsocket_group = "{work.group}"\n'
-            '[log]\nformat = "json"\nlevel = "warning"\n'
-            '[delivery]\nretry_base = "50ms"\nretry_max = "200ms"\nshutdown_grace = "1s"\n'
-        )
-        self.env = {**os.environ, "WEBHOOKD_CONFIG": str(self.config)}
-        self.log = state / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Daemon:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([*WEBHOOKD, "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            return self.cli("status").returncode == 0
-
-        wait_until(ready, timeout=20, what="the daemon to answer")
-        return self
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([*WEBHOOKD, *args], env=self.env, capture_output=True, timeout=30)
-
-    def json(self, *args: str) -> Any:
-        p = self.cli(*args, "--json")
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-
 @pytest.fixture
 def daemon(tmp_path: Path, work: Work) -> Iterator[Daemon]:
-    d = Daemon(tmp_path / "state", work)
+    d = Daemon(tmp_path / "state", work.run, work.group)
     yield d
     d.kill()
 

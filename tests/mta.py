@@ -1,0 +1,126 @@
+"""What the real-MTA tests share: an SMTP sink on loopback, a `webhookd serve` process.
+
+The sink plays the remote mail server: it accepts every recipient but two kinds,
+refuses `b@` with 550 5.1.1 (user unknown) and defers `c…@` with 452 4.2.2 (mailbox
+full), and records what it saw.
+
+CI installs each MTA from Debian's packages (they conflict, so one after the other:
+see .ci/run) and sets WEBHOOKD_REQUIRE_MTA to the one it installed, which turns a
+missing MTA into an error instead of a skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.test_process import wait_until
+
+try:
+    from aiosmtpd.controller import Controller
+
+    HAVE_AIOSMTPD = True
+except ImportError:  # pragma: no cover - depends on the machine
+    HAVE_AIOSMTPD = False
+
+WEBHOOKD = [sys.executable, "-m", "webhookd"]
+
+
+def required(mta: str, missing: str | None) -> None:
+    """Fail the module's collection if CI asked for this MTA and it is not usable."""
+    wanted = os.environ.get("WEBHOOKD_REQUIRE_MTA", "").split(",")
+    if mta in wanted and missing:
+        raise RuntimeError(f"WEBHOOKD_REQUIRE_MTA={mta} but {missing}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Sink:
+    """What the 'remote' server saw: RCPT attempts and accepted messages."""
+
+    rcpts: list[str] = field(default_factory=list)
+    messages: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str, options: Any) -> str:
+        with self.lock:
+            self.rcpts.append(address)
+        local = address.split("@")[0]
+        if local == "b":
+            return "550 5.1.1 User unknown"
+        if local.startswith("c"):
+            return "452 4.2.2 Mailbox full"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        with self.lock:
+            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.content)))
+        return "250 2.0.0 Ok: queued"
+
+    def attempts(self, rcpt: str) -> int:
+        with self.lock:
+            return self.rcpts.count(rcpt)
+
+    def start(self, port: int) -> Any:
+        controller = Controller(self, hostname="127.0.0.1", port=port)
+        controller.start()
+        return controller
+
+
+class Webhookd:
+    """A real `webhookd serve` with its intake socket in `run_dir`, driven by the CLI."""
+
+    def __init__(self, state: Path, run_dir: Path, socket_group: str | None = None) -> None:
+        self.config = state / "webhookd.toml"
+        state.mkdir(parents=True, exist_ok=True)
+        group = f'socket_group = "{socket_group}"\n' if socket_group else ""
+        self.config.write_text(
+            f'environment = "development"\nstate_dir = "{state}"\nruntime_dir = "{run_dir}"\n'
+            '[storage]\ndurability = "normal"\n'
+            f'[intake]\nhttp_listen = ""\n{group}'
+            '[log]\nformat = "json"\nlevel = "warning"\n'
+            '[delivery]\nretry_base = "50ms"\nretry_max = "200ms"\nshutdown_grace = "1s"\n'
+        )
+        self.env = {**os.environ, "WEBHOOKD_CONFIG": str(self.config)}
+        self.log = state / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Webhookd:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([*WEBHOOKD, "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+        def ready() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+            return self.cli("status").returncode == 0
+
+        wait_until(ready, timeout=20, what="the daemon to answer")
+        return self
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*WEBHOOKD, *args], env=self.env, capture_output=True, timeout=30)
+
+    def json(self, *args: str) -> Any:
+        p = self.cli(*args, "--json")
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
