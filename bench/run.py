@@ -103,6 +103,21 @@ def timed_body(i: int) -> bytes:
     return _TIMED % (i, i, time.time_ns())
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the process's main thread and of all its other threads
+    (the SQLite connection threads, mostly), from /proc/PID/task/*/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"main": 0.0, "other_threads": 0.0}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        out["main" if task.name == str(pid) else "other_threads"] += cpu
+    return out
+
+
 def loadavg() -> float:
     """The 1-minute load average: other work on this machine shows here."""
     return float(Path("/proc/loadavg").read_text().split()[0])
@@ -471,8 +486,10 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
         try:
             hook = daemon.cli("webhooks", "create", "--url", recv.url, "--json")
             assert hook.returncode == 0, hook.stderr
+            cpu_before = thread_cpu(daemon.pid)
             with profiled(daemon.pid, args.profile, "delivery"):
                 rate = asyncio.run(deliveries_rate(daemon, recv, args.deliveries))
+            cpu_after = thread_cpu(daemon.pid)
         finally:
             daemon.stop()
         pin_self(DAEMON_CORE)  # the ceiling client gets the core the daemon had
@@ -489,6 +506,9 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
         "end_to_end_deliveries_per_s": round(rate),
         "bare_aiohttp_posts_per_s": round(ceiling),
         "ratio": round(rate / ceiling, 3),
+        # the daemon's CPU per delivery (submission included), by thread
+        "daemon_cpu_us_per_delivery": {k: round((cpu_after[k] - cpu_before[k]) / args.deliveries * 1e6, 1)
+                                       for k in cpu_before},
     }
 
 

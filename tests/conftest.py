@@ -81,16 +81,23 @@ class Receiver:
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
     reply: bytes = b'{"received": true}'
     headers: dict[str, str] = field(default_factory=dict)
+    active: int = 0  # requests being answered now
+    max_active: int = 0
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         self.requests.append(Received(request.path, dict(request.headers), body))
         self.arrived.set()
         status = self.plan.pop(0) if self.plan else self.default
-        if self.hang:
-            await asyncio.sleep(3600)
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            if self.hang:
+                await asyncio.sleep(3600)
+            if self.delay:
+                await asyncio.sleep(self.delay)
+        finally:
+            self.active -= 1
         return web.Response(status=status, body=self.reply, content_type="application/json",
                             headers=self.headers)
 

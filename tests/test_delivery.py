@@ -361,6 +361,27 @@ async def test_hanging_webhooks_cannot_take_every_global_slot(start_daemon: Any,
     assert sum(len(r.requests) for r in hanging) <= 8
 
 
+async def test_beside_hanging_webhooks_a_healthy_one_keeps_its_own_concurrency(
+    start_daemon: Any, make_receiver: Any
+) -> None:
+    """Hanging webhooks stay at their slow start (4 each): the slots they cannot use are
+    not withheld from the healthy webhook, which opens up to per_webhook_concurrency
+    (an equal split would hold it to 40 // 5 = 8)."""
+    hanging = [await make_receiver(hang=True) for _ in range(4)]
+    healthy = await make_receiver(delay=0.2)
+    h = await start_daemon(delivery={"timeout": "30s", "concurrency": 40, "per_webhook_concurrency": 16})
+    for r in hanging:
+        await h.create_webhook(r.url, events=["bounced"])
+    await h.submit(*[event("bounced", i) for i in range(40)])  # their backlog
+    for r in hanging:
+        await r.wait_for(4)
+    await h.create_webhook(healthy.url, events=["delivered"])
+    await h.submit(*[event("delivered", i) for i in range(60)])
+    await healthy.wait_for(60, timeout=10)
+    assert healthy.max_active == 16
+    assert all(len(r.requests) == 4 for r in hanging)
+
+
 async def test_rotation_signs_with_both_secrets_during_the_grace_period(
     start_daemon: Any, make_receiver: Any
 ) -> None:

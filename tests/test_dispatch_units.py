@@ -9,6 +9,7 @@ import pytest
 
 from webhookd.dispatcher import classify_exception, classify_status, parse_retry_after
 from webhookd.netguard import TargetGuard, TargetRefused, refusal_reason
+from webhookd.scheduler import water_level
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
@@ -73,3 +74,24 @@ def test_allow_targets_exempt_networks() -> None:
     with pytest.raises(TargetRefused):
         guard.check("10.2.0.1")
     assert guard.host_allowed("HOOKS.internal.")
+
+
+@pytest.mark.parametrize(
+    ("total", "wants", "level"),
+    [
+        (512, [], 512),  # nobody busy: nothing binds
+        (512, [32], 512),
+        (512, [4] * 50 + [32], 512),  # 232 wanted: every want fits
+        (512, [32] * 51, 10),  # all busy and healthy: an equal split
+        (40, [4, 4, 4, 4, 16], 40),
+        (8, [4, 4, 4, 4], 2),  # hanging webhooks and a healthy one on few slots
+        (20, [2, 2, 30, 30], 8),  # the small wants are served, the rest shared
+        (10, [1, 1, 1, 100], 7),
+        (3, [5, 5, 5, 5, 5], 1),  # never below one slot
+        (100, [60, 60], 50),
+    ],
+)
+def test_water_level_is_max_min_fair(total: int, wants: list[int], level: int) -> None:
+    assert water_level(total, wants) == level
+    if sum(wants) > total:
+        assert sum(min(w, level) for w in wants) <= total or level == 1

@@ -185,6 +185,20 @@ class _OutcomeRow:
     reply: str
 
 
+def water_level(total: int, wants: list[int]) -> int:
+    """Max-min fairness: the most each claimant may take of `total` slots when every
+    claimant wanting less than that gets all it wants (at least 1; `total` when every
+    want fits)."""
+    remaining, left = total, len(wants)
+    for want in sorted(wants):
+        level = remaining // left
+        if want > level:
+            return max(1, level)
+        remaining -= want
+        left -= 1
+    return max(1, total)
+
+
 class Scheduler:
     """Owns the webhooks in memory and drives their deliveries."""
 
@@ -324,17 +338,24 @@ class Scheduler:
             self._start(wh, wh.pop())
 
     def _fair_share(self) -> int:
-        """Slots one webhook may hold: an equal share of `delivery.concurrency` among
-        the webhooks that have work, so webhooks that hang (each up to its own limit,
-        for the whole timeout) cannot take every slot from the healthy ones. With few
-        busy webhooks the share is above `per_webhook_concurrency` and changes nothing.
+        """Slots one webhook may hold: the max-min fair share of `delivery.concurrency`
+        among the webhooks that have work, so webhooks that hang cannot take every slot
+        from the healthy ones. Each busy webhook wants what it can use now: its slow-start
+        ramp (hanging receivers never succeed, so they stay at SLOW_START), one probe
+        while it backs off, and never less than it already holds. Webhooks that want less
+        than an equal share keep what they want; the rest is shared equally by the others.
+        With few busy webhooks the share is above `per_webhook_concurrency` and changes
+        nothing.
         """
         now = time.monotonic()
         if now - self._share_at > 0.01:  # counted at most every 10 ms: O(webhooks) per count
-            busy = sum(
-                1 for w in self.webhooks.values() if w.active or (w.enabled and not w.consecutive_failures and w.heap)
-            )
-            self._share = max(1, self.cfg.concurrency // max(1, busy))
+            cfg = self.cfg
+            wants = [
+                max(w.active, 1 if w.consecutive_failures else min(cfg.per_webhook_concurrency, w.ramp or SLOW_START))
+                for w in self.webhooks.values()
+                if w.active or (w.enabled and not w.consecutive_failures and w.heap)
+            ]
+            self._share = water_level(cfg.concurrency, wants)
             self._share_at = now
         return self._share
 
