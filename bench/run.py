@@ -36,6 +36,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -44,7 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -56,6 +57,7 @@ MIB = 1024 * 1024
 TARGET_BACKLOG_PEAK_RSS_MIB = 150
 TARGET_RESTART_S = 3.0
 TARGET_ISOLATION_RATIO = 0.8
+TARGET_DELIVERY_RATIO = 0.6
 
 
 def pin(cmd: list[str], core: str) -> list[str]:
@@ -86,7 +88,7 @@ def wait_port(port: int, seconds: float = 10.0) -> None:
     raise SystemExit(f"nothing listening on 127.0.0.1:{port} after {seconds:g}s")
 
 
-_EVENT = (b'{"event":"delivered","data":{"message_id":"<bench-%d@mail.example.com>","from":"shop@example.com",'
+_EVENT = (b'{"event":"%s","data":{"message_id":"<bench-%d@mail.example.com>","from":"shop@example.com",'
           b'"to":"customer%d@example.org","subject":"Order Confirmation","tags":["order"],'
           b'"metadata":{"order_id":"%d"}}}')
 _TIMED = (b'{"event":"delivered","data":{"message_id":"<lat-%d@mail.example.com>","from":"shop@example.com",'
@@ -94,8 +96,8 @@ _TIMED = (b'{"event":"delivered","data":{"message_id":"<lat-%d@mail.example.com>
           b'"metadata":{"sent_ns":%d}}}')
 
 
-def event_line(i: int) -> bytes:
-    return _EVENT % (i, i, i) + b"\n"
+def event_line(i: int, kind: bytes = b"delivered") -> bytes:
+    return _EVENT % (kind, i, i, i) + b"\n"
 
 
 def timed_body(i: int) -> bytes:
@@ -241,10 +243,10 @@ async def admin_call(daemon: Daemon, method: str, path: str, body: Any = None) -
         return await r.json()
 
 
-async def create_webhooks(daemon: Daemon, urls: list[str]) -> list[str]:
+async def create_webhooks(daemon: Daemon, urls: list[str], events: tuple[str, ...] = ("*",)) -> list[str]:
     ids = []
     for url in urls:
-        hook = await admin_call(daemon, "POST", "/v1/webhooks", {"url": url, "events": ["*"]})
+        hook = await admin_call(daemon, "POST", "/v1/webhooks", {"url": url, "events": list(events)})
         ids.append(hook["id"])
     return ids
 
@@ -293,7 +295,7 @@ async def read_acks(reader: asyncio.StreamReader, n: int) -> int:
 
 
 async def pipelined_submit(path: str, n: int, *, first: int = 0, connections: int = 1,
-                           timeout: float = 900.0) -> float:
+                           timeout: float = 900.0, kind: bytes = b"delivered") -> float:
     """Send n events over `connections` pipelining connections while reading the answers;
     seconds until the last answer."""
 
@@ -302,7 +304,7 @@ async def pipelined_submit(path: str, n: int, *, first: int = 0, connections: in
 
         async def send() -> None:
             for start in range(lo, hi, 1000):
-                writer.write(b"".join([event_line(i) for i in range(start, min(hi, start + 1000))]))
+                writer.write(b"".join([event_line(i, kind) for i in range(start, min(hi, start + 1000))]))
                 await writer.drain()
 
         sender = asyncio.create_task(send())
@@ -479,36 +481,52 @@ async def deliveries_rate(daemon: Daemon, recv: Receiver, n: int, first: int = 0
 
 
 def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """End to end beside the bare client, in alternating rounds: other work on the machine
+    moves both alike, and the best round of each is the figure (the least disturbed)."""
     recv = Receiver()
+    rates: list[float] = []
+    ceilings: list[float] = []
+    cpu_us: list[dict[str, float]] = []
     try:
         daemon = Daemon(root / "delivery")
         daemon.start()
         try:
             hook = daemon.cli("webhooks", "create", "--url", recv.url, "--json")
             assert hook.returncode == 0, hook.stderr
-            cpu_before = thread_cpu(daemon.pid)
-            with profiled(daemon.pid, args.profile, "delivery"):
-                rate = asyncio.run(deliveries_rate(daemon, recv, args.deliveries))
-            cpu_after = thread_cpu(daemon.pid)
+            asyncio.run(deliveries_rate(daemon, recv, 500, first=10_000_000))  # warm-up
+            for r in range(args.rounds):
+                cpu_before = thread_cpu(daemon.pid)
+                with profiled(daemon.pid, args.profile if r == 0 else None, "delivery"):
+                    rates.append(asyncio.run(deliveries_rate(daemon, recv, args.deliveries, first=r * args.deliveries)))
+                cpu_after = thread_cpu(daemon.pid)
+                cpu_us.append({k: round((cpu_after[k] - cpu_before[k]) / args.deliveries * 1e6, 1)
+                               for k in cpu_before})
+                # the ceiling client gets the daemon's core (the daemon idles meanwhile); like
+                # for like: the daemon runs on uvloop when it is installed, so does the ceiling
+                pin_self(DAEMON_CORE)
+                try:
+                    ceilings.append(loop_runner()(bare_client_rate(recv.url, args.deliveries, 32)))
+                finally:
+                    pin_self(LOAD_CORE)
         finally:
             daemon.stop()
-        pin_self(DAEMON_CORE)  # the ceiling client gets the core the daemon had
-        try:
-            # like for like: the daemon runs on uvloop when it is installed, so does the ceiling
-            ceiling = loop_runner()(bare_client_rate(recv.url, args.deliveries, 32))
-        finally:
-            pin_self(LOAD_CORE)
     finally:
         recv.stop()
+    rate, ceiling = max(rates), max(ceilings)
     results["delivery"] = {
         "deliveries": args.deliveries,
+        "rounds": args.rounds,
         "event_loop": loop_name(),
         "end_to_end_deliveries_per_s": round(rate),
         "bare_aiohttp_posts_per_s": round(ceiling),
         "ratio": round(rate / ceiling, 3),
-        # the daemon's CPU per delivery (submission included), by thread
-        "daemon_cpu_us_per_delivery": {k: round((cpu_after[k] - cpu_before[k]) / args.deliveries * 1e6, 1)
-                                       for k in cpu_before},
+        "target_ratio": TARGET_DELIVERY_RATIO,
+        "met": rate / ceiling >= TARGET_DELIVERY_RATIO,
+        "rounds_end_to_end": [round(x) for x in rates],
+        "rounds_bare": [round(x) for x in ceilings],
+        "ratio_of_medians": round(statistics.median(rates) / statistics.median(ceilings), 3),
+        # the daemon's CPU per delivery (its submission included), by thread, each round
+        "daemon_cpu_us_per_delivery": cpu_us,
     }
 
 
@@ -712,6 +730,12 @@ async def drain_rate(daemon: Daemon, recv: Receiver, webhook_id: str, n: int, fi
             return n / (time.perf_counter() - started)
 
 
+def cpu_us(pid: int, before: dict[str, float], n: int) -> float:
+    """The daemon's CPU (all threads) since `before`, per delivery."""
+    after = thread_cpu(pid)
+    return round(sum(after.values()) - sum(before.values()), 6) / n * 1e6
+
+
 async def settled_in_flight(daemon: Daemon, seconds: float = 10.0) -> int:
     """Poll the daemon's in-flight count until it holds still (three polls alike) or time runs out."""
     deadline = time.monotonic() + seconds
@@ -738,19 +762,23 @@ async def isolation_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: arg
     attempted: the control); beside the others enabled and hanging, all 51 webhooks made busy
     by the same submitted events (the backlog), within `timeout` of the first hanging attempt.
     """
-    n, out = args.isolation_events, {}
+    n, out = args.isolation_events, cast(dict[str, Any], {})
     (healthy,) = await create_webhooks(daemon, [recv.url])
     await deliveries_rate(daemon, recv, 500, first=0)  # warm-up
+    before = thread_cpu(daemon.pid)
     with profiled(daemon.pid, args.profile, "isolation-solo"):
         out["solo_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=1_000_000))
+    out["solo_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, n), 1)
     out["solo_drain_deliveries_per_s"] = round(
         await drain_rate(daemon, recv, healthy, n, first=2_000_000, profile=(args.profile, "isolation-solo-drain")))
 
     others = await create_webhooks(daemon, [f"http://127.0.0.1:{port}/hook" for port in hang.ports])
     for webhook_id in others:
         await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/disable")
+    before = thread_cpu(daemon.pid)
     with profiled(daemon.pid, args.profile, "isolation-fanout"):
         out["fanout_only_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=3_000_000))
+    out["fanout_only_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, n), 1)
     for webhook_id in others:  # enabled and idle: their paused rows are dropped
         await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/enable",
                          {"drop_backlog": True})
@@ -760,14 +788,55 @@ async def isolation_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: arg
     out["in_flight_before"] = await settled_in_flight(daemon)
     out["hanging_connections_before"] = (await hang.held())[0]
     out["webhooks_by_connections_held"] = await hang.spread()
+    before = thread_cpu(daemon.pid)
     with profiled(daemon.pid, args.profile, "isolation-hanging"):
         out["with_hanging_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=5_000_000))
+    out["with_hanging_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, n), 1)
     out["with_hanging_drain_deliveries_per_s"] = round(await drain_rate(
         daemon, recv, healthy, n, first=6_000_000, profile=(args.profile, "isolation-hanging-drain")))
     out["hanging_connections_after"], out["hanging_connections_accepted"] = await hang.held()
     out["in_flight_after"] = (await admin_call(daemon, "GET", "/v1/status"))["in_flight"]
     out["seconds_since_hang_start"] = round(time.monotonic() - hang_started, 1)
     out["valid"] = out["seconds_since_hang_start"] < timeout  # no hanging attempt has timed out yet
+    return out
+
+
+async def own_traffic_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: argparse.Namespace,
+                          timeout: float) -> dict[str, Any]:
+    """Isolation without fan-out: the healthy webhook subscribes to `delivered`, the 50 hanging
+    ones to `opened`, each with a backlog of opened events (all attempts hanging). The healthy
+    webhook's live rate for n delivered events, solo and beside them: what the hanging receivers
+    themselves cost, apart from the rows that every extra subscriber of the same events costs."""
+    n, out = args.isolation_events, cast(dict[str, Any], {})
+    await create_webhooks(daemon, [recv.url], events=("delivered",))
+    await deliveries_rate(daemon, recv, 500, first=0)  # warm-up
+    # best of three rounds each: the least disturbed by other work on the machine
+    solo = []
+    before = thread_cpu(daemon.pid)
+    for r in range(3):
+        with profiled(daemon.pid, args.profile if r == 0 else None, "isolation-own-solo"):
+            solo.append(await deliveries_rate(daemon, recv, n, first=1_000_000 + r * n))
+    out["solo_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, 3 * n), 1)
+    out["rounds_solo"] = [round(x) for x in solo]
+    out["solo_deliveries_per_s"] = round(max(solo))
+    await create_webhooks(daemon, [f"http://127.0.0.1:{port}/hook" for port in hang.ports], events=("opened",))
+    hang_started = time.monotonic()
+    await pipelined_submit(daemon.intake, args.isolation_backlog, first=2_000_000, kind=b"opened")
+    out["in_flight_before"] = await settled_in_flight(daemon)
+    out["hanging_connections_before"] = (await hang.held())[0]
+    hanging = []
+    before = thread_cpu(daemon.pid)
+    for r in range(3):
+        with profiled(daemon.pid, args.profile if r == 0 else None, "isolation-own-hanging"):
+            hanging.append(await deliveries_rate(daemon, recv, n, first=3_000_000 + r * n))
+    out["with_hanging_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, 3 * n), 1)
+    out["rounds_with_hanging"] = [round(x) for x in hanging]
+    out["with_hanging_deliveries_per_s"] = round(max(hanging))
+    out["hanging_connections_after"], out["hanging_connections_accepted"] = await hang.held()
+    out["seconds_since_hang_start"] = round(time.monotonic() - hang_started, 1)
+    out["valid"] = out["seconds_since_hang_start"] < timeout
+    out["ratio"] = round(out["with_hanging_deliveries_per_s"] / out["solo_deliveries_per_s"], 3)
+    out["met"] = out["ratio"] >= TARGET_ISOLATION_RATIO
     return out
 
 
@@ -778,7 +847,7 @@ async def late_start_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: ar
     many reach the healthy receiver within `window` seconds."""
     import aiohttp
 
-    n, out = args.late_events, {}
+    n, out = args.late_events, cast(dict[str, Any], {})
     (_healthy,) = await create_webhooks(daemon, [recv.url])
     others = await create_webhooks(daemon, [f"http://127.0.0.1:{port}/hook" for port in hang.ports])
     for webhook_id in others:
@@ -818,6 +887,14 @@ def phase_isolation(root: Path, args: argparse.Namespace, results: dict[str, Any
         finally:
             hang.stop()  # first: the daemon's hanging attempts fail at once and the shutdown is quick
             daemon.stop()
+        hang = Hanging(args.hanging)
+        daemon = Daemon(root / "isolation-own", extra=extra)
+        try:
+            daemon.start()
+            out["own_traffic"] = asyncio.run(own_traffic_run(daemon, recv, hang, args, timeout))
+        finally:
+            hang.stop()
+            daemon.stop()
         if args.late_events:
             hang = Hanging(args.hanging)
             daemon = Daemon(root / "late-start", extra=extra)
@@ -843,7 +920,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases (default: all: {PHASES})")
     ap.add_argument("--events", type=int, default=50_000, help="intake: events")
-    ap.add_argument("--deliveries", type=int, default=5_000, help="delivery: deliveries")
+    ap.add_argument("--deliveries", type=int, default=5_000, help="delivery: deliveries per round")
+    ap.add_argument("--rounds", type=int, default=3, help="delivery: alternating rounds of daemon and bare client")
     ap.add_argument("--latency-rate", type=float, default=500.0, help="latency: events/s")
     ap.add_argument("--latency-seconds", type=float, default=10.0, help="latency: seconds at that rate")
     ap.add_argument("--backlog", type=int, default=1_000_000, help="backlog: deliveries queued")

@@ -134,7 +134,7 @@ class Dispatcher:
         cfg = self.cfg
         started = time.perf_counter()
         limit = cfg.max_response_bytes
-        timeout = aiohttp.ClientTimeout(total=cfg.timeout, sock_connect=cfg.connect_timeout)
+        timeout = _timeout(cfg.timeout, cfg.connect_timeout)
         token = None
         if self.guard is not None and self.guard.hosts and self.guard.host_allowed(_host(url)):
             token = host_exempt.set(True)
@@ -178,6 +178,12 @@ class Dispatcher:
         finally:
             if token is not None:
                 host_exempt.reset(token)
+
+
+@functools.lru_cache(maxsize=16)
+def _timeout(total: float, connect: float) -> aiohttp.ClientTimeout:
+    """One ClientTimeout per setting (a reload may change it), not one per attempt."""
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect)
 
 
 @functools.lru_cache(maxsize=4096)
