@@ -11,6 +11,8 @@ missing MTA into an error instead of a skip.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -21,6 +23,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from tests.test_process import wait_until
 
@@ -79,6 +83,18 @@ class Sink:
         controller = Controller(self, hostname="127.0.0.1", port=port)
         controller.start()
         return controller
+
+
+def assert_signed(receiver: Any, secret: str) -> None:
+    """Every webhook the receiver got verifies with the original documentation's scheme
+    and with Standard Webhooks, for the webhook's secret."""
+    with receiver.lock:
+        pairs = list(zip(receiver.bodies, receiver.headers, strict=True))
+    assert pairs
+    for body, headers in pairs:
+        expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["x-webhook-signature"], expected)
+        StandardWebhook(secret).verify(body, headers)
 
 
 class Webhookd:

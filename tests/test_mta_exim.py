@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.mta import HAVE_AIOSMTPD, Sink, free_port, required
+from tests.mta import HAVE_AIOSMTPD, Sink, assert_signed, free_port, required
 from tests.mta import Webhookd as Daemon
 from tests.test_process import ThreadReceiver, wait_until
 from webhookd.dsn import classify
@@ -246,6 +246,7 @@ def test_exim_reports_deliveries_and_bounces(
     assert len(bodies()) == 4
     deliveries = daemon.json("deliveries", "list", "--webhook", hook["id"])["deliveries"]
     assert len(deliveries) == 4
+    assert_signed(receiver, hook["secret"])
 
     delivered = got[("a@example.org", "delivered", None)]["data"]
     assert delivered["message_id"] == "<order-42@shop.example>"

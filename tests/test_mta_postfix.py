@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.mta import HAVE_AIOSMTPD, WEBHOOKD, Sink, Webhookd, free_port, required
+from tests.mta import HAVE_AIOSMTPD, WEBHOOKD, Sink, Webhookd, assert_signed, free_port, required
 from tests.test_process import ThreadReceiver, wait_until
 
 
@@ -241,6 +241,7 @@ def test_postfix_deliveries_bounces_deferrals_and_expiry(
     ], bodies(receiver)
     assert len(bodies(receiver)) == 4
     assert len(daemon.json("deliveries", "list", "--webhook", hook["id"])["deliveries"]) == 4
+    assert_signed(receiver, hook["secret"])
 
     qids = {d["postfix_queue_id"] for d in got.values()}
     assert len(qids) == 1 and f"{qids.pop()}: message-id=<order-7@shop.example>" in postfix.log()
@@ -260,7 +261,7 @@ def test_postfix_deliveries_bounces_deferrals_and_expiry(
 def test_postfix_log_rotation_and_follower_restart(
     postfix: Postfix, daemon: Webhookd, follower: Follower, receiver: ThreadReceiver
 ) -> None:
-    daemon.json("webhooks", "create", "--url", receiver.url, "--events", "delivered")
+    hook = daemon.json("webhooks", "create", "--url", receiver.url, "--events", "delivered")
     follower.start()
 
     def delivered() -> list[str]:
@@ -287,3 +288,4 @@ def test_postfix_log_rotation_and_follower_restart(
     follower.stop()
     assert len(bodies(receiver)) == 3
     assert {e["data"]["message_id"] for e in bodies(receiver)} == {f"<m{i}@shop.example>" for i in (1, 2, 3)}
+    assert_signed(receiver, hook["secret"])

@@ -37,6 +37,7 @@ class ThreadReceiver:
         self.status = 200
         self.delay = 0.0
         self.bodies: list[bytes] = []
+        self.headers: list[dict[str, str]] = []  # of each body, in the same order
         self.lock = threading.Lock()
         outer = self
 
@@ -54,6 +55,7 @@ class ThreadReceiver:
                     status = outer.status
                     if status == 200:
                         outer.bodies.append(body)
+                        outer.headers.append({k.lower(): v for k, v in self.headers.items()})
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
