@@ -421,3 +421,49 @@ async def test_slow_start_opens_up_with_successes(start_daemon: Any, make_receiv
     await receiver.wait_for(100)
     watcher.cancel()
     assert peak == 16  # successes opened it up to per_webhook_concurrency
+
+
+async def test_mixed_batch_reaches_each_subscriber_with_its_own_deliveries(
+    start_daemon: Any, make_receiver: Any
+) -> None:
+    """One commit of several event types, subscribers enabled and disabled in between:
+    each enabled webhook gets exactly its events, and each outcome lands on its own
+    delivery row (the scheduler derives delivery ids from the batch's subscriber lists)."""
+    everything, bounces, paused = await make_receiver(), await make_receiver(), await make_receiver()
+    h = await start_daemon()
+    a = await h.create_webhook(everything.url)
+    p = await h.create_webhook(paused.url)
+    b = await h.create_webhook(bounces.url, events=["bounced"])
+    await h.api("POST", f"/v1/webhooks/{p['id']}/disable")
+    kinds = ["delivered", "bounced", "opened", "bounced", "delivered", "clicked"] * 5
+    answers = await h.submit(*[event(k, i, **({"bounce_type": "hard"} if k == "bounced" else {}))
+                               for i, k in enumerate(kinds)])
+    assert all(a["ok"] for a in answers)
+    await everything.wait_for(len(kinds))
+    await bounces.wait_for(kinds.count("bounced"))
+    await asyncio.sleep(0.2)
+    assert sorted(r.json["data"]["to"] for r in everything.requests) == sorted(
+        f"customer{i}@example.org" for i in range(len(kinds)))
+    assert sorted(r.json["data"]["to"] for r in bounces.requests) == sorted(
+        f"customer{i}@example.org" for i, k in enumerate(kinds) if k == "bounced")
+    assert not paused.requests
+
+    async def statuses(hook: dict[str, Any]) -> dict[str, int]:
+        status, body = await h.api("GET", f"/v1/deliveries?webhook_id={hook['id']}&limit=100")
+        assert status == 200, body
+        counts: dict[str, int] = {}
+        for d in body["deliveries"]:
+            counts[d["status"]] = counts.get(d["status"], 0) + 1
+        return counts
+
+    async def settled() -> bool:
+        return await statuses(a) == {"succeeded": len(kinds)} and await statuses(b) == {
+            "succeeded": kinds.count("bounced")}
+
+    for _ in range(100):
+        if await settled():
+            break
+        await asyncio.sleep(0.05)
+    assert await statuses(a) == {"succeeded": len(kinds)}
+    assert await statuses(b) == {"succeeded": kinds.count("bounced")}
+    assert await statuses(p) == {"paused": len(kinds)}

@@ -41,7 +41,7 @@ async def test_concurrent_events_share_commits(store: Store) -> None:
 async def test_deliveries_are_created_per_subscriber(store: Store) -> None:
     store.subscribers = lambda t: [("wh_a", True), ("wh_b", False)]
     fresh: list[DueItem] = []
-    store.on_fresh = fresh.extend
+    store.on_fresh = lambda events: fresh.extend(i for e in events for i in e.items())
     await store.submit_event(ev(1))
     rows = await store.read("SELECT webhook_id, status FROM deliveries ORDER BY webhook_id")
     assert [tuple(r) for r in rows] == [("wh_a", "pending"), ("wh_b", "paused")]
@@ -64,13 +64,13 @@ async def test_ids_continue_after_reopen(tmp_path: Path) -> None:
     await s.open()
     store_fresh: list[DueItem] = []
     s.subscribers = lambda t: [("wh_a", True)]
-    s.on_fresh = store_fresh.extend
+    s.on_fresh = lambda events: store_fresh.extend(i for e in events for i in e.items())
     await s.submit_event(ev(1))
     await s.close()
     s2 = Store(path)
     await s2.open()
     s2.subscribers = lambda t: [("wh_a", True)]
-    s2.on_fresh = store_fresh.extend
+    s2.on_fresh = lambda events: store_fresh.extend(i for e in events for i in e.items())
     await s2.submit_event(ev(2))
     await s2.close()
     assert [i.delivery_id for i in store_fresh] == [1, 2]

@@ -39,7 +39,7 @@ from webhookd.ids import new_id
 from webhookd.metrics import Metrics
 from webhookd.retry import backoff
 from webhookd.signing import Signer
-from webhookd.store import FAILED, PAUSED, PENDING, SUCCEEDED, DueItem, Store
+from webhookd.store import FAILED, PAUSED, PENDING, SUCCEEDED, DueItem, FreshEvent, Store
 
 log = structlog.get_logger("webhookd.scheduler")
 
@@ -288,15 +288,38 @@ class Scheduler:
             self._subscribers[event_type] = subs
         return subs
 
-    def push_fresh(self, items: list[DueItem]) -> None:
+    def push_fresh(self, events: list[FreshEvent]) -> None:
+        """Queue a commit's new deliveries in memory, webhook by webhook. Events that share
+        a subscriber list (the cached one of their type) are taken together: for each
+        enabled subscriber, if even the soonest of its new deliveries lies beyond its
+        window's boundary (a webhook with a full window: its backlog stays in SQLite and
+        a refill brings it), none is built at all; otherwise each is pushed."""
         self._share_at = float("-inf")  # new work: count busy webhooks afresh
+        groups: dict[int, list[FreshEvent]] = {}
+        for fe in events:  # each holds its list, so no id() is reused meanwhile
+            group = groups.get(id(fe.subscribers))
+            if group is None:
+                groups[id(fe.subscribers)] = [fe]
+            else:
+                group.append(fe)
         touched: set[Webhook] = set()
-        for item in items:
-            wh = self.webhooks.get(item.webhook_id)
-            if wh is None or not wh.enabled:
-                continue  # deleted, or paused by an operation committed after this one
-            wh.push(item)
-            touched.add(wh)
+        webhooks = self.webhooks
+        for group in groups.values():
+            # the soonest key of subscriber i is (next_at, first_delivery_id + i) of the
+            # group's soonest event: ids grow with the events, by one per subscriber
+            soonest = min(group, key=lambda fe: (fe.next_at, fe.first_delivery_id))
+            for i, (webhook_id, enabled) in enumerate(group[0].subscribers):
+                if not enabled:
+                    continue
+                wh = webhooks.get(webhook_id)
+                if wh is None or not wh.enabled:
+                    continue  # deleted, or paused by an operation committed after this one
+                touched.add(wh)
+                boundary = wh.boundary
+                if boundary is not None and (soonest.next_at, soonest.first_delivery_id + i) > boundary:
+                    continue  # all of them stay in the database
+                for fe in group:
+                    wh.push(fe.item(i, webhook_id))
         for wh in touched:
             if len(wh.items) > 2 * self.window:
                 wh.trim(self.window)

@@ -21,7 +21,7 @@ import contextlib
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -134,6 +134,32 @@ Subscribers = Callable[[str], Sequence[tuple[str, bool]]]
 
 
 @dataclass(slots=True)
+class FreshEvent:
+    """A committed event's new deliveries, one per entry of `subscribers` (the list the
+    batch was built with): the i-th has delivery id `first_delivery_id + i`, and is
+    pending if that subscriber was enabled (paused otherwise). Handed to the scheduler
+    as one object per event, not one per delivery: a webhook that cannot take new work
+    into memory (its window is full) then costs nothing per event."""
+
+    first_delivery_id: int
+    subscribers: Sequence[tuple[str, bool]]
+    next_at: float
+    event_uid: str
+    event_type: str
+    body: bytes
+
+    def items(self) -> Iterator[DueItem]:
+        """The pending deliveries, for the enabled subscribers."""
+        for i, (webhook_id, enabled) in enumerate(self.subscribers):
+            if enabled:
+                yield self.item(i, webhook_id)
+
+    def item(self, i: int, webhook_id: str) -> DueItem:
+        return DueItem(self.first_delivery_id + i, webhook_id, self.next_at, 0, self.event_uid, self.event_type,
+                       self.body)
+
+
+@dataclass(slots=True)
 class _EventOp:
     event: Event
     future: asyncio.Future[str]
@@ -151,7 +177,7 @@ class _Op(Generic[T]):
 @dataclass
 class _Batch:
     ops: list[_EventOp | _Op[Any]] = field(default_factory=list)
-    fresh: list[DueItem] = field(default_factory=list)
+    fresh: list[FreshEvent] = field(default_factory=list)
     event_results: list[tuple[_EventOp, str]] = field(default_factory=list)
     new_types: list[str] = field(default_factory=list)
 
@@ -178,7 +204,7 @@ class Store:
         self._next_event_id = 1
         self._next_delivery_id = 1
         self.subscribers: Subscribers = lambda _type: ()
-        self.on_fresh: Callable[[list[DueItem]], None] = lambda _items: None
+        self.on_fresh: Callable[[list[FreshEvent]], None] = lambda _events: None
         self.commits = 0
         self.received: Counter[str] = Counter()  # new events committed, by type (for /metrics)
         self.retry_delay = 0.05
@@ -380,13 +406,14 @@ class Store:
                 known[key] = uid
             event_rows.append((event_id, uid, key, ev.type, ev.body, now))
             batch.new_types.append(ev.type)
-            for webhook_id, enabled in self.subscribers(ev.type):
+            subscribers = self.subscribers(ev.type)
+            if subscribers:
+                batch.fresh.append(FreshEvent(delivery_id, subscribers, now, uid, ev.type, ev.body))
+            for webhook_id, enabled in subscribers:
                 status = PENDING if enabled else PAUSED
                 delivery_rows.append(
                     (delivery_id, event_id, webhook_id, status, now if enabled else None, now, now)
                 )
-                if enabled:
-                    batch.fresh.append(DueItem(delivery_id, webhook_id, now, 0, uid, ev.type, ev.body))
                 delivery_id += 1
             event_id += 1
             batch.event_results.append((op, uid))
