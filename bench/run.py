@@ -810,28 +810,26 @@ async def own_traffic_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: a
     n, out = args.isolation_events, cast(dict[str, Any], {})
     await create_webhooks(daemon, [recv.url], events=("delivered",))
     await deliveries_rate(daemon, recv, 500, first=0)  # warm-up
-    # best of three rounds each: the least disturbed by other work on the machine
-    solo = []
-    before = thread_cpu(daemon.pid)
-    for r in range(3):
-        with profiled(daemon.pid, args.profile if r == 0 else None, "isolation-own-solo"):
-            solo.append(await deliveries_rate(daemon, recv, n, first=1_000_000 + r * n))
-    out["solo_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, 3 * n), 1)
-    out["rounds_solo"] = [round(x) for x in solo]
-    out["solo_deliveries_per_s"] = round(max(solo))
+
+    async def rounds(name: str, first: int) -> None:
+        """Best of three rounds: the least disturbed by other work on the machine."""
+        rates = []
+        before = thread_cpu(daemon.pid)
+        for r in range(3):
+            with profiled(daemon.pid, args.profile if r == 0 else None, f"isolation-own-{name}"):
+                rates.append(await deliveries_rate(daemon, recv, n, first=first + r * n))
+        key = "solo" if name == "solo" else "with_hanging"
+        out[f"{key}_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, 3 * n), 1)
+        out[f"rounds_{key}"] = [round(x) for x in rates]
+        out[f"{key}_deliveries_per_s"] = round(max(rates))
+
+    await rounds("solo", 1_000_000)
     await create_webhooks(daemon, [f"http://127.0.0.1:{port}/hook" for port in hang.ports], events=("opened",))
     hang_started = time.monotonic()
     await pipelined_submit(daemon.intake, args.isolation_backlog, first=2_000_000, kind=b"opened")
     out["in_flight_before"] = await settled_in_flight(daemon)
     out["hanging_connections_before"] = (await hang.held())[0]
-    hanging = []
-    before = thread_cpu(daemon.pid)
-    for r in range(3):
-        with profiled(daemon.pid, args.profile if r == 0 else None, "isolation-own-hanging"):
-            hanging.append(await deliveries_rate(daemon, recv, n, first=3_000_000 + r * n))
-    out["with_hanging_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, 3 * n), 1)
-    out["rounds_with_hanging"] = [round(x) for x in hanging]
-    out["with_hanging_deliveries_per_s"] = round(max(hanging))
+    await rounds("hanging", 3_000_000)
     out["hanging_connections_after"], out["hanging_connections_accepted"] = await hang.held()
     out["seconds_since_hang_start"] = round(time.monotonic() - hang_started, 1)
     out["valid"] = out["seconds_since_hang_start"] < timeout

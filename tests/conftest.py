@@ -230,3 +230,25 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0,
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+# -- the real-MTA tests (tests/mta.py) -------------------------------------------------------------
+@pytest.fixture
+def smtp_sink() -> Iterator[tuple[Any, int]]:
+    """The SMTP sink of tests/mta.py on a free loopback port: (its record, the port)."""
+    from tests.mta import Sink, free_port
+
+    handler, port = Sink(), free_port()
+    controller = handler.start(port)
+    yield handler, port
+    controller.stop()
+
+
+@pytest.fixture
+def thread_receiver() -> Iterator[Any]:
+    """A webhook receiver in a thread (tests/test_process.py), for tests with no event loop."""
+    from tests.test_process import ThreadReceiver
+
+    r = ThreadReceiver()
+    yield r
+    r.close()

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -26,7 +23,7 @@ from typing import Any
 
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
-from tests.test_process import wait_until
+from tests.test_process import Proc
 
 try:
     from aiosmtpd.controller import Controller
@@ -97,10 +94,12 @@ def assert_signed(receiver: Any, secret: str) -> None:
         StandardWebhook(secret).verify(body, headers)
 
 
-class Webhookd:
-    """A real `webhookd serve` with its intake socket in `run_dir`, driven by the CLI."""
+class Webhookd(Proc):
+    """A real `webhookd serve` with its intake socket in `run_dir` (in `socket_group` if
+    given, for an MTA that runs as another user), driven by the CLI."""
 
     def __init__(self, state: Path, run_dir: Path, socket_group: str | None = None) -> None:
+        self.root, self.run = state, run_dir
         self.config = state / "webhookd.toml"
         state.mkdir(parents=True, exist_ok=True)
         group = f'socket_group = "{socket_group}"\n' if socket_group else ""
@@ -113,30 +112,7 @@ class Webhookd:
         )
         self.env = {**os.environ, "WEBHOOKD_CONFIG": str(self.config)}
         self.log = state / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Webhookd:
-        with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen([*WEBHOOKD, "serve"], env=self.env, stdout=out, stderr=subprocess.STDOUT)
-
-        def ready() -> bool:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
-            return self.cli("status").returncode == 0
-
-        wait_until(ready, timeout=20, what="the daemon to answer")
-        return self
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[bytes]:
-        return subprocess.run([*WEBHOOKD, *args], env=self.env, capture_output=True, timeout=30)
-
-    def json(self, *args: str) -> Any:
-        p = self.cli(*args, "--json")
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout)
+        self.proc = None
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
+        self.stop()  # SIGKILL

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from tests.mta import HAVE_AIOSMTPD, Sink, assert_signed, free_port, required
+from tests.mta import HAVE_AIOSMTPD, Sink, assert_signed, required
 from tests.mta import Webhookd as Daemon
 from tests.test_process import ThreadReceiver, wait_until
 from webhookd.dsn import classify
@@ -65,14 +65,6 @@ def exim_setting(name: str) -> str:
     m = re.search(rf"^{name} = (.*)$", p.stdout, re.M)
     assert m, p.stdout + p.stderr
     return m.group(1).strip()
-
-
-@pytest.fixture
-def sink() -> Iterator[tuple[Sink, int]]:
-    handler, port = Sink(), free_port()
-    controller = handler.start(port)
-    yield handler, port
-    controller.stop()
 
 
 # -- a directory Debian-exim can reach: Exim's config and spool, webhookd's socket -------------
@@ -119,13 +111,6 @@ def daemon(tmp_path: Path, work: Work) -> Iterator[Daemon]:
     d = Daemon(tmp_path / "state", work.run, work.group)
     yield d
     d.kill()
-
-
-@pytest.fixture
-def receiver() -> Iterator[ThreadReceiver]:
-    r = ThreadReceiver()
-    yield r
-    r.close()
 
 
 # -- Exim -----------------------------------------------------------------------------------
@@ -215,18 +200,18 @@ def submit(config: Path, *rcpts: str) -> None:
 # -- tests ----------------------------------------------------------------------------------
 @needs_sink
 def test_exim_reports_deliveries_and_bounces(
-    work: Work, sink: tuple[Sink, int], daemon: Daemon, receiver: ThreadReceiver
+    work: Work, smtp_sink: tuple[Sink, int], daemon: Daemon, thread_receiver: ThreadReceiver
 ) -> None:
-    server, port = sink
+    server, port = smtp_sink
     config = write_exim_config(work, port)
     daemon.start()
-    hook = daemon.json("webhooks", "create", "--url", receiver.url, "--events", "all")
+    hook = daemon.json("webhooks", "create", "--url", thread_receiver.url, "--events", "all")
 
     submit(config, "a@example.org", "b@example.org", "c@example.org", "x@nowhere.invalid")
 
     def bodies() -> list[dict[str, Any]]:
-        with receiver.lock:
-            return [json.loads(b) for b in receiver.bodies]
+        with thread_receiver.lock:
+            return [json.loads(b) for b in thread_receiver.bodies]
 
     wait_until(lambda: len(bodies()) >= 4, timeout=15, what="four webhooks")
     # c@ is still queued: two forced queue runs meet the same "mailbox full" again
@@ -246,7 +231,7 @@ def test_exim_reports_deliveries_and_bounces(
     assert len(bodies()) == 4
     deliveries = daemon.json("deliveries", "list", "--webhook", hook["id"])["deliveries"]
     assert len(deliveries) == 4
-    assert_signed(receiver, hook["secret"])
+    assert_signed(thread_receiver, hook["secret"])
 
     delivered = got[("a@example.org", "delivered", None)]["data"]
     assert delivered["message_id"] == "<order-42@shop.example>"
@@ -267,11 +252,11 @@ def test_exim_reports_deliveries_and_bounces(
 
 
 @needs_sink
-def test_mail_flows_while_webhookd_is_down(work: Work, sink: tuple[Sink, int], daemon: Daemon) -> None:
+def test_mail_flows_while_webhookd_is_down(work: Work, smtp_sink: tuple[Sink, int], daemon: Daemon) -> None:
     """A crashed daemon (socket file left, connection refused) loses events, not mail:
     every send fails, several in each Exim process, and deliveries go on untouched
     (see also test_a_failed_send_leaves_no_stale_descriptor)."""
-    server, port = sink
+    server, port = smtp_sink
     config = write_exim_config(work, port)
     daemon.start()
     daemon.kill()

@@ -158,18 +158,10 @@ class Follower:
 
 
 @pytest.fixture
-def sink() -> Iterator[tuple[Sink, int]]:
-    handler, port = Sink(), free_port()
-    controller = handler.start(port)
-    yield handler, port
-    controller.stop()
-
-
-@pytest.fixture
-def postfix(sink: tuple[Sink, int]) -> Iterator[Postfix]:
+def postfix(smtp_sink: tuple[Sink, int]) -> Iterator[Postfix]:
     path = Path(tempfile.mkdtemp(prefix="whdp", dir="/tmp"))  # Postfix wants a root-owned path
     path.chmod(0o755)
-    pf = Postfix(path, sink[1])
+    pf = Postfix(path, smtp_sink[1])
     try:
         pf.start()
         yield pf
@@ -195,27 +187,20 @@ def follower(daemon: Webhookd, postfix: Postfix, tmp_path: Path) -> Iterator[Fol
     f.stop()
 
 
-@pytest.fixture
-def receiver() -> Iterator[ThreadReceiver]:
-    r = ThreadReceiver()
-    yield r
-    r.close()
-
-
-def bodies(receiver: ThreadReceiver) -> list[dict[str, Any]]:
-    with receiver.lock:
-        return [json.loads(b) for b in receiver.bodies]
+def bodies(thread_receiver: ThreadReceiver) -> list[dict[str, Any]]:
+    with thread_receiver.lock:
+        return [json.loads(b) for b in thread_receiver.bodies]
 
 
 def test_postfix_deliveries_bounces_deferrals_and_expiry(
-    sink: tuple[Sink, int], postfix: Postfix, daemon: Webhookd, follower: Follower, receiver: ThreadReceiver
+    smtp_sink: tuple[Sink, int], postfix: Postfix, daemon: Webhookd, follower: Follower, thread_receiver: ThreadReceiver
 ) -> None:
-    server, _ = sink
-    hook = daemon.json("webhooks", "create", "--url", receiver.url, "--events", "all")
+    server, _ = smtp_sink
+    hook = daemon.json("webhooks", "create", "--url", thread_receiver.url, "--events", "all")
     follower.start()
 
     postfix.send("a@example.org", "b@example.org", "c@example.org")
-    wait_until(lambda: len(bodies(receiver)) >= 3, timeout=20, what="three webhooks")
+    wait_until(lambda: len(bodies(thread_receiver)) >= 3, timeout=20, what="three webhooks")
     # c@ is deferred again on each queue run: "mailbox full" is reported once
     for n in (2, 3):
         postfix.flush()
@@ -229,19 +214,19 @@ def test_postfix_deliveries_bounces_deferrals_and_expiry(
             break
         time.sleep(0.5)
     assert postfix.logged("status=expired"), postfix.log()
-    wait_until(lambda: len(bodies(receiver)) >= 4, timeout=20, what="the failed webhook")
+    wait_until(lambda: len(bodies(thread_receiver)) >= 4, timeout=20, what="the failed webhook")
     wait_until(lambda: server.attempts("sender@example.com") >= 2, timeout=20, what="the second notice")
 
-    got = {(e["data"]["to"], e["event"], e["data"].get("bounce_type")): e["data"] for e in bodies(receiver)}
+    got = {(e["data"]["to"], e["event"], e["data"].get("bounce_type")): e["data"] for e in bodies(thread_receiver)}
     assert sorted(got) == [
         ("a@example.org", "delivered", None),
         ("b@example.org", "bounced", "hard"),
         ("c@example.org", "bounced", "soft"),  # once, though deferred three times
         ("c@example.org", "failed", None),
-    ], bodies(receiver)
-    assert len(bodies(receiver)) == 4
+    ], bodies(thread_receiver)
+    assert len(bodies(thread_receiver)) == 4
     assert len(daemon.json("deliveries", "list", "--webhook", hook["id"])["deliveries"]) == 4
-    assert_signed(receiver, hook["secret"])
+    assert_signed(thread_receiver, hook["secret"])
 
     qids = {d["postfix_queue_id"] for d in got.values()}
     assert len(qids) == 1 and f"{qids.pop()}: message-id=<order-7@shop.example>" in postfix.log()
@@ -255,17 +240,17 @@ def test_postfix_deliveries_bounces_deferrals_and_expiry(
     # Postfix's own notices (from=<>) went to the sender through the sink, unreported
     notices = [m for m in server.messages if m[0] == "<>"]
     assert [m[1] for m in notices] == [["sender@example.com"], ["sender@example.com"]]
-    assert all(e["data"]["to"] != "sender@example.com" for e in bodies(receiver))
+    assert all(e["data"]["to"] != "sender@example.com" for e in bodies(thread_receiver))
 
 
 def test_postfix_log_rotation_and_follower_restart(
-    postfix: Postfix, daemon: Webhookd, follower: Follower, receiver: ThreadReceiver
+    postfix: Postfix, daemon: Webhookd, follower: Follower, thread_receiver: ThreadReceiver
 ) -> None:
-    hook = daemon.json("webhooks", "create", "--url", receiver.url, "--events", "delivered")
+    hook = daemon.json("webhooks", "create", "--url", thread_receiver.url, "--events", "delivered")
     follower.start()
 
     def delivered() -> list[str]:
-        return sorted(e["data"]["to"] for e in bodies(receiver))
+        return sorted(e["data"]["to"] for e in bodies(thread_receiver))
 
     postfix.send("a1@example.org", message_id="<m1@shop.example>")
     wait_until(lambda: delivered() == ["a1@example.org"], timeout=20, what="a1's webhook")
@@ -286,6 +271,6 @@ def test_postfix_log_rotation_and_follower_restart(
     wait_until(lambda: delivered() == ["a1@example.org", "a2@example.org", "a3@example.org"], timeout=20,
                what="a3's webhook after the restart")
     follower.stop()
-    assert len(bodies(receiver)) == 3
-    assert {e["data"]["message_id"] for e in bodies(receiver)} == {f"<m{i}@shop.example>" for i in (1, 2, 3)}
-    assert_signed(receiver, hook["secret"])
+    assert len(bodies(thread_receiver)) == 3
+    assert {e["data"]["message_id"] for e in bodies(thread_receiver)} == {f"<m{i}@shop.example>" for i in (1, 2, 3)}
+    assert_signed(thread_receiver, hook["secret"])
