@@ -257,6 +257,7 @@ def test_postfix_log_rotation_and_follower_restart(
 
     # Postfix's own rotation: maillog is renamed aside (and compressed), a new one begins
     postfix.command(POSTFIX, "logrotate")
+    first_rotation = time.monotonic()
     rotated = [p for p in postfix.path.iterdir() if p.name.startswith("maillog.")]
     assert rotated, list(postfix.path.iterdir())
     postfix.send("a2@example.org", message_id="<m2@shop.example>")
@@ -270,7 +271,23 @@ def test_postfix_log_rotation_and_follower_restart(
     follower.start()
     wait_until(lambda: delivered() == ["a1@example.org", "a2@example.org", "a3@example.org"], timeout=20,
                what="a3's webhook after the restart")
+
+    # stopped again, and the log is rotated meanwhile: a4's line is only in the rotated,
+    # compressed file, a5's in the new one; restarted, it finishes the old one first
     follower.stop()
-    assert len(bodies(thread_receiver)) == 3
-    assert {e["data"]["message_id"] for e in bodies(thread_receiver)} == {f"<m{i}@shop.example>" for i in (1, 2, 3)}
+    postfix.send("a4@example.org", message_id="<m4@shop.example>")
+    wait_until(lambda: postfix.logged("to=<a4@example.org>"), timeout=20, what="a4's delivery in the log")
+    # the rotated file is named by the second (maillog.YYYYMMDD-HHMMSS): not the same one twice
+    time.sleep(max(0.0, 1.1 - (time.monotonic() - first_rotation)))
+    postfix.command(POSTFIX, "logrotate")
+    postfix.send("a5@example.org", message_id="<m5@shop.example>")
+    wait_until(lambda: postfix.logged("to=<a5@example.org>"), timeout=20, what="a5's delivery in the log")
+    assert not postfix.logged("to=<a4@example.org>")  # rotated away
+    follower.start()
+    wait_until(lambda: delivered() == [f"a{i}@example.org" for i in range(1, 6)], timeout=20,
+               what="a4's and a5's webhooks after rotation while stopped")
+    follower.stop()
+    assert len(bodies(thread_receiver)) == 5
+    assert {e["data"]["message_id"] for e in bodies(thread_receiver)} == {f"<m{i}@shop.example>" for i in range(1, 6)}
+    assert "finished the rotated log" in follower.out.read_text()
     assert_signed(thread_receiver, hook["secret"])

@@ -424,7 +424,11 @@ def cmd_follow(args: argparse.Namespace, config: Config) -> int:
                 print(f"webhookd: event refused: {answer.decode('utf-8', 'replace')}", file=sys.stderr)
         return True
 
-    Follower(Path(args.log), state, submit).run(once=args.once)
+    try:
+        Follower(Path(args.log), state, submit).run(once=args.once)
+    except OSError as exc:
+        what = exc.filename or args.log
+        raise CliError(f"cannot read or write {what}: {exc.strerror or exc}", EX_FAIL) from None
     return EX_OK
 
 

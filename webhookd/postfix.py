@@ -17,11 +17,15 @@ creates nothing new. Standard library only.
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import hashlib
 import json
 import os
 import re
+import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,15 +203,99 @@ class Follower:
                                    "head": self.position.head.hex(), "queues": self.tracker.dump()}))
         os.replace(tmp, self.state_file)
 
-    def _open(self) -> Any:
-        f = open(self.path, "rb")  # noqa: SIM115 - kept open across reads
-        st = os.fstat(f.fileno())
-        pos = self.position
-        if pos is not None and pos.inode == st.st_ino and pos.offset <= st.st_size and self._same_head(f, pos):
-            f.seek(pos.offset)
-        else:
-            self.position = Position(st.st_ino, 0)  # a new file, or rewritten: from its start
+    def _open(self, *, once: bool = False) -> Any:
+        """Open the log at the saved position; if it was rotated while nobody followed it,
+        finish the rotated file first (found beside it, compressed or not)."""
+        while True:
+            try:
+                f = open(self.path, "rb")  # noqa: SIM115 - kept open across reads
+                break
+            except FileNotFoundError:
+                if once:
+                    raise
+                # not there yet (Postfix's maillog_file appears with its first line after
+                # `postfix logrotate`; a log not yet written): wait for it
+                self.sleep(self.poll)
+        try:
+            st = os.fstat(f.fileno())
+            pos = self.position
+            if pos is not None and pos.inode == st.st_ino and pos.offset <= st.st_size and self._same_head(f, pos):
+                f.seek(pos.offset)
+            else:
+                if pos is not None:
+                    self._finish_rotated(pos)
+                self.position = Position(st.st_ino, 0)  # a new file, or rewritten: from its start
+        except BaseException:
+            f.close()
+            raise
         return f
+
+    def _rotated_copies(self) -> list[Path]:
+        """Files beside the log named after it (`mail.log.1`, `mail.log.2.gz`,
+        `postfix.log.20261128-101500.gz`, `mail.log-20261128`), newest first."""
+        found = []
+        for p in self.path.parent.glob(f"{self.path.name}?*"):
+            if p.name[len(self.path.name)] in ".-_" and p.is_file() and p != self.state_file:
+                with contextlib.suppress(OSError):
+                    found.append((p.stat().st_mtime, p))
+        return [p for _mtime, p in sorted(found, reverse=True)]
+
+    def _finish_rotated(self, pos: Position) -> None:
+        """The log was rotated while the follower was stopped: read the rest of the file
+        it was reading, from the saved offset, if a rotated copy of it is found (same
+        inode, or same first bytes: renamed, copied, or compressed). Without one, the
+        lines written between the stop and the rotation cannot be read; say so."""
+        for candidate in self._rotated_copies():
+            compressed = candidate.suffix == ".gz"
+            try:
+                opened: Any = gzip.open(candidate, "rb") if compressed else open(candidate, "rb")  # noqa: SIM115
+            except OSError:
+                continue
+            with opened as g:
+                try:
+                    head = g.read(HEAD_BYTES)
+                    if pos.head:
+                        if head[: len(pos.head)] != pos.head:
+                            continue
+                    elif compressed or os.fstat(g.fileno()).st_ino != pos.inode:
+                        continue  # nothing to recognise it by but its inode
+                    g.seek(pos.offset)
+                    self._read_rest(g, pos)
+                except (OSError, EOFError, zlib.error):
+                    continue  # unreadable, or a truncated .gz: try the next one
+            print(f"webhookd: finished the rotated log {candidate} from byte {pos.offset}", file=sys.stderr)
+            return
+        if pos.offset:
+            print(f"webhookd: {self.path} was rotated while not followed and no rotated copy starting as it"
+                  " did was found beside it; lines written after the last saved position may be missing",
+                  file=sys.stderr)
+
+    def _read_rest(self, g: Any, pos: Position) -> None:
+        """Submit every line of a finished file from its current position, saving progress."""
+        rest = b""
+        while True:
+            chunk = g.read(1 << 20)
+            data = rest + chunk
+            if not chunk:
+                if data:
+                    self._submit_lines(data, pos)  # a last line without its newline: complete now
+                return
+            end = data.rfind(b"\n")
+            if end < 0:
+                rest = data
+                continue
+            rest = data[end + 1 :]
+            self._submit_lines(data[: end + 1], pos)
+
+    def _submit_lines(self, data: bytes, pos: Position) -> None:
+        events: list[dict[str, Any]] = []
+        for raw in data.splitlines():
+            events.extend(self.tracker.feed(raw.decode("utf-8", "replace")))
+        while events and not self.submit(events):
+            self.sleep(min(5.0, max(self.poll, 1.0)))  # daemon unreachable: retry, do not skip
+        pos.offset += len(data)
+        self.position = pos
+        self._save()
 
     @staticmethod
     def _same_head(f: Any, pos: Position) -> bool:
@@ -215,7 +303,7 @@ class Follower:
 
     def run(self, *, once: bool = False, max_idle: float | None = None) -> None:
         """Process lines until EOF (`once`) or forever; submit and save after each batch."""
-        f = self._open()
+        f = self._open(once=once)
         idle = 0.0
         try:
             while True:
@@ -269,15 +357,9 @@ class Follower:
             return False
         if end + 1 < len(chunk):
             f.seek(-(len(chunk) - end - 1), os.SEEK_CUR)
-        events: list[dict[str, Any]] = []
-        for raw in chunk[: end + 1].splitlines():
-            events.extend(self.tracker.feed(raw.decode("utf-8", "replace")))
-        while events and not self.submit(events):
-            self.sleep(min(5.0, max(self.poll, 1.0)))  # daemon unreachable: retry, do not skip
-        self.position.offset += end + 1
         if len(self.position.head) < HEAD_BYTES:
             self.position.head = _head(f.fileno())
-        self._save()
+        self._submit_lines(chunk[: end + 1], self.position)
         return True
 
 
