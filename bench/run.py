@@ -58,6 +58,7 @@ TARGET_BACKLOG_PEAK_RSS_MIB = 150
 TARGET_RESTART_S = 3.0
 TARGET_ISOLATION_RATIO = 0.8
 TARGET_DELIVERY_RATIO = 0.6
+LOG_LEVEL = "warning"  # --log-level: the daemon's; "info" logs a line per attempt (to daemon.log)
 
 
 def pin(cmd: list[str], core: str) -> list[str]:
@@ -138,6 +139,8 @@ def percentiles_ms(values_ns: list[int]) -> dict[str, float]:
 
 # -- the daemon --------------------------------------------------------------------------------------
 class Daemon:
+    log_level = LOG_LEVEL  # --log-level
+
     def __init__(self, root: Path, durability: str = "full", extra: str = "") -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
@@ -149,7 +152,7 @@ class Daemon:
             f'environment = "development"\nstate_dir = "{root / "state"}"\nruntime_dir = "{self.run_dir}"\n'
             f'[storage]\ndurability = "{durability}"\n'
             f'[intake]\nhttp_listen = "127.0.0.1:{free_port()}"\n'
-            '[log]\nlevel = "warning"\nformat = "json"\n'
+            f'[log]\nlevel = "{self.log_level}"\nformat = "json"\n'
             + extra
         )
         self.env = {**os.environ, "WEBHOOKD_CONFIG": str(self.config)}
@@ -932,7 +935,10 @@ def main() -> None:
                     help="isolation: events for the late-start case (0: skip it)")
     ap.add_argument("--hanging", type=int, default=50, help="isolation: hanging webhooks")
     ap.add_argument("--profile", type=Path, help="write py-spy raw profiles of the daemon here")
+    ap.add_argument("--log-level", default=LOG_LEVEL, choices=("debug", "info", "warning", "error"),
+                    help=f"the daemon's log level (default: {LOG_LEVEL}; info writes a line per attempt)")
     args = ap.parse_args()
+    Daemon.log_level = args.log_level
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(only) - set(PHASES)
     if unknown:
