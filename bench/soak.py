@@ -2,13 +2,16 @@
 every acknowledged event reached the receiver. Prints JSON; exits 1 if an acknowledged event was lost.
 
     .venv/bin/python bench/soak.py --cycles 20 [--seed N] [--rate 5000] [--clients 2] [--fail-rate 0.1]
+                                   [--fanout N]
 
 Each cycle starts a real `webhookd serve` process (durability "full"), runs pipelining load
 generators against its intake Unix socket and SIGKILLs the daemon at a random moment (seeded)
 while events are being committed and deliveries, some of them retries after a 503, are in flight.
 An event counts as acknowledged only when its `{"ok":true,...}` answer line was read; lines sent
 but not answered when the connection broke are not. After the last cycle the daemon is started
-once more and the soak waits (bounded) until every acknowledged `data.message_id` has arrived.
+once more and the soak waits (bounded) until every acknowledged `data.message_id` has arrived,
+at every webhook that subscribes to it (`--fanout N`: several webhooks, one of them for bounces
+only and one disabled, whose deliveries must stay paused).
 
 Only loopback: the receiver listens on 127.0.0.1, the intake is a Unix socket, the HTTP intake is
 off. Every wait is bounded; the script stops by itself. The daemon is pinned to core 0 and this
@@ -60,6 +63,40 @@ def message_id(seed: int, n: int) -> str:
     return f"<soak-{seed}-{n:07d}@soak.example.com>"
 
 
+def event_type(mid: str) -> str:
+    """The type event_line gave the event with this message id."""
+    n = int(mid.split("-")[2].split("@")[0])
+    return EVENT_TYPES[n % len(EVENT_TYPES)]
+
+
+@dataclass
+class Hook:
+    """A webhook of the soak: its receiver path, what it subscribes to, whether it is enabled."""
+
+    path: str
+    events: tuple[str, ...] = ("*",)
+    enabled: bool = True
+
+    def wants(self, mid: str) -> bool:
+        return self.enabled and ("*" in self.events or event_type(mid) in self.events)
+
+
+def hooks_for(fanout: int) -> list[Hook]:
+    """One webhook; or, with --fanout N (N >= 3), N - 2 taking every event, one taking bounces
+    only, and a disabled one second in the list (its deliveries stay paused: none may arrive)."""
+    if fanout <= 1:
+        return [Hook("/hook")]
+    hooks = [Hook(f"/hook/{k}") for k in range(fanout - 2)]
+    hooks.insert(1, Hook("/hook/disabled", enabled=False))
+    hooks.append(Hook("/hook/bounces", events=("bounced",)))
+    return hooks
+
+
+def key(path: str, mid: str) -> str:
+    """What the receiver counts: one delivery of one event to one webhook."""
+    return f"{path} {mid}"
+
+
 def event_line(mid: str, n: int) -> bytes:
     kind = EVENT_TYPES[n % len(EVENT_TYPES)]
     data: dict[str, Any] = {"message_id": mid, "from": "shop@example.com", "to": f"customer{n}@example.org",
@@ -73,8 +110,9 @@ def event_line(mid: str, n: int) -> bytes:
 
 # -- the receiver --------------------------------------------------------------------------------
 class Receiver:
-    """ThreadingHTTPServer on 127.0.0.1: records `data.message_id` of every body answered 200 and
-    answers 503 to a seeded random fraction of requests so that retries are pending at each kill."""
+    """ThreadingHTTPServer on 127.0.0.1: records the path and `data.message_id` of every body
+    answered 200 (`key(path, mid)`) and answers 503 to a seeded random fraction of requests so
+    that retries are pending at each kill."""
 
     def __init__(self, fail_rate: float, seed: int) -> None:
         self.fail_rate = fail_rate
@@ -98,7 +136,7 @@ class Receiver:
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length)
                 try:
-                    mid = json.loads(body)["data"]["message_id"] if len(body) == length else None
+                    mid = key(self.path, json.loads(body)["data"]["message_id"]) if len(body) == length else None
                 except (ValueError, KeyError, TypeError):
                     mid = None
                 hook_id = self.headers.get("webhook-id", "")
@@ -128,7 +166,7 @@ class Receiver:
                 pass  # connections the killed daemon left half-way
 
         self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.base = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -368,9 +406,12 @@ def main() -> int:
     ap.add_argument("--drain-timeout", type=float, default=120.0, help="final wait for every acknowledged id")
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory (kept anyway on a loss)")
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin daemon and load to cores")
+    ap.add_argument("--fanout", type=int, default=1,
+                    help="webhooks (default 1; N >= 3: N - 2 for every event, one for bounces, one disabled)")
     args = ap.parse_args()
     if not (1 <= args.cycles <= 10_000 and 1 <= args.clients <= 64 and args.rate > 0
-            and 0 <= args.fail_rate < 1 and 0 < args.kill_min <= args.kill_max <= 60):
+            and 0 <= args.fail_rate < 1 and 0 < args.kill_min <= args.kill_max <= 60
+            and (args.fanout == 1 or 3 <= args.fanout <= 100)):
         ap.error("out-of-range argument")
 
     began = time.monotonic()
@@ -379,6 +420,7 @@ def main() -> int:
     pin_self(LOAD_CORE, args.pin)
     root = Path(tempfile.mkdtemp(prefix="webhookd-soak-"))
     receiver = Receiver(args.fail_rate, args.seed)
+    hooks = hooks_for(args.fanout)
     daemon = Daemon(root, args.pin)
     ids = IdSource(args.seed)
     acked_in: dict[str, int] = {}  # message_id -> cycle in which it was acknowledged
@@ -389,11 +431,22 @@ def main() -> int:
     summary: dict[str, Any] = {}
     try:
         daemon.start(root / "daemon-setup.log")
-        made = daemon.cli("webhooks", "create", "--url", receiver.url, "--description", "soak", "--json")
-        if made.returncode != 0:
-            raise SystemExit(f"webhooks create failed: {made.stderr.decode(errors='replace')}")
-        webhook_id = json.loads(made.stdout)["id"]
+        webhook_ids = []
+        for hook in hooks:
+            made = daemon.cli("webhooks", "create", "--url", receiver.base + hook.path, "--events",
+                              ",".join(hook.events) if hook.events != ("*",) else "all", "--description", "soak",
+                              "--json")
+            if made.returncode != 0:
+                raise SystemExit(f"webhooks create failed: {made.stderr.decode(errors='replace')}")
+            webhook_ids.append(json.loads(made.stdout)["id"])
+            if not hook.enabled:
+                off = daemon.cli("webhooks", "disable", webhook_ids[-1])
+                if off.returncode != 0:
+                    raise SystemExit(f"webhooks disable failed: {off.stderr.decode(errors='replace')}")
         daemon.kill()
+
+        def wanted(mids: set[str]) -> set[str]:
+            return {key(h.path, m) for m in mids for h in hooks if h.wants(m)}
 
         for cycle in range(1, args.cycles + 1):
             ready_s = daemon.start(root / f"daemon-{cycle:03d}.log")
@@ -418,14 +471,14 @@ def main() -> int:
                 unanswered.update(r.unanswered)
                 rejected.extend(r.rejected)
             # what the kill interrupted: acknowledged events not delivered yet, and those waiting for a retry
-            row["backlog_at_kill"] = sum(1 for m in acked_in if m not in delivered_at_kill)
+            row["backlog_at_kill"] = len(wanted(set(acked_in)) - delivered_at_kill)
             row["awaiting_retry_at_kill"] = awaiting_retry
             per_cycle.append(row)
 
         # the last start: everything acknowledged must now arrive
         drain_started = time.monotonic()
         daemon.start(root / "daemon-final.log")
-        expected = set(acked_in)
+        expected = wanted(set(acked_in))
         deadline = drain_started + args.drain_timeout
         status: dict[str, Any] | None = None
         all_arrived_s: float | None = None
@@ -451,19 +504,21 @@ def main() -> int:
             dup_counts = [c for c in receiver.delivered.values() if c > 1]
             mixed_ids = sum(1 for s in receiver.webhook_ids.values() if len(s) > 1)
             requests, incomplete = receiver.requests, receiver.incomplete
-        sent_ids = expected | unanswered
+        sent_ids = expected | wanted(unanswered)
         summary = {
             "ok": not lost,
             "cycles": args.cycles,
             "seed": args.seed,
             "settings": {"rate_events_per_s": args.rate, "clients": args.clients, "fail_rate": args.fail_rate,
+                         "fanout": args.fanout,
                          "kill_window_ms": [round(args.kill_min * 1000), round(args.kill_max * 1000)],
                          "durability": "full", "retry_base": "50ms", "retry_max": "500ms"},
             "events_sent": ids.n,
-            "events_acknowledged": len(expected),
+            "events_acknowledged": len(acked_in),
+            "deliveries_expected": len(expected),
             "events_rejected": len(rejected),
             "events_unacknowledged_at_kill": len(unanswered),
-            "unacknowledged_but_delivered": len(unanswered & delivered),
+            "unacknowledged_but_delivered": len(wanted(unanswered) & delivered),
             "delivered_unique": len(delivered),
             "lost": len(lost),
             "duplicates": sum(c - 1 for c in dup_counts),
@@ -477,7 +532,8 @@ def main() -> int:
             "all_acknowledged_arrived_after_s": None if all_arrived_s is None else round(all_arrived_s, 2),
             "final_status_deliveries": (status or {}).get("deliveries"),
             "final_sigterm_exit": exit_status,
-            "webhook_id": webhook_id,
+            "webhooks": [{"id": i, "path": h.path, "events": list(h.events), "enabled": h.enabled}
+                         for i, h in zip(webhook_ids, hooks, strict=True)],
             "per_cycle": "@PER_CYCLE@",
             "duration_s": round(time.monotonic() - began, 1),
             "machine": versions(cpus_allowed),
@@ -487,11 +543,11 @@ def main() -> int:
             summary["rejected_examples"] = rejected[:5]
         if lost:
             summary["lost_ids"] = lost[:100]
-            summary["lost_acknowledged_in_cycle"] = dict(Counter(acked_in[m] for m in lost))
-            summary["lost_in_database"] = lookup(daemon.db, lost[:20])
+            summary["lost_acknowledged_in_cycle"] = dict(Counter(acked_in[m.split(" ", 1)[1]] for m in lost))
+            summary["lost_in_database"] = lookup(daemon.db, [m.split(" ", 1)[1] for m in lost[:20]])
             summary["logs"] = str(root)
             summary["final_log_tail"] = log_lines(root / "daemon-final.log")
-            cycles_hit = sorted({acked_in[m] for m in lost})[:3]
+            cycles_hit = sorted({acked_in[m.split(" ", 1)[1]] for m in lost})[:3]
             summary["cycle_log_tails"] = {c: log_lines(root / f"daemon-{c:03d}.log") for c in cycles_hit}
         elif args.keep:
             summary["logs"] = str(root)
