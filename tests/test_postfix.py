@@ -267,3 +267,17 @@ def test_follower_waits_for_a_log_that_does_not_exist_yet(tmp_path: Path) -> Non
 
     Follower(log, state, sink, poll=0.01, sleep=nap).run(max_idle=0.05)
     assert len(sink.events) == 7
+
+
+def test_rotated_copy_found_for_a_log_name_with_glob_characters(tmp_path: Path) -> None:
+    log, state = tmp_path / "mail[1].log", tmp_path / "state.json"
+    lines = FIXTURE.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines[:5]))
+    sink = Collect()
+    Follower(log, state, sink).run(once=True)
+    with log.open("a") as f:
+        f.write("".join(lines[5:9]))
+    os.rename(log, tmp_path / "mail[1].log.1")
+    log.write_text("".join(lines[9:]))
+    Follower(log, state, sink).run(once=True)
+    assert [(e["event"], e["data"]["to"]) for e in sink.events] == ALL_EVENTS

@@ -234,10 +234,18 @@ class Follower:
         """Files beside the log named after it (`mail.log.1`, `mail.log.2.gz`,
         `postfix.log.20261128-101500.gz`, `mail.log-20261128`), newest first."""
         found = []
-        for p in self.path.parent.glob(f"{self.path.name}?*"):
-            if p.name[len(self.path.name)] in ".-_" and p.is_file() and p != self.state_file:
+        name = self.path.name
+        try:
+            siblings = os.listdir(self.path.parent)  # not glob: the name may hold [ or *
+        except OSError:
+            return []
+        for sibling in siblings:
+            p = self.path.parent / sibling
+            if len(sibling) > len(name) + 1 and sibling.startswith(name) and sibling[len(name)] in ".-_" \
+                    and p != self.state_file:
                 with contextlib.suppress(OSError):
-                    found.append((p.stat().st_mtime, p))
+                    if p.is_file():
+                        found.append((p.stat().st_mtime, p))
         return [p for _mtime, p in sorted(found, reverse=True)]
 
     def _finish_rotated(self, pos: Position) -> None:
