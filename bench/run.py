@@ -45,7 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
@@ -119,6 +119,17 @@ def thread_cpu(pid: int) -> dict[str, float]:
         cpu = (int(fields[11]) + int(fields[12])) / tick
         out["main" if task.name == str(pid) else "other_threads"] += cpu
     return out
+
+
+def cpu_us_by_thread(pid: int, before: dict[str, float], n: int) -> dict[str, float]:
+    """The daemon's CPU since `before` (a thread_cpu reading), microseconds per delivery, by thread."""
+    after = thread_cpu(pid)
+    return {k: round((after[k] - before[k]) / n * 1e6, 1) for k in before}
+
+
+def cpu_us(pid: int, before: dict[str, float], n: int) -> float:
+    """The daemon's CPU (all threads) since `before`, microseconds per delivery."""
+    return round(sum(cpu_us_by_thread(pid, before, n).values()), 1)
 
 
 def loadavg() -> float:
@@ -489,7 +500,7 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
     recv = Receiver()
     rates: list[float] = []
     ceilings: list[float] = []
-    cpu_us: list[dict[str, float]] = []
+    cpu_rounds: list[dict[str, float]] = []
     try:
         daemon = Daemon(root / "delivery")
         daemon.start()
@@ -501,9 +512,7 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
                 cpu_before = thread_cpu(daemon.pid)
                 with profiled(daemon.pid, args.profile if r == 0 else None, "delivery"):
                     rates.append(asyncio.run(deliveries_rate(daemon, recv, args.deliveries, first=r * args.deliveries)))
-                cpu_after = thread_cpu(daemon.pid)
-                cpu_us.append({k: round((cpu_after[k] - cpu_before[k]) / args.deliveries * 1e6, 1)
-                               for k in cpu_before})
+                cpu_rounds.append(cpu_us_by_thread(daemon.pid, cpu_before, args.deliveries))
                 # the ceiling client gets the daemon's core (the daemon idles meanwhile); like
                 # for like: the daemon runs on uvloop when it is installed, so does the ceiling
                 pin_self(DAEMON_CORE)
@@ -529,7 +538,7 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
         "rounds_bare": [round(x) for x in ceilings],
         "ratio_of_medians": round(statistics.median(rates) / statistics.median(ceilings), 3),
         # the daemon's CPU per delivery (its submission included), by thread, each round
-        "daemon_cpu_us_per_delivery": cpu_us,
+        "daemon_cpu_us_per_delivery": cpu_rounds,
     }
 
 
@@ -733,12 +742,6 @@ async def drain_rate(daemon: Daemon, recv: Receiver, webhook_id: str, n: int, fi
             return n / (time.perf_counter() - started)
 
 
-def cpu_us(pid: int, before: dict[str, float], n: int) -> float:
-    """The daemon's CPU (all threads) since `before`, per delivery."""
-    after = thread_cpu(pid)
-    return round(sum(after.values()) - sum(before.values()), 6) / n * 1e6
-
-
 async def settled_in_flight(daemon: Daemon, seconds: float = 10.0) -> int:
     """Poll the daemon's in-flight count until it holds still (three polls alike) or time runs out."""
     deadline = time.monotonic() + seconds
@@ -765,13 +768,14 @@ async def isolation_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: arg
     attempted: the control); beside the others enabled and hanging, all 51 webhooks made busy
     by the same submitted events (the backlog), within `timeout` of the first hanging attempt.
     """
-    n, out = args.isolation_events, cast(dict[str, Any], {})
+    n = args.isolation_events
+    out: dict[str, Any] = {}
     (healthy,) = await create_webhooks(daemon, [recv.url])
     await deliveries_rate(daemon, recv, 500, first=0)  # warm-up
     before = thread_cpu(daemon.pid)
     with profiled(daemon.pid, args.profile, "isolation-solo"):
         out["solo_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=1_000_000))
-    out["solo_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, n), 1)
+    out["solo_cpu_us_per_delivery"] = cpu_us(daemon.pid, before, n)
     out["solo_drain_deliveries_per_s"] = round(
         await drain_rate(daemon, recv, healthy, n, first=2_000_000, profile=(args.profile, "isolation-solo-drain")))
 
@@ -781,7 +785,7 @@ async def isolation_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: arg
     before = thread_cpu(daemon.pid)
     with profiled(daemon.pid, args.profile, "isolation-fanout"):
         out["fanout_only_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=3_000_000))
-    out["fanout_only_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, n), 1)
+    out["fanout_only_cpu_us_per_delivery"] = cpu_us(daemon.pid, before, n)
     for webhook_id in others:  # enabled and idle: their paused rows are dropped
         await admin_call(daemon, "POST", f"/v1/webhooks/{webhook_id}/enable",
                          {"drop_backlog": True})
@@ -794,7 +798,7 @@ async def isolation_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: arg
     before = thread_cpu(daemon.pid)
     with profiled(daemon.pid, args.profile, "isolation-hanging"):
         out["with_hanging_deliveries_per_s"] = round(await deliveries_rate(daemon, recv, n, first=5_000_000))
-    out["with_hanging_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, n), 1)
+    out["with_hanging_cpu_us_per_delivery"] = cpu_us(daemon.pid, before, n)
     out["with_hanging_drain_deliveries_per_s"] = round(await drain_rate(
         daemon, recv, healthy, n, first=6_000_000, profile=(args.profile, "isolation-hanging-drain")))
     out["hanging_connections_after"], out["hanging_connections_accepted"] = await hang.held()
@@ -810,29 +814,29 @@ async def own_traffic_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: a
     ones to `opened`, each with a backlog of opened events (all attempts hanging). The healthy
     webhook's live rate for n delivered events, solo and beside them: what the hanging receivers
     themselves cost, apart from the rows that every extra subscriber of the same events costs."""
-    n, out = args.isolation_events, cast(dict[str, Any], {})
+    n = args.isolation_events
+    out: dict[str, Any] = {}
     await create_webhooks(daemon, [recv.url], events=("delivered",))
     await deliveries_rate(daemon, recv, 500, first=0)  # warm-up
 
-    async def rounds(name: str, first: int) -> None:
+    async def rounds(key: str, profile: str, first: int) -> None:
         """Best of three rounds: the least disturbed by other work on the machine."""
         rates = []
         before = thread_cpu(daemon.pid)
         for r in range(3):
-            with profiled(daemon.pid, args.profile if r == 0 else None, f"isolation-own-{name}"):
+            with profiled(daemon.pid, args.profile if r == 0 else None, profile):
                 rates.append(await deliveries_rate(daemon, recv, n, first=first + r * n))
-        key = "solo" if name == "solo" else "with_hanging"
-        out[f"{key}_cpu_us_per_delivery"] = round(cpu_us(daemon.pid, before, 3 * n), 1)
+        out[f"{key}_cpu_us_per_delivery"] = cpu_us(daemon.pid, before, 3 * n)
         out[f"rounds_{key}"] = [round(x) for x in rates]
         out[f"{key}_deliveries_per_s"] = round(max(rates))
 
-    await rounds("solo", 1_000_000)
+    await rounds("solo", "isolation-own-solo", 1_000_000)
     await create_webhooks(daemon, [f"http://127.0.0.1:{port}/hook" for port in hang.ports], events=("opened",))
     hang_started = time.monotonic()
     await pipelined_submit(daemon.intake, args.isolation_backlog, first=2_000_000, kind=b"opened")
     out["in_flight_before"] = await settled_in_flight(daemon)
     out["hanging_connections_before"] = (await hang.held())[0]
-    await rounds("hanging", 3_000_000)
+    await rounds("with_hanging", "isolation-own-hanging", 3_000_000)
     out["hanging_connections_after"], out["hanging_connections_accepted"] = await hang.held()
     out["seconds_since_hang_start"] = round(time.monotonic() - hang_started, 1)
     out["valid"] = out["seconds_since_hang_start"] < timeout
@@ -848,7 +852,8 @@ async def late_start_run(daemon: Daemon, recv: Receiver, hang: Hanging, args: ar
     many reach the healthy receiver within `window` seconds."""
     import aiohttp
 
-    n, out = args.late_events, cast(dict[str, Any], {})
+    n = args.late_events
+    out: dict[str, Any] = {}
     (_healthy,) = await create_webhooks(daemon, [recv.url])
     others = await create_webhooks(daemon, [f"http://127.0.0.1:{port}/hook" for port in hang.ports])
     for webhook_id in others:

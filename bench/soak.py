@@ -97,6 +97,11 @@ def key(path: str, mid: str) -> str:
     return f"{path} {mid}"
 
 
+def mid_of(k: str) -> str:
+    """The message id of a `key`."""
+    return k.split(" ", 1)[1]
+
+
 def event_line(mid: str, n: int) -> bytes:
     kind = EVENT_TYPES[n % len(EVENT_TYPES)]
     data: dict[str, Any] = {"message_id": mid, "from": "shop@example.com", "to": f"customer{n}@example.org",
@@ -543,11 +548,11 @@ def main() -> int:
             summary["rejected_examples"] = rejected[:5]
         if lost:
             summary["lost_ids"] = lost[:100]
-            summary["lost_acknowledged_in_cycle"] = dict(Counter(acked_in[m.split(" ", 1)[1]] for m in lost))
-            summary["lost_in_database"] = lookup(daemon.db, [m.split(" ", 1)[1] for m in lost[:20]])
+            summary["lost_acknowledged_in_cycle"] = dict(Counter(acked_in[mid_of(m)] for m in lost))
+            summary["lost_in_database"] = lookup(daemon.db, [mid_of(m) for m in lost[:20]])
             summary["logs"] = str(root)
             summary["final_log_tail"] = log_lines(root / "daemon-final.log")
-            cycles_hit = sorted({acked_in[m.split(" ", 1)[1]] for m in lost})[:3]
+            cycles_hit = sorted({acked_in[mid_of(m)] for m in lost})[:3]
             summary["cycle_log_tails"] = {c: log_lines(root / f"daemon-{c:03d}.log") for c in cycles_hit}
         elif args.keep:
             summary["logs"] = str(root)

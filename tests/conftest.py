@@ -236,7 +236,7 @@ async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 10.0,
 @pytest.fixture
 def smtp_sink() -> Iterator[tuple[Any, int]]:
     """The SMTP sink of tests/mta.py on a free loopback port: (its record, the port)."""
-    from tests.mta import Sink, free_port
+    from tests.mta import Sink
 
     handler, port = Sink(), free_port()
     controller = handler.start(port)

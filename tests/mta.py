@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-import socket
+import shutil
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -35,17 +35,17 @@ except ImportError:  # pragma: no cover - depends on the machine
 WEBHOOKD = [sys.executable, "-m", "webhookd"]
 
 
+def find_program(name: str) -> str | None:
+    """An MTA program on PATH or in /usr/sbin (not on every user's PATH)."""
+    fallback = f"/usr/sbin/{name}"
+    return shutil.which(name) or (fallback if os.access(fallback, os.X_OK) else None)
+
+
 def required(mta: str, missing: str | None) -> None:
     """Fail the module's collection if CI asked for this MTA and it is not usable."""
     wanted = os.environ.get("WEBHOOKD_REQUIRE_MTA", "").split(",")
     if mta in wanted and missing:
         raise RuntimeError(f"WEBHOOKD_REQUIRE_MTA={mta} but {missing}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

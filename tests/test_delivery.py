@@ -460,10 +460,7 @@ async def test_mixed_batch_reaches_each_subscriber_with_its_own_deliveries(
         return await statuses(a) == {"succeeded": len(kinds)} and await statuses(b) == {
             "succeeded": kinds.count("bounced")}
 
-    for _ in range(100):
-        if await settled():
-            break
-        await asyncio.sleep(0.05)
+    await eventually(settled, what="every outcome written")
     assert await statuses(a) == {"succeeded": len(kinds)}
     assert await statuses(b) == {"succeeded": kinds.count("bounced")}
     assert await statuses(p) == {"paused": len(kinds)}

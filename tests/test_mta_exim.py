@@ -14,7 +14,6 @@ can reach, the socket in Debian-exim's group.
 from __future__ import annotations
 
 import grp
-import json
 import os
 import pwd
 import re
@@ -25,11 +24,10 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.mta import HAVE_AIOSMTPD, Sink, assert_signed, required
+from tests.mta import HAVE_AIOSMTPD, Sink, assert_signed, find_program, required
 from tests.mta import Webhookd as Daemon
 from tests.test_process import ThreadReceiver, wait_until
 from webhookd.dsn import classify
@@ -39,15 +37,7 @@ SNIPPET = ROOT / "docs" / "mta" / "exim-webhookd.conf"
 SNIPPET_SOCKET = "/run/webhookd/intake.sock"
 
 
-def find_exim() -> str | None:
-    for name in ("exim4", "exim"):
-        found = shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
-        if found:
-            return found
-    return None
-
-
-EXIM = find_exim()
+EXIM = find_program("exim4") or find_program("exim")
 required("exim", None if EXIM else "Exim is not installed")
 
 pytestmark = [
@@ -209,11 +199,7 @@ def test_exim_reports_deliveries_and_bounces(
 
     submit(config, "a@example.org", "b@example.org", "c@example.org", "x@nowhere.invalid")
 
-    def bodies() -> list[dict[str, Any]]:
-        with thread_receiver.lock:
-            return [json.loads(b) for b in thread_receiver.bodies]
-
-    wait_until(lambda: len(bodies()) >= 4, timeout=15, what="four webhooks")
+    wait_until(lambda: len(thread_receiver.payloads()) >= 4, timeout=15, what="four webhooks")
     # c@ is still queued: two forced queue runs meet the same "mailbox full" again
     exim(config, "-qff")
     exim(config, "-qff")
@@ -221,14 +207,14 @@ def test_exim_reports_deliveries_and_bounces(
     assert work.mainlog.count("== c@example.org") == 3
     time.sleep(0.5)  # anything more would have arrived by now
 
-    got = {(e["data"]["to"], e["event"], e["data"].get("bounce_type")): e for e in bodies()}
+    got = {(e["data"]["to"], e["event"], e["data"].get("bounce_type")): e for e in thread_receiver.payloads()}
     assert sorted(got) == [
         ("a@example.org", "delivered", None),
         ("b@example.org", "bounced", "hard"),
         ("c@example.org", "bounced", "soft"),  # once, though deferred three times
         ("x@nowhere.invalid", "bounced", "hard"),
-    ], bodies()
-    assert len(bodies()) == 4
+    ], thread_receiver.payloads()
+    assert len(thread_receiver.payloads()) == 4
     deliveries = daemon.json("deliveries", "list", "--webhook", hook["id"])["deliveries"]
     assert len(deliveries) == 4
     assert_signed(thread_receiver, hook["secret"])
@@ -242,12 +228,12 @@ def test_exim_reports_deliveries_and_bounces(
     assert "550 5.1.1 User unknown" in got[("b@example.org", "bounced", "hard")]["data"]["error_message"]
     assert "452 4.2.2 Mailbox full" in got[("c@example.org", "bounced", "soft")]["data"]["error_message"]
     assert got[("x@nowhere.invalid", "bounced", "hard")]["data"]["error_message"] == "Unrouteable address"
-    assert {e["data"]["message_id"] for e in bodies()} == {"<order-42@shop.example>"}
+    assert {e["data"]["message_id"] for e in thread_receiver.payloads()} == {"<order-42@shop.example>"}
 
     # Exim's own bounce (empty sender) went out through the same transport, unreported
     bounces = [m for m in server.messages if m[0] == "<>"]
     assert len(bounces) == 1 and bounces[0][1] == ["sender@example.com"]
-    assert all(e["data"]["to"] != "sender@example.com" for e in bodies())
+    assert all(e["data"]["to"] != "sender@example.com" for e in thread_receiver.payloads())
     assert "failed to expand" not in work.mainlog
 
 

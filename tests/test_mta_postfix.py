@@ -13,7 +13,6 @@ tests run as root.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,19 +22,14 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.mta import HAVE_AIOSMTPD, WEBHOOKD, Sink, Webhookd, assert_signed, free_port, required
+from tests.conftest import free_port
+from tests.mta import HAVE_AIOSMTPD, WEBHOOKD, Sink, Webhookd, assert_signed, find_program, required
 from tests.test_process import ThreadReceiver, wait_until
 
-
-def find(name: str) -> str | None:
-    return shutil.which(name) or (f"/usr/sbin/{name}" if os.access(f"/usr/sbin/{name}", os.X_OK) else None)
-
-
-POSTFIX, POSTCONF, POSTQUEUE = find("postfix"), find("postconf"), find("postqueue")
+POSTFIX, POSTCONF, POSTQUEUE = find_program("postfix"), find_program("postconf"), find_program("postqueue")
 required("postfix", None if POSTFIX and POSTCONF and POSTQUEUE else "Postfix is not installed")
 required("postfix", None if HAVE_AIOSMTPD else "aiosmtpd is not installed")
 
@@ -187,11 +181,6 @@ def follower(daemon: Webhookd, postfix: Postfix, tmp_path: Path) -> Iterator[Fol
     f.stop()
 
 
-def bodies(thread_receiver: ThreadReceiver) -> list[dict[str, Any]]:
-    with thread_receiver.lock:
-        return [json.loads(b) for b in thread_receiver.bodies]
-
-
 def test_postfix_deliveries_bounces_deferrals_and_expiry(
     smtp_sink: tuple[Sink, int], postfix: Postfix, daemon: Webhookd, follower: Follower, thread_receiver: ThreadReceiver
 ) -> None:
@@ -200,7 +189,7 @@ def test_postfix_deliveries_bounces_deferrals_and_expiry(
     follower.start()
 
     postfix.send("a@example.org", "b@example.org", "c@example.org")
-    wait_until(lambda: len(bodies(thread_receiver)) >= 3, timeout=20, what="three webhooks")
+    wait_until(lambda: len(thread_receiver.payloads()) >= 3, timeout=20, what="three webhooks")
     # c@ is deferred again on each queue run: "mailbox full" is reported once
     for n in (2, 3):
         postfix.flush()
@@ -214,17 +203,17 @@ def test_postfix_deliveries_bounces_deferrals_and_expiry(
             break
         time.sleep(0.5)
     assert postfix.logged("status=expired"), postfix.log()
-    wait_until(lambda: len(bodies(thread_receiver)) >= 4, timeout=20, what="the failed webhook")
+    wait_until(lambda: len(thread_receiver.payloads()) >= 4, timeout=20, what="the failed webhook")
     wait_until(lambda: server.attempts("sender@example.com") >= 2, timeout=20, what="the second notice")
 
-    got = {(e["data"]["to"], e["event"], e["data"].get("bounce_type")): e["data"] for e in bodies(thread_receiver)}
+    got = {(e["data"]["to"], e["event"], e["data"].get("bounce_type")): e["data"] for e in thread_receiver.payloads()}
     assert sorted(got) == [
         ("a@example.org", "delivered", None),
         ("b@example.org", "bounced", "hard"),
         ("c@example.org", "bounced", "soft"),  # once, though deferred three times
         ("c@example.org", "failed", None),
-    ], bodies(thread_receiver)
-    assert len(bodies(thread_receiver)) == 4
+    ], thread_receiver.payloads()
+    assert len(thread_receiver.payloads()) == 4
     assert len(daemon.json("deliveries", "list", "--webhook", hook["id"])["deliveries"]) == 4
     assert_signed(thread_receiver, hook["secret"])
 
@@ -240,7 +229,7 @@ def test_postfix_deliveries_bounces_deferrals_and_expiry(
     # Postfix's own notices (from=<>) went to the sender through the sink, unreported
     notices = [m for m in server.messages if m[0] == "<>"]
     assert [m[1] for m in notices] == [["sender@example.com"], ["sender@example.com"]]
-    assert all(e["data"]["to"] != "sender@example.com" for e in bodies(thread_receiver))
+    assert all(e["data"]["to"] != "sender@example.com" for e in thread_receiver.payloads())
 
 
 def test_postfix_log_rotation_and_follower_restart(
@@ -250,7 +239,7 @@ def test_postfix_log_rotation_and_follower_restart(
     follower.start()
 
     def delivered() -> list[str]:
-        return sorted(e["data"]["to"] for e in bodies(thread_receiver))
+        return sorted(e["data"]["to"] for e in thread_receiver.payloads())
 
     postfix.send("a1@example.org", message_id="<m1@shop.example>")
     wait_until(lambda: delivered() == ["a1@example.org"], timeout=20, what="a1's webhook")
@@ -287,7 +276,7 @@ def test_postfix_log_rotation_and_follower_restart(
     wait_until(lambda: delivered() == [f"a{i}@example.org" for i in range(1, 6)], timeout=20,
                what="a4's and a5's webhooks after rotation while stopped")
     follower.stop()
-    assert len(bodies(thread_receiver)) == 5
-    assert {e["data"]["message_id"] for e in bodies(thread_receiver)} == {f"<m{i}@shop.example>" for i in range(1, 6)}
+    assert len(thread_receiver.payloads()) == 5
+    assert thread_receiver.delivered() == {f"<m{i}@shop.example>" for i in range(1, 6)}
     assert "finished the rotated log" in follower.out.read_text()
     assert_signed(thread_receiver, hook["secret"])

@@ -169,10 +169,10 @@ def test_long_recipients_keep_distinct_idempotency_keys() -> None:
     assert a["id"] != b["id"] and a["id"].endswith(":mailbox-full") and b["id"].endswith(":sent")
 
 
-def _stopped_then_rotated(tmp_path: Path, rotate: Any) -> list[tuple[str, str]]:
+def _stopped_then_rotated(tmp_path: Path, rotate: Any, name: str = "mail.log") -> list[tuple[str, str]]:
     """Follow part of a log, stop; more lines land in it; it is rotated (by `rotate`) and a
     new log begins; a restarted follower must read both, each line once."""
-    log, state = tmp_path / "mail.log", tmp_path / "state.json"
+    log, state = tmp_path / name, tmp_path / "state.json"
     lines = FIXTURE.read_text().splitlines(keepends=True)
     log.write_text("".join(lines[:5]))
     sink = Collect()
@@ -270,14 +270,5 @@ def test_follower_waits_for_a_log_that_does_not_exist_yet(tmp_path: Path) -> Non
 
 
 def test_rotated_copy_found_for_a_log_name_with_glob_characters(tmp_path: Path) -> None:
-    log, state = tmp_path / "mail[1].log", tmp_path / "state.json"
-    lines = FIXTURE.read_text().splitlines(keepends=True)
-    log.write_text("".join(lines[:5]))
-    sink = Collect()
-    Follower(log, state, sink).run(once=True)
-    with log.open("a") as f:
-        f.write("".join(lines[5:9]))
-    os.rename(log, tmp_path / "mail[1].log.1")
-    log.write_text("".join(lines[9:]))
-    Follower(log, state, sink).run(once=True)
-    assert [(e["event"], e["data"]["to"]) for e in sink.events] == ALL_EVENTS
+    got = _stopped_then_rotated(tmp_path, lambda log: os.rename(log, tmp_path / "mail[1].log.1"), name="mail[1].log")
+    assert got == ALL_EVENTS

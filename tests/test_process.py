@@ -72,8 +72,12 @@ class ThreadReceiver:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def delivered(self) -> set[str]:
+        return {p["data"]["message_id"] for p in self.payloads()}
+
+    def payloads(self) -> list[dict[str, Any]]:
+        """The JSON bodies answered 200, in arrival order."""
         with self.lock:
-            return {json.loads(b)["data"]["message_id"] for b in self.bodies}
+            return [json.loads(b) for b in self.bodies]
 
     def close(self) -> None:
         self.server.shutdown()

@@ -268,7 +268,7 @@ class Follower:
                     elif compressed or os.fstat(g.fileno()).st_ino != pos.inode:
                         continue  # nothing to recognise it by but its inode
                     g.seek(pos.offset)
-                    self._read_rest(g, pos)
+                    self._read_rest(g)
                 except (OSError, EOFError, zlib.error):
                     continue  # unreadable, or a truncated .gz: try the next one
             print(f"webhookd: finished the rotated log {candidate} from byte {pos.offset}", file=sys.stderr)
@@ -278,7 +278,7 @@ class Follower:
                   " did was found beside it; lines written after the last saved position may be missing",
                   file=sys.stderr)
 
-    def _read_rest(self, g: Any, pos: Position) -> None:
+    def _read_rest(self, g: Any) -> None:
         """Submit every line of a finished file from its current position, saving progress."""
         rest = b""
         while True:
@@ -286,23 +286,25 @@ class Follower:
             data = rest + chunk
             if not chunk:
                 if data:
-                    self._submit_lines(data, pos)  # a last line without its newline: complete now
+                    self._submit_lines(data)  # a last line without its newline: complete now
                 return
             end = data.rfind(b"\n")
             if end < 0:
                 rest = data
                 continue
             rest = data[end + 1 :]
-            self._submit_lines(data[: end + 1], pos)
+            self._submit_lines(data[: end + 1])
 
-    def _submit_lines(self, data: bytes, pos: Position) -> None:
+    def _submit_lines(self, data: bytes) -> None:
+        """Submit the events of these complete lines (retrying until the daemon takes
+        them), then advance the saved position past them."""
+        assert self.position is not None
         events: list[dict[str, Any]] = []
         for raw in data.splitlines():
             events.extend(self.tracker.feed(raw.decode("utf-8", "replace")))
         while events and not self.submit(events):
             self.sleep(min(5.0, max(self.poll, 1.0)))  # daemon unreachable: retry, do not skip
-        pos.offset += len(data)
-        self.position = pos
+        self.position.offset += len(data)
         self._save()
 
     @staticmethod
@@ -367,7 +369,7 @@ class Follower:
             f.seek(-(len(chunk) - end - 1), os.SEEK_CUR)
         if len(self.position.head) < HEAD_BYTES:
             self.position.head = _head(f.fileno())
-        self._submit_lines(chunk[: end + 1], self.position)
+        self._submit_lines(chunk[: end + 1])
         return True
 
 

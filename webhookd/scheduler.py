@@ -297,11 +297,7 @@ class Scheduler:
         self._share_at = float("-inf")  # new work: count busy webhooks afresh
         groups: dict[int, list[FreshEvent]] = {}
         for fe in events:  # each holds its list, so no id() is reused meanwhile
-            group = groups.get(id(fe.subscribers))
-            if group is None:
-                groups[id(fe.subscribers)] = [fe]
-            else:
-                group.append(fe)
+            groups.setdefault(id(fe.subscribers), []).append(fe)
         touched: set[Webhook] = set()
         webhooks = self.webhooks
         for group in groups.values():
