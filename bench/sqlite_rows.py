@@ -27,7 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from webhookd.store import MIGRATIONS
+from webhookd.store.sqlite_schema import MIGRATIONS
 
 WEBHOOK_ID = "wh_" + "0" * 26  # as long as a real one
 BODY = b"x" * 230  # about a bench event's body

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import socket
+import sqlite3
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -134,6 +135,15 @@ async def make_receiver() -> AsyncIterator[Callable[..., Awaitable[Receiver]]]:
 
 
 # -- the daemon in-process -----------------------------------------------------------------------
+def db_rows(path: Path, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Run a read-only query on a database file, beside the daemon (WAL: it never blocks it)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return list(conn.execute(query, params).fetchall())
+    finally:
+        conn.close()
+
+
 class Harness:
     """A started Daemon plus clients for its sockets."""
 
@@ -150,6 +160,11 @@ class Harness:
         async with self.session.request(method, f"http://admin{path}", data=data) as resp:
             raw = await resp.read()
             return resp.status, orjson.loads(raw) if raw else None
+
+    def sql(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """What the daemon's database holds (tests only: webhookd itself has no raw SQL outside
+        its SQLite backend)."""
+        return db_rows(self.config.storage.path, query, params)
 
     async def create_webhook(self, url: str, events: list[str] | None = None) -> dict[str, Any]:
         status, hook = await self.api("POST", "/v1/webhooks", {"url": url, "events": events or ["*"]})

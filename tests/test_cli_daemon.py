@@ -324,7 +324,7 @@ async def test_deliveries_list(cli: Cli, h: Harness, make_receiver: MakeReceiver
     limited = (await cli.ok("deliveries", "list", "--webhook", hook["id"], "--limit", "2", "--json")).json
     assert limited["deliveries"] == expected[:2]
     pending = (await cli.ok("deliveries", "list", "--webhook", hook["id"], "--status", "pending", "--json")).json
-    assert pending == {"deliveries": []}
+    assert pending == {"deliveries": [], "next_before": None}
     everything = (await cli.ok("deliveries", "list", "--json")).json
     assert everything == await api(h, "GET", "/v1/deliveries")
 

@@ -277,7 +277,7 @@ async def test_large_backlog_is_delivered_through_the_window(start_daemon: Any, 
     await h.api("POST", f"/v1/webhooks/{hook['id']}/disable")
     n = 1000  # far more than the in-memory window (64)
     await h.submit(*[event("delivered", i) for i in range(n)])
-    h.daemon.scheduler.window = 64
+    h.daemon.scheduler.min_window = 64
     await h.api("POST", f"/v1/webhooks/{hook['id']}/enable", {})
     await receiver.wait_for(n, timeout=30)
     await asyncio.sleep(0.1)
@@ -337,7 +337,7 @@ async def test_allow_targets_exempts_a_network(start_daemon: Any, make_receiver:
 async def test_fresh_events_beyond_the_window_wait_in_sqlite(start_daemon: Any, make_receiver: Any) -> None:
     receiver = await make_receiver(delay=0.001)
     h = await start_daemon(delivery={"per_webhook_concurrency": 1})
-    h.daemon.scheduler.window = 16
+    h.daemon.scheduler.min_window = 16
     await h.create_webhook(receiver.url)
     n = 600
     await h.submit(*[event("delivered", i) for i in range(n)])

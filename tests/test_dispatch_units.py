@@ -9,7 +9,7 @@ import pytest
 
 from webhookd.dispatcher import classify_exception, classify_status, parse_retry_after
 from webhookd.netguard import TargetGuard, TargetRefused, refusal_reason
-from webhookd.scheduler import water_level
+from webhookd.policy import water_level
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299])

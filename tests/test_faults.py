@@ -20,7 +20,7 @@ async def test_full_disk_answers_errors_and_recovers(start_daemon: Any, make_rec
     await h.create_webhook(receiver.url)
     acked = await h.submit(*[event("delivered", i) for i in range(5)])
     assert all(a["ok"] for a in acked)
-    db = h.daemon.store._db
+    db = h.daemon.store._db  # the writer's own connection: fill its disk
     assert db is not None
     async with db.execute("PRAGMA page_count") as cur:
         row = await cur.fetchone()

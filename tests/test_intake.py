@@ -23,7 +23,7 @@ async def test_pipelined_lines_are_answered_in_order(start_daemon: Any) -> None:
         assert ack["ok"] is bool(i % 7), (i, ack)
     ids = [a["id"] for a in acks if a["ok"]]
     assert len(set(ids)) == len(ids)
-    rows = await h.daemon.store.read("SELECT count(*) FROM events")
+    rows = h.sql("SELECT count(*) FROM events")
     assert rows[0][0] == len(ids)
 
 
@@ -134,7 +134,7 @@ async def test_idempotency_key_returns_the_original_id(start_daemon: Any, make_r
     await receiver.wait_for(1)
     await asyncio.sleep(0.1)
     assert len(receiver.requests) == 1
-    rows = await h.daemon.store.read("SELECT count(*) FROM events")
+    rows = h.sql("SELECT count(*) FROM events")
     assert rows[0][0] == 1
 
 
@@ -208,7 +208,7 @@ async def test_http_array_is_all_or_nothing(start_daemon: Any) -> None:
     h = await start_daemon()
     status, body = await _post(h, [event("delivered", 1), {"event": "delivered"}])
     assert status == 400 and body["error"].startswith("events[1]: ")
-    rows = await h.daemon.store.read("SELECT count(*) FROM events")
+    rows = h.sql("SELECT count(*) FROM events")
     assert rows[0][0] == 0
     assert (await _post(h, None, raw=b"{nope"))[0] == 400
     assert (await _post(h, []))[0] == 400

@@ -7,12 +7,13 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import event, eventually
-from webhookd.store import MIGRATIONS, SCHEMA_VERSION, Store
+from tests.conftest import db_rows, event, eventually
+from webhookd.store import SqliteStorage
+from webhookd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION
 
 
 async def count(h: Any, table: str) -> int:
-    rows = await h.daemon.store.read(f"SELECT count(*) FROM {table}")
+    rows = h.sql(f"SELECT count(*) FROM {table}")
     return int(rows[0][0])
 
 
@@ -58,7 +59,7 @@ async def test_database_stops_growing_under_steady_load(start_daemon: Any, make_
         await eventually(settled)
         await asyncio.sleep(0.15)
         await h.daemon.prune_once()
-        page_count = await h.daemon.store.read("PRAGMA page_count")
+        page_count = h.sql("PRAGMA page_count")
         pages.append(int(page_count[0][0]))
         rows.append(await count(h, "deliveries"))
     assert max(rows) <= 300, rows  # each pass removes what the previous round left
@@ -77,12 +78,12 @@ async def test_migrations_run_from_the_first_schema(tmp_path: Path) -> None:
         conn.execute("INSERT INTO events VALUES (1, 'evt_1', NULL, 'delivered', x'7b7d', 0)")
         conn.execute("INSERT INTO deliveries (id, event_id, webhook_id, status, created_at, updated_at)"
                      " VALUES (1, 1, 'wh_1', 'pending', 0, 0)")
-    store = Store(path)
+    store = SqliteStorage(path)
     await store.open()
     try:
-        assert (await store.read("PRAGMA user_version"))[0][0] == SCHEMA_VERSION
-        assert (await store.read("SELECT status FROM deliveries"))[0][0] == "pending"
-        indexes = {r[0] for r in await store.read("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert {"deliveries_finished", "deliveries_event"} <= indexes
+        assert db_rows(path, "PRAGMA user_version")[0][0] == SCHEMA_VERSION
+        assert db_rows(path, "SELECT status FROM deliveries")[0][0] == "pending"
+        indexes = {r[0] for r in db_rows(path, "SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert {"deliveries_finished", "deliveries_event", "events_message_id", "events_recipient"} <= indexes
     finally:
         await store.close()

@@ -13,15 +13,25 @@ from aiohttp import web
 
 from webhookd import __version__
 from webhookd.events import EVENT_TYPES, EventError, format_timestamp, normalise_timestamp
-from webhookd.ids import new_id
 from webhookd.metrics import CONTENT_TYPE, Metrics
-from webhookd.scheduler import Scheduler, Webhook
-from webhookd.signing import generate_secret
-from webhookd.store import DELIVERY_STATUSES, FAILED, PAUSED, SUCCEEDED, StoreError
+from webhookd.operations import Operations
+from webhookd.scheduler import Scheduler
+from webhookd.store import (
+    DELIVERY_STATUSES,
+    FAILED,
+    PAUSED,
+    SUCCEEDED,
+    Conflict,
+    Delivery,
+    DeliveryFilter,
+    NotFound,
+    Storage,
+    StoreError,
+)
+from webhookd.webhooks import Webhook
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-ROTATION_GRACE = 24 * 3600.0
 MAX_LIST = 1000
 
 
@@ -81,33 +91,62 @@ def validate_description(value: object) -> str:
     return value
 
 
-DELIVERY_SELECT = (
-    "SELECT d.id, e.uid, d.webhook_id, e.type, d.status, d.attempts, d.next_attempt_at,"
-    " d.last_status_code, d.last_error, d.created_at, d.updated_at"
-    " FROM deliveries d JOIN events e ON e.id = d.event_id"
-)
-
-
-def delivery_json(row: Any) -> dict[str, Any]:
+def delivery_json(d: Delivery) -> dict[str, Any]:
     return {
-        "id": f"dlv_{row[0]}",
-        "event_id": row[1],
-        "webhook_id": row[2],
-        "event": row[3],
-        "status": row[4],
-        "attempts": row[5],
-        "next_attempt_at": format_timestamp(row[6]) if row[6] is not None else None,
-        "last_status_code": row[7],
-        "last_error": row[8],
-        "created_at": format_timestamp(row[9]),
-        "updated_at": format_timestamp(row[10]),
+        "id": f"dlv_{d.id}",
+        "event_id": d.event_uid,
+        "webhook_id": d.webhook_id,
+        "event": d.event_type,
+        "status": d.status,
+        "attempts": d.attempts,
+        "next_attempt_at": format_timestamp(d.next_attempt_at) if d.next_attempt_at is not None else None,
+        "last_status_code": d.last_status_code,
+        "last_error": d.last_error,
+        "created_at": format_timestamp(d.created_at),
+        "updated_at": format_timestamp(d.updated_at),
+        "message_id": d.message_id,
+        "to": d.recipient,
     }
 
 
+def delivery_filter(q: Any) -> DeliveryFilter:
+    """The filters of `GET /v1/deliveries` (shared with the dashboard)."""
+    statuses: tuple[str, ...] = ()
+    if q.get("status"):
+        statuses = tuple(dict.fromkeys(s.strip() for s in q["status"].split(",") if s.strip()))
+        bad = [s for s in statuses if s not in DELIVERY_STATUSES]
+        if bad:
+            raise ApiError(400, f"unknown status {bad[0]!r} (expected one of {', '.join(DELIVERY_STATUSES)})")
+    event_type = q.get("event") or None
+    if event_type is not None and event_type not in EVENT_TYPES:
+        raise ApiError(400, f"unknown event {event_type!r} (expected one of {', '.join(EVENT_TYPES)})")
+    times: dict[str, float | None] = {}
+    for name in ("since", "until"):
+        text = q.get(name)
+        try:
+            times[name] = parse_rfc3339(text) if text else None
+        except EventError as exc:
+            raise ApiError(400, f"{name}: {exc}") from None
+    return DeliveryFilter(
+        webhook_id=q.get("webhook_id") or None, statuses=statuses, event_type=event_type,
+        message_id=q.get("message_id") or None, recipient=q.get("to") or None,
+        since=times["since"], until=times["until"],
+    )
+
+
+def delivery_number(raw: str) -> int | None:
+    """`dlv_123` (or `123`) → 123; None if it cannot name a delivery."""
+    digits = raw.removeprefix("dlv_")
+    return int(digits) if digits.isdigit() and len(digits) <= 18 else None
+
+
 class AdminApi:
-    def __init__(self, scheduler: Scheduler, *, production: bool, started: float | None = None) -> None:
+    def __init__(
+        self, scheduler: Scheduler, storage: Storage, *, production: bool, started: float | None = None
+    ) -> None:
         self.scheduler = scheduler
-        self.store = scheduler.store
+        self.store = storage
+        self.ops = Operations(scheduler, storage)
         self.production = production
         self.started = started if started is not None else time.time()
         self.extra_status: Callable[[], dict[str, Any]] = dict
@@ -145,6 +184,10 @@ class AdminApi:
             return await handler(request)
         except ApiError as exc:
             return reply({"error": exc.message}, exc.status)
+        except NotFound as exc:
+            return reply({"error": str(exc)}, 404)
+        except Conflict as exc:
+            return reply({"error": str(exc)}, 409)
         except StoreError as exc:
             return reply({"error": str(exc)}, 503)
         except web.HTTPException as exc:
@@ -154,11 +197,7 @@ class AdminApi:
 
     # -- helpers ---------------------------------------------------------------------
     def _webhook(self, request: web.Request) -> Webhook:
-        wid = request.match_info["id"]
-        wh = self.scheduler.webhooks.get(wid)
-        if wh is None:
-            raise ApiError(404, f"no webhook with id {wid!r}")
-        return wh
+        return self.ops.webhook(request.match_info["id"])
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -177,9 +216,7 @@ class AdminApi:
         return reply({"ok": True})
 
     async def _counts(self) -> tuple[dict[str, int], dict[str, int]]:
-        rows = await self.store.read("SELECT status, count(*) FROM deliveries GROUP BY status")
-        deliveries = dict.fromkeys(DELIVERY_STATUSES, 0)
-        deliveries.update({row[0]: row[1] for row in rows})
+        deliveries = await self.store.count_by_status()
         hooks = self.scheduler.webhooks.values()
         enabled = sum(1 for wh in hooks if wh.enabled)
         return deliveries, {"enabled": enabled, "disabled": len(hooks) - enabled}
@@ -215,23 +252,11 @@ class AdminApi:
         unknown = set(body) - {"url", "events", "description"}
         if unknown:
             raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
-        now = self.scheduler.clock()
-        wh = Webhook(
-            id=new_id("wh"),
+        wh = await self.ops.create(
             url=validate_url(body.get("url"), production=self.production),
             events=validate_events(body.get("events", ["*"])),
             description=validate_description(body.get("description")),
-            enabled=True,
-            disabled_reason=None,
-            consecutive_failures=0,
-            backoff_until=0.0,
-            secret=generate_secret(),
-            previous_secret=None,
-            previous_secret_expires_at=None,
-            created_at=now,
-            updated_at=now,
         )
-        await self.scheduler.create(wh)
         return reply({**wh.public(), "secret": wh.secret}, 201)
 
     async def list_webhooks(self, request: web.Request) -> web.Response:
@@ -249,12 +274,12 @@ class AdminApi:
         url = validate_url(body["url"], production=self.production) if "url" in body else None
         events = validate_events(body["events"]) if "events" in body else None
         description = validate_description(body["description"]) if "description" in body else None
-        await self.scheduler.update(wh, url=url, events=events, description=description)
+        await self.ops.update(wh, url=url, events=events, description=description)
         return reply(wh.public())
 
     async def delete_webhook(self, request: web.Request) -> web.Response:
         wh = self._webhook(request)
-        await self.scheduler.delete(wh)
+        await self.ops.delete(wh)
         return reply({"deleted": wh.id})
 
     async def enable_webhook(self, request: web.Request) -> web.Response:
@@ -263,13 +288,13 @@ class AdminApi:
         drop = body.get("drop_backlog", False)
         if not isinstance(drop, bool):
             raise ApiError(400, "drop_backlog must be true or false")
-        _, count = await self.scheduler.enable(wh, drop_backlog=drop)
+        count = await self.ops.enable(wh, drop_backlog=drop)
         key = "dropped" if drop else "resumed"
         return reply({**wh.public(), key: count})
 
     async def disable_webhook(self, request: web.Request) -> web.Response:
         wh = self._webhook(request)
-        await self.scheduler.disable(wh)
+        await self.ops.disable(wh)
         return reply(wh.public())
 
     async def test_webhook(self, request: web.Request) -> web.Response:
@@ -278,7 +303,7 @@ class AdminApi:
         event_type = body.get("event") or "delivered"
         if event_type not in EVENT_TYPES:
             raise ApiError(400, f"unknown event {event_type!r} (expected one of {', '.join(EVENT_TYPES)})")
-        outcome = await self.scheduler.send_test(wh, event_type)
+        outcome = await self.ops.send_test(wh, event_type)
         return reply(
             {
                 "ok": outcome.success,
@@ -291,7 +316,7 @@ class AdminApi:
 
     async def rotate_secret(self, request: web.Request) -> web.Response:
         wh = self._webhook(request)
-        await self.scheduler.rotate_secret(wh, generate_secret(), ROTATION_GRACE)
+        await self.ops.rotate_secret(wh)
         expires = wh.previous_secret_expires_at
         return reply(
             {
@@ -317,7 +342,7 @@ class AdminApi:
         allowed = (FAILED, PAUSED, SUCCEEDED)
         if not isinstance(statuses, list) or not statuses or any(s not in allowed for s in statuses):
             raise ApiError(400, f"status must be a list drawn from {', '.join(allowed)}")
-        count = await self.scheduler.replay(wh, since=since, statuses=statuses)
+        count = await self.ops.replay(wh, since=since, statuses=statuses)
         return reply({"id": wh.id, "replayed": count, "since": format_timestamp(since), "status": statuses})
 
     async def show_secret(self, request: web.Request) -> web.Response:
@@ -326,70 +351,49 @@ class AdminApi:
 
     async def list_deliveries(self, request: web.Request) -> web.Response:
         q = request.query
-        where: list[str] = []
-        params: list[Any] = []
-        if q.get("webhook_id"):
-            where.append("d.webhook_id = ?")
-            params.append(q["webhook_id"])
-        if q.get("status"):
-            statuses = [s.strip() for s in q["status"].split(",") if s.strip()]
-            bad = [s for s in statuses if s not in DELIVERY_STATUSES]
-            if bad:
-                raise ApiError(400, f"unknown status {bad[0]!r} (expected one of {', '.join(DELIVERY_STATUSES)})")
-            where.append(f"d.status IN ({','.join('?' * len(statuses))})")
-            params.extend(statuses)
+        where = delivery_filter(q)
         try:
             limit = int(q.get("limit", "100"))
         except ValueError:
             raise ApiError(400, "limit must be an integer") from None
         if not 1 <= limit <= MAX_LIST:
             raise ApiError(400, f"limit must be between 1 and {MAX_LIST}")
-        sql = DELIVERY_SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        sql += " ORDER BY d.id DESC LIMIT ?"
-        rows = await self.store.read(sql, [*params, limit])
-        return reply({"deliveries": [delivery_json(r) for r in rows]})
+        before = None
+        if q.get("before"):
+            before = delivery_number(q["before"])
+            if before is None:
+                raise ApiError(400, f"before must be a delivery id such as dlv_42, got {q['before']!r}")
+        rows = await self.store.list_deliveries(where, before=before, limit=limit)
+        more = len(rows) == limit
+        return reply({"deliveries": [delivery_json(d) for d in rows],
+                      "next_before": f"dlv_{rows[-1].id}" if rows and more else None})
 
     def _delivery_id(self, request: web.Request) -> int:
         raw = request.match_info["id"]
-        digits = raw.removeprefix("dlv_")
-        if not digits.isdigit() or len(digits) > 18:
+        did = delivery_number(raw)
+        if did is None:
             raise ApiError(404, f"no delivery with id {raw!r}")
-        return int(digits)
+        return did
 
-    async def _delivery(self, did: int) -> dict[str, Any]:
-        rows = await self.store.read(DELIVERY_SELECT + " WHERE d.id = ?", (did,))
-        if not rows:
+    async def _delivery(self, did: int, *, attempts: bool = False) -> dict[str, Any]:
+        found = await self.store.delivery(did)
+        if found is None:
             raise ApiError(404, f"no delivery with id 'dlv_{did}'")
-        return delivery_json(rows[0])
+        doc = delivery_json(found.delivery)
+        if attempts:
+            doc["attempt_log"] = [
+                {"at": format_timestamp(a.at), "duration_ms": a.duration_ms, "status_code": a.status_code,
+                 "error": a.error, "response_body": a.response_body}
+                for a in found.attempts
+            ]
+        return doc
 
     async def show_delivery(self, request: web.Request) -> web.Response:
-        did = self._delivery_id(request)
-        delivery = await self._delivery(did)
-        attempts = await self.store.read(
-            "SELECT at, duration_ms, status_code, error, response_body FROM attempts"
-            " WHERE delivery_id = ? ORDER BY id",
-            (did,),
-        )
-        delivery["attempt_log"] = [
-            {
-                "at": format_timestamp(a[0]),
-                "duration_ms": a[1],
-                "status_code": a[2],
-                "error": a[3],
-                "response_body": a[4],
-            }
-            for a in attempts
-        ]
-        return reply(delivery)
+        return reply(await self._delivery(self._delivery_id(request), attempts=True))
 
     async def retry_delivery(self, request: web.Request) -> web.Response:
         did = self._delivery_id(request)
-        try:
-            await self.scheduler.retry_delivery(did)
-        except KeyError:
-            raise ApiError(404, f"no delivery with id 'dlv_{did}'") from None
-        except RuntimeError as exc:
-            raise ApiError(409, str(exc)) from None
+        await self.ops.retry_delivery(did)
         return reply(await self._delivery(did))
 
 

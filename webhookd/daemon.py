@@ -23,11 +23,13 @@ from webhookd import __version__, logs
 from webhookd.admin import AdminApi
 from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatcher import Dispatcher
+from webhookd.events import Event
 from webhookd.intake import IntakeStats, LineProtocol, http_app
 from webhookd.metrics import Metrics
 from webhookd.netguard import TargetGuard
-from webhookd.scheduler import Scheduler, Webhook
-from webhookd.store import Store, StoreError
+from webhookd.scheduler import Scheduler
+from webhookd.store import SqliteStorage, StoreError
+from webhookd.webhooks import Webhook
 
 log = structlog.get_logger("webhookd")
 
@@ -97,7 +99,13 @@ class Daemon:
         self.config = config
         self.clock = clock
         cfg = config.delivery
-        self.store = Store(config.storage.path, durability=config.storage.durability, clock=clock)
+        # Data flows one way: intake → storage → scheduler → dispatcher → storage. The
+        # storage hands what each commit made due to the scheduler (push_fresh); intake
+        # submits each event with the scheduler's subscriber list for its type.
+        self.store = SqliteStorage(
+            config.storage.path, durability=config.storage.durability, clock=clock,
+            on_fresh=lambda events: self.scheduler.push_fresh(events),
+        )
         guard = None if config.dev else TargetGuard(cfg.allow_targets)
         self.dispatcher = Dispatcher(cfg, guard=guard)
         self.metrics = Metrics()
@@ -105,9 +113,9 @@ class Daemon:
             self.store, self.dispatcher, cfg, clock=clock, on_disabled=self._notify_disabled, metrics=self.metrics
         )
         self.stats = IntakeStats()
-        self.metrics.received = lambda: self.store.received
+        self.metrics.received = self.store.received
         self.metrics.rejected = lambda: self.stats.rejected
-        self.admin = AdminApi(self.scheduler, production=not config.dev)
+        self.admin = AdminApi(self.scheduler, self.store, production=not config.dev)
         self.admin.metrics = self.metrics
         self.admin.gauges = lambda: {"intake_connections": self.stats.connections}
         self.admin.extra_status = lambda: {"intake": {"connections": self.stats.connections}}
@@ -159,7 +167,7 @@ class Daemon:
 
             def factory() -> LineProtocol:
                 proto = _TrackedProtocol(
-                    self._protocols, self.store, max_line=cfg.max_event_bytes,
+                    self._protocols, self.submit, max_line=cfg.max_event_bytes,
                     max_connections=cfg.max_connections, stats=self.stats, clock=self.clock,
                 )
                 return proto
@@ -174,7 +182,7 @@ class Daemon:
             self._socket_paths.append(cfg.socket)
         if cfg.http_listen is not None:
             app = http_app(
-                self.store, token=cfg.http_token, max_event_bytes=cfg.max_event_bytes, stats=self.stats,
+                self.submit, token=cfg.http_token, max_event_bytes=cfg.max_event_bytes, stats=self.stats,
                 clock=self.clock,
             )
             await self._serve_tcp(app, cfg.http_listen, "intake.http_listen")
@@ -204,6 +212,10 @@ class Daemon:
             await web.TCPSite(runner, listen[0], listen[1], backlog=1024).start()
         except OSError as exc:
             raise StartupError(f"{key}: cannot listen on {_fmt_listen(listen)}: {exc.strerror}") from exc
+
+    def submit(self, event: Event) -> asyncio.Future[str]:
+        """Intake's way in: the event with its subscribers, to storage."""
+        return self.store.submit(event, self.scheduler.subscribers(event.type))
 
     def _notify_disabled(self, wh: Webhook) -> None:
         """Run `[notify] command` for an automatically disabled webhook."""
@@ -307,8 +319,7 @@ class Daemon:
 
     async def _status_line(self) -> str:
         try:
-            rows = await self.store.read("SELECT count(*) FROM deliveries WHERE status = 'pending'")
-            pending = str(rows[0][0])
+            pending = str((await self.store.count_by_status())["pending"])
         except StoreError:
             pending = "?"
         return (
@@ -337,8 +348,9 @@ class Daemon:
         for key in ("environment", "state_dir", "runtime_dir"):
             if getattr(old, key) != getattr(new, key):
                 restart.append(key)
-        self.scheduler.cfg = dataclasses.replace(new.delivery, **{f: getattr(old.delivery, f) for f in live})
-        self.dispatcher.cfg = self.scheduler.cfg
+        delivery = dataclasses.replace(new.delivery, **{f: getattr(old.delivery, f) for f in live})
+        self.scheduler.reconfigure(delivery)
+        self.dispatcher.cfg = delivery
         self.config = new
         log.info("config reloaded", source=str(new.source) if new.source else None, needs_restart=restart)
 

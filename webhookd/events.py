@@ -89,6 +89,8 @@ class Event:
     timestamp: str  # normalised "YYYY-MM-DDTHH:MM:SSZ"
     idempotency_key: str | None  # the optional top-level "id"
     body: bytes  # orjson.dumps({"event": type, "timestamp": timestamp, "data": data})
+    message_id: str = ""  # data.message_id, stored in its own indexed column for search
+    recipient: str = ""  # data.to ("" when absent), likewise
 
 
 # -- timestamps -----------------------------------------------------------------------------------
@@ -308,7 +310,7 @@ def validate_event(obj: object, *, now: float) -> Event:
         body = memoryview(orjson.dumps({"event": event_type, "timestamp": timestamp, "data": data})).tobytes()
     except orjson.JSONEncodeError as exc:
         raise _encode_error(exc) from None
-    return Event(event_type, timestamp, key, body)
+    return Event(event_type, timestamp, key, body, data["message_id"], data.get("to") or "")
 
 
 def _unknown_event(name: str) -> EventError:

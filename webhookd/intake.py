@@ -1,7 +1,7 @@
 """Intake: newline-delimited JSON on a Unix socket, and HTTP `POST /v1/events`.
 
 Every line gets exactly one response line, in order, written only after the
-event is committed. Lines are parsed as they arrive and handed to the store
+event is committed. Lines are parsed as they arrive and handed to storage
 without waiting for earlier commits, so a pipelining client fills one group
 commit with many events. Reading pauses while too many answers are
 outstanding or while the client does not read its answers, so one slow or
@@ -22,12 +22,15 @@ import structlog
 from aiohttp import web
 
 from webhookd.events import Event, EventError, decode_json, parse_event, validate_event
-from webhookd.store import Store, StoreError
+from webhookd.store import StoreError
 
 log = structlog.get_logger("webhookd.intake")
 
 MAX_OUTSTANDING = 4096  # unanswered lines per connection before reading pauses
 RESUME_OUTSTANDING = 1024
+
+Submit = Callable[[Event], asyncio.Future[str]]
+"""Queues a valid event for the next commit (with its subscribers); resolves to its id."""
 
 
 def ok_line(event_id: str) -> bytes:
@@ -67,10 +70,10 @@ class LineProtocol(asyncio.Protocol):
     """One intake connection."""
 
     def __init__(
-        self, store: Store, *, max_line: int, max_connections: int, stats: IntakeStats,
+        self, submit: Submit, *, max_line: int, max_connections: int, stats: IntakeStats,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.store = store
+        self.submit = submit
         self.max_line = max_line
         self.max_connections = max_connections
         self.stats = stats
@@ -178,7 +181,7 @@ class LineProtocol(asyncio.Protocol):
             self.stats.reject(rejection_reason(reason))
             self._answer_now(error_line(reason))
             return
-        fut = self.store.submit_event(event)
+        fut = self.submit(event)
         self.pending.append(fut)
         fut.add_done_callback(self._on_commit)
 
@@ -237,7 +240,7 @@ HTTP_MAX_EVENTS = 1000
 
 
 def http_app(
-    store: Store, *, token: str, max_event_bytes: int, stats: IntakeStats,
+    submit: Submit, *, token: str, max_event_bytes: int, stats: IntakeStats,
     clock: Callable[[], float] = time.time,
 ) -> web.Application:
     """The HTTP intake application (`POST /v1/events`)."""
@@ -286,7 +289,7 @@ def http_app(
                 return fail(413, f"{where}event larger than intake.max_event_bytes ({max_event_bytes})")
             events.append(ev)
         # Queued together, synchronously: they land in one transaction (all or nothing).
-        futures = [store.submit_event(ev) for ev in events]
+        futures = [submit(ev) for ev in events]
         try:
             ids = await asyncio.gather(*futures)
         except StoreError as exc:

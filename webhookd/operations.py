@@ -1,0 +1,152 @@
+"""What an operator can do to webhooks and deliveries, for the admin API (and the dashboard).
+
+Each operation writes through the storage and changes the scheduler's memory in the
+order the storage commits. Operations that restrict what may be delivered (disable,
+delete, enable's reset) change memory when they are queued, so an event submitted
+after them already fans out by the new state; their writes are internal (retried
+until they commit). Domain errors are `NotFound` and `Conflict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import structlog
+
+from webhookd import policy
+from webhookd.dispatcher import Outcome
+from webhookd.events import synthetic_event
+from webhookd.ids import new_id
+from webhookd.scheduler import USER_AGENT, Scheduler
+from webhookd.signing import generate_secret
+from webhookd.store.base import Storage
+from webhookd.store.model import PAUSED, PENDING, Conflict, NotFound
+from webhookd.webhooks import Webhook
+
+log = structlog.get_logger("webhookd.operations")
+
+ROTATION_GRACE = 24 * 3600.0
+
+
+class Operations:
+    def __init__(self, scheduler: Scheduler, storage: Storage) -> None:
+        self.scheduler = scheduler
+        self.storage = storage
+
+    @property
+    def clock(self) -> float:
+        return self.scheduler.clock()
+
+    def webhook(self, webhook_id: str) -> Webhook:
+        wh = self.scheduler.webhooks.get(webhook_id)
+        if wh is None:
+            raise NotFound(f"no webhook with id {webhook_id!r}")
+        return wh
+
+    async def create(self, *, url: str, events: tuple[str, ...], description: str) -> Webhook:
+        now = self.clock
+        wh = Webhook(
+            id=new_id("wh"), url=url, events=events, description=description, secret=generate_secret(),
+            previous_secret=None, previous_secret_expires_at=None, created_at=now, updated_at=now,
+        )
+        wh.boundary = None  # a new webhook has nothing pending
+        await self.storage.create_webhook(wh.record(), on_commit=lambda _: self.scheduler.add(wh))
+        return wh
+
+    async def update(
+        self, wh: Webhook, *, url: str | None, events: tuple[str, ...] | None, description: str | None
+    ) -> Webhook:
+        now = self.clock
+        new_url = wh.url if url is None else url
+        new_events = wh.events if events is None else events
+        new_description = wh.description if description is None else description
+
+        def committed(_: None) -> None:
+            wh.url, wh.events, wh.description, wh.updated_at = new_url, new_events, new_description, now
+            self.scheduler.changed_subscriptions()
+
+        await self.storage.update_webhook(
+            wh.id, url=new_url, events=new_events, description=new_description, updated_at=now, on_commit=committed
+        )
+        return wh
+
+    async def delete(self, wh: Webhook) -> None:
+        self.scheduler.remove(wh)
+        await self.storage.delete_webhook(wh.id)
+
+    async def disable(self, wh: Webhook) -> Webhook:
+        if not wh.enabled:
+            return wh
+        now = self.clock
+        self.scheduler.set_gate(wh, policy.disabled_by_hand(wh.gate), now)
+        await self.storage.set_webhook_state(wh.id, wh.state(), pause_pending=True)
+        log.info("webhook disabled", webhook_id=wh.id, reason=policy.MANUAL)
+        return wh
+
+    async def enable(self, wh: Webhook, *, drop_backlog: bool = False) -> int:
+        """Returns how many paused deliveries were resumed (or dropped)."""
+        now = self.clock
+        self.scheduler.set_gate(wh, policy.enabled_again(wh.gate), now)
+        count = await self.storage.enable_webhook(
+            wh.id, now=now, drop_backlog=drop_backlog, on_commit=lambda _: self.scheduler.reload_window(wh)
+        )
+        log.info("webhook enabled", webhook_id=wh.id, resumed=0 if drop_backlog else count,
+                 dropped=count if drop_backlog else 0)
+        return count
+
+    async def rotate_secret(self, wh: Webhook, grace: float = ROTATION_GRACE) -> Webhook:
+        now = self.clock
+        old, new = wh.secret, generate_secret()
+        expires = now + grace
+
+        def committed(_: None) -> None:
+            wh.secret, wh.previous_secret, wh.previous_secret_expires_at = new, old, expires
+            wh.updated_at = now
+
+        await self.storage.rotate_secret(
+            wh.id, secret=new, previous_secret=old, previous_expires_at=expires, now=now, on_commit=committed
+        )
+        return wh
+
+    async def retry_delivery(self, delivery_id: int) -> str:
+        """Queue a delivery for an attempt now; returns its new status."""
+        now = self.clock
+        found = await self.storage.due_item(delivery_id)
+        if found is None:
+            raise NotFound(f"no delivery with id 'dlv_{delivery_id}'")
+        item, _status = found
+        wh = self.scheduler.webhooks.get(item.webhook_id)
+        if wh is None:
+            raise NotFound(f"no delivery with id 'dlv_{delivery_id}'")
+        if delivery_id in wh.inflight:
+            raise Conflict("the delivery is being attempted right now")
+        status = PENDING if wh.enabled else PAUSED
+        await self.storage.reschedule(
+            delivery_id, status=status, next_attempt_at=now if status == PENDING else None, now=now,
+            on_commit=lambda _: self.scheduler.requeue(wh, item, now) if status == PENDING else None,
+        )
+        return status
+
+    async def replay(self, wh: Webhook, *, since: float, statuses: Sequence[str]) -> int:
+        """Queue again every delivery of `wh` created since `since` with one of `statuses`."""
+        now = self.clock
+        status = PENDING if wh.enabled else PAUSED
+        count = await self.storage.replay(
+            wh.id, since=since, statuses=statuses, status=status,
+            next_attempt_at=now if status == PENDING else None, now=now,
+            on_commit=lambda n: self.scheduler.reload_window(wh) if n else None,
+        )
+        log.info("deliveries replayed", webhook_id=wh.id, count=count, since=since, statuses=list(statuses))
+        return count
+
+    async def send_test(self, wh: Webhook, event_type: str) -> Outcome:
+        now = self.clock
+        ev = synthetic_event(event_type, now=now)
+        event_id = new_id("evt")
+        headers = wh.signer(now).headers(
+            event_id=event_id, event_type=ev.type, body=ev.body, timestamp=int(now), user_agent=USER_AGENT
+        )
+        outcome = await self.scheduler.dispatcher.post(wh.url, ev.body, headers)
+        log.info("test event sent", webhook_id=wh.id, event_id=event_id, status_code=outcome.status_code,
+                 duration_ms=round(outcome.duration_ms, 1), error=outcome.error)
+        return outcome

@@ -1,0 +1,41 @@
+"""Storage: the `Storage` protocol (domain verbs, typed rows), the group-commit writer,
+and one module per backend (today: SQLite).
+
+    model.py          typed rows and values, domain errors
+    base.py           the Storage protocol
+    writer.py         the group-committing writer every backend uses
+    sqlite.py         the SQLite backend (all of webhookd's SQL)
+    sqlite_schema.py  its versioned migrations
+"""
+
+from webhookd.store.base import FreshSink, Storage
+from webhookd.store.model import (
+    DELIVERY_STATUSES,
+    FAILED,
+    PAUSED,
+    PENDING,
+    SUCCEEDED,
+    Attempt,
+    Conflict,
+    Delivery,
+    DeliveryDetail,
+    DeliveryFilter,
+    DueItem,
+    FreshEvent,
+    HourCount,
+    NotFound,
+    OutcomeRecord,
+    StoreError,
+    Subscriber,
+    WebhookRecord,
+    WebhookState,
+    WebhookStats,
+)
+from webhookd.store.sqlite import SqliteStorage
+
+__all__ = [
+    "DELIVERY_STATUSES", "FAILED", "PAUSED", "PENDING", "SUCCEEDED", "Attempt", "Conflict", "Delivery",
+    "DeliveryDetail", "DeliveryFilter", "DueItem", "FreshEvent", "FreshSink", "HourCount", "NotFound",
+    "OutcomeRecord", "SqliteStorage", "Storage", "StoreError", "Subscriber", "WebhookRecord", "WebhookState",
+    "WebhookStats",
+]

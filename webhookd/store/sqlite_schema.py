@@ -1,0 +1,103 @@
+"""The SQLite schema, as versioned migrations (`PRAGMA user_version`).
+
+Each entry upgrades the schema by one version; never edit a released entry, append
+a new one. Version N is reached after running MIGRATIONS[:N], each in its own
+transaction.
+"""
+
+from __future__ import annotations
+
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        url TEXT NOT NULL,
+        events TEXT NOT NULL,
+        description TEXT NOT NULL DEFAULT '',
+        enabled INTEGER NOT NULL DEFAULT 1,
+        disabled_reason TEXT,
+        consecutive_failures INTEGER NOT NULL DEFAULT 0,
+        backoff_until REAL NOT NULL DEFAULT 0,
+        secret TEXT NOT NULL,
+        previous_secret TEXT,
+        previous_secret_expires_at REAL,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        uid TEXT NOT NULL,
+        idempotency_key TEXT,
+        type TEXT NOT NULL,
+        body BLOB NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE UNIQUE INDEX events_idempotency ON events (idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        event_id INTEGER NOT NULL,
+        webhook_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL,
+        last_status_code INTEGER,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX deliveries_due ON deliveries (webhook_id, next_attempt_at, id)
+        WHERE status = 'pending';
+    CREATE INDEX deliveries_status ON deliveries (status, webhook_id);
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        delivery_id INTEGER NOT NULL,
+        at REAL NOT NULL,
+        duration_ms REAL NOT NULL,
+        status_code INTEGER,
+        error TEXT,
+        response_body TEXT
+    );
+    CREATE INDEX attempts_delivery ON attempts (delivery_id);
+    """,
+    # v2: retention pruning finds finished deliveries by age, and events by their deliveries.
+    """
+    CREATE INDEX deliveries_finished ON deliveries (updated_at) WHERE status IN ('succeeded', 'failed');
+    CREATE INDEX deliveries_event ON deliveries (event_id);
+    """,
+    # v3: message id and recipient as indexed columns (search), and what the dashboard
+    # shows per webhook without scanning: its last attempt, and attempts counted by hour.
+    """
+    ALTER TABLE events ADD COLUMN message_id TEXT NOT NULL DEFAULT '';
+    ALTER TABLE events ADD COLUMN recipient TEXT NOT NULL DEFAULT '' COLLATE NOCASE;
+    UPDATE events SET
+        message_id = coalesce(json_extract(CAST(body AS TEXT), '$.data.message_id'), ''),
+        recipient = coalesce(json_extract(CAST(body AS TEXT), '$.data.to'), '');
+    CREATE INDEX events_message_id ON events (message_id);
+    CREATE INDEX events_recipient ON events (recipient);
+    CREATE INDEX deliveries_webhook ON deliveries (webhook_id, id);
+    ALTER TABLE webhooks ADD COLUMN last_attempt_at REAL;
+    ALTER TABLE webhooks ADD COLUMN last_status_code INTEGER;
+    ALTER TABLE webhooks ADD COLUMN last_error TEXT;
+    UPDATE webhooks SET (last_attempt_at, last_status_code, last_error) = (
+        SELECT a.at, a.status_code, a.error FROM attempts a JOIN deliveries d ON d.id = a.delivery_id
+        WHERE d.webhook_id = webhooks.id ORDER BY a.at DESC, a.id DESC LIMIT 1);
+    CREATE TABLE attempt_hours (
+        hour INTEGER NOT NULL,
+        webhook_id TEXT NOT NULL,
+        succeeded INTEGER NOT NULL DEFAULT 0,
+        failed INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (hour, webhook_id)
+    ) WITHOUT ROWID;
+    INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed)
+        SELECT CAST(a.at / 3600 AS INTEGER) * 3600, d.webhook_id, sum(a.error IS NULL), sum(a.error IS NOT NULL)
+        FROM attempts a JOIN deliveries d ON d.id = a.delivery_id GROUP BY 1, 2;
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def split_sql(script: str) -> list[str]:
+    """The statements of a migration (none of them contains a ';' of its own)."""
+    return [s.strip() for s in script.split(";") if s.strip()]

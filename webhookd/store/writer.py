@@ -1,0 +1,261 @@
+"""The group-committing writer: one task runs every queued write in one transaction.
+
+Callers queue operations; the writer task takes *everything* queued, runs it in one
+transaction and commits once, so throughput grows with load instead of being capped
+by fsyncs (group commit). The items of one `Batcher` (events from intake, attempt
+outcomes) queued between two plain operations run as one call (one executemany).
+
+After the commit, in queue order and synchronously, before the next batch is built,
+each operation's `on_commit(result)` runs and its future resolves; each batch run's
+`Batcher.committed` runs at its place in that order. Whoever queued an operation
+therefore sees its effects applied in exactly the order the database has them. The
+writer knows nothing of what the operations mean.
+
+Internal operations (facts the daemon already acted on: attempt outcomes, webhook
+state) are retried until they commit; the others fail fast with `StoreError` so the
+client hears about it (``ok: false`` / HTTP 503) instead of waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
+
+import structlog
+
+from webhookd.reasons import Reason
+from webhookd.store.model import StoreError
+
+log = structlog.get_logger("webhookd.store")
+
+C = TypeVar("C")  # the backend's connection
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - an item of a batched operation
+C_contra = TypeVar("C_contra", contravariant=True)
+
+CLOSE_RETRIES = 3  # failed commits of internal operations tolerated while closing
+SHUTTING_DOWN = "temporarily unavailable: daemon is shutting down"
+
+
+class Transactions(Protocol[C]):
+    """What the writer needs from a backend: one connection and its transactions."""
+
+    async def begin(self) -> C: ...
+    async def commit(self, conn: C) -> None: ...
+    async def rollback(self, conn: C) -> None: ...
+    def describe(self, exc: BaseException) -> str: ...
+
+
+class Batcher(Protocol[C_contra, I, T]):
+    """Runs the items of queued operations of one kind in one call."""
+
+    async def execute(self, conn: C_contra, items: list[I]) -> list[T]:
+        """One result per item, in order."""
+        ...
+
+    def committed(self, items: list[I], results: list[T]) -> None:
+        """Runs right after the commit, at this run's place in queue order."""
+        ...
+
+
+@dataclass(slots=True)
+class _Op(Generic[C, T]):
+    fn: Callable[[C], Awaitable[T]]
+    future: asyncio.Future[T]
+    on_commit: Callable[[T], None] | None
+    internal: bool
+    result: Any = None
+
+
+@dataclass(slots=True)
+class _Item(Generic[C, I, T]):
+    batcher: Batcher[C, I, T]
+    item: I
+    future: asyncio.Future[T]
+    on_commit: Callable[[T], None] | None
+    internal: bool
+    result: Any = None
+
+
+_Queued = _Op[Any, Any] | _Item[Any, Any, Any]
+
+
+class Writer(Generic[C]):
+    """The one writer of a database."""
+
+    def __init__(self, tx: Transactions[C], *, retry_delay: float = 0.05) -> None:
+        self._tx = tx
+        self._queue: list[_Queued] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self.retry_delay = retry_delay
+        self.commits = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="webhookd-writer")
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def close(self) -> None:
+        """Commit what is queued, then stop. Safe to call twice."""
+        if self._closing:
+            if self._task is not None:
+                await asyncio.shield(self._task)
+            return
+        self._closing = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    # -- queueing ------------------------------------------------------------------------
+    def run(
+        self,
+        fn: Callable[[C], Awaitable[T]],
+        *,
+        on_commit: Callable[[T], None] | None = None,
+        internal: bool = False,
+    ) -> asyncio.Future[T]:
+        """Queue `fn(conn)` to run inside the next write transaction."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._closing and not internal:
+            fut.set_exception(StoreError(SHUTTING_DOWN, Reason.UNAVAILABLE))
+            return fut
+        self._queue.append(_Op(fn, fut, on_commit, internal))
+        self._wake.set()
+        return fut
+
+    def add(
+        self,
+        batcher: Batcher[C, I, T],
+        item: I,
+        *,
+        on_commit: Callable[[T], None] | None = None,
+        internal: bool = False,
+    ) -> asyncio.Future[T]:
+        """Queue one item of a batched operation."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        if self._closing and not internal:
+            fut.set_exception(StoreError(SHUTTING_DOWN, Reason.UNAVAILABLE))
+            return fut
+        self._queue.append(_Item(batcher, item, fut, on_commit, internal))
+        self._wake.set()
+        return fut
+
+    # -- the writer task -------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = self.retry_delay
+        failures_while_closing = 0
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            ops, self._queue = self._queue, []
+            runs = _runs(ops)
+            try:
+                await self._execute(runs)
+            except Exception as exc:
+                retry = self._fail(ops, exc)
+                if retry and self._closing:
+                    failures_while_closing += 1
+                    if failures_while_closing >= CLOSE_RETRIES:
+                        # Shutting down and still unable to commit: give up on them. Each is
+                        # a recorded outcome; the database still says "pending", so the
+                        # delivery is sent again after a restart (at-least-once).
+                        log.error("giving up on uncommitted outcomes at shutdown", ops=len(retry))
+                        for op in retry:
+                            if not op.future.done():
+                                op.future.set_exception(StoreError(self._tx.describe(exc)))
+                        retry = []
+                if retry:
+                    self._queue[:0] = retry
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                continue
+            delay = self.retry_delay
+            self.commits += 1
+            self._succeed(runs)
+
+    async def _execute(self, runs: list[_Op[Any, Any] | list[_Item[Any, Any, Any]]]) -> None:
+        conn = await self._tx.begin()
+        try:
+            for run in runs:
+                if isinstance(run, _Op):
+                    run.result = await run.fn(conn)
+                    continue
+                results = await run[0].batcher.execute(conn, [i.item for i in run])
+                for queued, result in zip(run, results, strict=True):
+                    queued.result = result
+            await self._tx.commit(conn)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._tx.rollback(conn)
+            raise
+
+    def _succeed(self, runs: list[_Op[Any, Any] | list[_Item[Any, Any, Any]]]) -> None:
+        for run in runs:
+            if isinstance(run, _Op):
+                _finish(run)
+                continue
+            try:
+                run[0].batcher.committed([i.item for i in run], [i.result for i in run])
+            except Exception:
+                log.exception("commit callback failed")
+            for queued in run:
+                _finish(queued)
+
+    def _fail(self, ops: Sequence[_Queued], exc: Exception) -> list[_Queued]:
+        """Fail intake and admin operations; return internal ones to retry."""
+        reason = self._tx.describe(exc)
+        retry: list[_Queued] = []
+        failed = 0
+        for op in ops:
+            if op.internal:
+                op.result = None
+                retry.append(op)
+            elif not op.future.done():
+                failed += 1
+                op.future.set_exception(StoreError(reason))
+        log.error("commit failed", error=reason, failed_ops=failed, retrying_ops=len(retry))
+        return retry
+
+
+def _finish(op: _Queued) -> None:
+    if op.on_commit is not None:
+        try:
+            op.on_commit(op.result)
+        except Exception:
+            log.exception("on_commit callback failed")
+    if not op.future.done():
+        op.future.set_result(op.result)
+
+
+def _runs(ops: list[_Queued]) -> list[_Op[Any, Any] | list[_Item[Any, Any, Any]]]:
+    """Plain operations stay alone, in order. Between two of them, the items of each
+    batcher are gathered into one run (in their queued order), so events and outcomes
+    that arrive interleaved still make one executemany each. Batchers must therefore
+    touch disjoint rows (new events vs. existing deliveries): only their order relative
+    to plain operations is kept."""
+    runs: list[_Op[Any, Any] | list[_Item[Any, Any, Any]]] = []
+    segment: dict[int, list[_Item[Any, Any, Any]]] = {}
+    for op in ops:
+        if isinstance(op, _Op):
+            runs.extend(segment.values())
+            segment = {}
+            runs.append(op)
+        else:
+            segment.setdefault(id(op.batcher), []).append(op)
+    runs.extend(segment.values())
+    return runs
