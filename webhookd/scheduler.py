@@ -93,6 +93,10 @@ class Scheduler:
     def reconfigure(self, cfg: DeliveryConfig) -> None:
         """Apply a reloaded [delivery] config now: every pump re-reads it at once."""
         self.cfg = cfg
+        self.wake_all()
+
+    def wake_all(self) -> None:
+        """Every pump looks again now (the config or, in tests, the injected clock moved)."""
         self._share_at = float("-inf")
         for wh in self.webhooks.values():
             wh.wake.set()
