@@ -141,6 +141,8 @@ def show_deliveries(data: Any) -> None:
         for d in deliveries
     ]
     _table(["ID", "STATUS", "ATTEMPTS", "EVENT", "WEBHOOK", "NEXT ATTEMPT", "LAST CODE/ERROR"], rows)
+    if data.get("next_before"):
+        print(f"more: --before {data['next_before']}")
 
 
 def _ms(value: Any) -> str:
@@ -298,7 +300,13 @@ def show_replay(data: Any) -> None:
 def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
     action: str = args.action
     if action == "list":
-        given = (("webhook_id", args.webhook), ("status", args.status), ("limit", args.limit))
+        given = (
+            ("webhook_id", args.webhook), ("status", args.status), ("event", args.event),
+            ("message_id", args.message_id), ("to", args.to),
+            ("since", _since(args.since) if args.since else None),
+            ("until", _since(args.until) if args.until else None),
+            ("before", args.before), ("limit", args.limit),
+        )
         query = urlencode([(k, v) for k, v in given if v is not None])
         return _call(args, config, "GET", "/v1/deliveries" + (f"?{query}" if query else ""), None, show_deliveries)
     base = f"/v1/deliveries/{_segment(args.id)}"
@@ -522,6 +530,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = leaf(dl, "list", cmd_deliveries, "list deliveries, newest first")
     p.add_argument("--webhook", metavar="ID", help="only this webhook's")
     p.add_argument("--status", help="pending, paused, succeeded or failed (comma-separated)")
+    p.add_argument("--event", metavar="TYPE", help="only events of this type (delivered, bounced, ...)")
+    p.add_argument("--message-id", metavar="ID", help="only the deliveries of this message (exact Message-ID)")
+    p.add_argument("--to", metavar="ADDRESS", help="only the deliveries of events for this recipient")
+    p.add_argument("--since", metavar="TIME", help="created at or after TIME (RFC 3339, or 6h, 30m, 2d ago)")
+    p.add_argument("--until", metavar="TIME", help="created before TIME (same forms as --since)")
+    p.add_argument("--before", metavar="DLV_ID", help="the page after this delivery (keyset pagination)")
     p.add_argument("--limit", type=int, metavar="N", help="at most N (the daemon's default otherwise)")
     leaf(dl, "show", cmd_deliveries, "show a delivery with its attempt log", with_id=True)
     leaf(dl, "retry", cmd_deliveries, "attempt a delivery again now", with_id=True)
