@@ -10,7 +10,9 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import Harness, event, eventually
-from tests.test_cli_daemon import Cli, MakeReceiver, StartDaemon, write_config
+from tests.test_cli_daemon import Cli, MakeReceiver, StartDaemon, quiet_daemon_logs, write_config
+
+__all__ = ["quiet_daemon_logs"]  # autouse: the in-process daemon's log lines stay out of the CLI's output
 
 
 @pytest.fixture
@@ -128,3 +130,70 @@ async def test_cli_search_and_pages(cli: Cli, h: Harness, make_receiver: MakeRec
     cursor = first.lines[-1].split()[-1]
     rest = await cli.ok("deliveries", "list", "--before", cursor, "--json")
     assert len(rest.json["deliveries"]) == 1 and rest.json["next_before"] is None
+
+
+async def _equals(get: Any, expected: Any) -> bool:
+    return bool(await get() == expected)
+
+
+async def failing_deliveries(h: Harness, make_receiver: MakeReceiver) -> tuple[Any, dict[str, Any]]:
+    """A webhook whose receiver refused everything: 3 failed deliveries (max_attempts 1)."""
+    receiver = await make_receiver(default=500)
+    hook = await h.create_webhook(receiver.url)
+    await h.submit(event("delivered", 1), event("bounced", 2), event("delivered", 3))
+
+    async def failed() -> bool:
+        return len((await listed(h, "status=failed"))["deliveries"]) == 3
+
+    await eventually(failed)
+    return receiver, hook
+
+
+@pytest.fixture
+async def h1(start_daemon: StartDaemon) -> Harness:
+    return await start_daemon(delivery={"max_attempts": 1, "disable_after": 100})
+
+
+@pytest.fixture
+def cli1(h1: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(write_config(tmp_path / "cli.toml", h1.config.state_dir, h1.config.runtime_dir), capsys)
+
+
+async def test_count_and_retry_failed_matching_filters(cli1: Cli, h1: Harness, make_receiver: MakeReceiver) -> None:
+    receiver, _hook = await failing_deliveries(h1, make_receiver)
+    assert (await cli1.ok("deliveries", "count", "--status", "failed", "--event", "delivered")).out == "2\n"
+    status, body = await h1.api("GET", "/v1/deliveries/count?status=failed&event=bounced")
+    assert (status, body) == (200, {"count": 1})
+    receiver.default = 200
+    r = await cli1.ok("deliveries", "retry-failed", "--event", "delivered", "--json")
+    assert r.json == {"retried": 2}
+    await receiver.wait_for(3 + 2)
+
+    async def succeeded() -> list[str]:
+        return sorted(d["event"] for d in (await listed(h1, "status=succeeded"))["deliveries"])
+
+    await eventually(lambda: _equals(succeeded, ["delivered", "delivered"]))
+    assert (await listed(h1, "status=failed"))["deliveries"][0]["event"] == "bounced"
+    status, body = await h1.api("POST", "/v1/deliveries/retry-failed", {"status": "pending"})
+    assert status == 400 and "unknown field 'status'" in body["error"]
+
+
+async def test_stats_and_replay_dry_run(cli1: Cli, h1: Harness, make_receiver: MakeReceiver) -> None:
+    _receiver, hook = await failing_deliveries(h1, make_receiver)
+    status, stats = await h1.api("GET", "/v1/stats")
+    assert status == 200 and stats["deliveries"]["failed"] == 3
+    [w] = stats["webhooks"]
+    assert (w["id"], w["failed_24h"], w["succeeded_24h"], w["last_status_code"]) == (hook["id"], 3, 0, 500)
+    assert w["success_rate_24h"] == 0.0 and w["pending"] == 0
+    assert sum(hr["failed"] for hr in stats["hourly"]) == 3
+    table = (await cli1.ok("stats")).out
+    assert hook["id"] in table and "0%" in table
+    dry = await cli1.ok("webhooks", "replay", hook["id"], "--since", "1h", "--dry-run")
+    assert dry.out.startswith("3 deliveries of") and "nothing was changed" in dry.out
+    assert len((await listed(h1, "status=failed"))["deliveries"]) == 3  # really nothing changed
+
+
+async def test_dashboard_link_needs_the_dashboard(cli: Cli, h: Harness) -> None:
+    h.daemon.admin.login_link = None
+    r = await cli("dashboard")
+    assert r.code != 0 and "dashboard is disabled" in r.err

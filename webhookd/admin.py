@@ -6,138 +6,38 @@ import hmac
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 from aiohttp import web
 
 from webhookd import __version__
-from webhookd.events import EVENT_TYPES, EventError, format_timestamp, normalise_timestamp
+from webhookd.apimodel import (
+    ApiError,
+    delivery_filter,
+    delivery_json,
+    delivery_number,
+    parse_rfc3339,
+    reply,
+    validate_description,
+    validate_events,
+    validate_url,
+    webhook_stats_json,
+)
+from webhookd.events import EVENT_TYPES, EventError, format_timestamp
 from webhookd.metrics import CONTENT_TYPE, Metrics
 from webhookd.operations import Operations
 from webhookd.scheduler import Scheduler
-from webhookd.store import (
-    DELIVERY_STATUSES,
-    FAILED,
-    PAUSED,
-    SUCCEEDED,
-    Conflict,
-    Delivery,
-    DeliveryFilter,
-    NotFound,
-    Storage,
-    StoreError,
-)
+from webhookd.store import FAILED, PAUSED, SUCCEEDED, Conflict, DeliveryFilter, NotFound, Storage, StoreError
 from webhookd.webhooks import Webhook
+
+__all__ = [  # re-exported: the dashboard and the tests import them from here
+    "AdminApi", "ApiError", "delivery_filter", "delivery_json", "delivery_number", "parse_rfc3339", "reply",
+    "validate_description", "validate_events", "validate_url", "webhook_stats_json",
+]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LIST = 1000
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def parse_rfc3339(value: str) -> float:
-    """Epoch seconds of an RFC 3339 time (EventError if it is not one)."""
-    from datetime import datetime
-
-    return datetime.fromisoformat(normalise_timestamp(value).replace("Z", "+00:00")).timestamp()
-
-
-def reply(data: Any, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=orjson.dumps(data), content_type="application/json")
-
-
-def validate_url(value: object, *, production: bool) -> str:
-    if not isinstance(value, str) or not value:
-        raise ApiError(400, "url is required and must be a string")
-    if len(value) > 2048:
-        raise ApiError(400, "url is longer than 2048 characters")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ApiError(400, f"url must be an http(s) URL with a host, got {value!r}")
-    if production and parts.scheme != "https":
-        raise ApiError(
-            400, "url must use https:// in production (set environment = \"development\" to allow http://)"
-        )
-    if parts.username or parts.password:
-        raise ApiError(400, "url must not carry credentials")
-    return value
-
-
-def validate_events(value: object) -> tuple[str, ...]:
-    if value in ("all", "*", ["all"]):
-        return ("*",)
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise ApiError(400, 'events must be a non-empty list of event names, or ["*"]')
-    if "*" in value:
-        return ("*",)
-    unknown = [v for v in value if v not in EVENT_TYPES]
-    if unknown:
-        raise ApiError(400, f"unknown event {unknown[0]!r} (expected one of {', '.join(EVENT_TYPES)}, or *)")
-    return tuple(dict.fromkeys(value))
-
-
-def validate_description(value: object) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str) or len(value) > 1000:
-        raise ApiError(400, "description must be a string of at most 1000 characters")
-    return value
-
-
-def delivery_json(d: Delivery) -> dict[str, Any]:
-    return {
-        "id": f"dlv_{d.id}",
-        "event_id": d.event_uid,
-        "webhook_id": d.webhook_id,
-        "event": d.event_type,
-        "status": d.status,
-        "attempts": d.attempts,
-        "next_attempt_at": format_timestamp(d.next_attempt_at) if d.next_attempt_at is not None else None,
-        "last_status_code": d.last_status_code,
-        "last_error": d.last_error,
-        "created_at": format_timestamp(d.created_at),
-        "updated_at": format_timestamp(d.updated_at),
-        "message_id": d.message_id,
-        "to": d.recipient,
-    }
-
-
-def delivery_filter(q: Any) -> DeliveryFilter:
-    """The filters of `GET /v1/deliveries` (shared with the dashboard)."""
-    statuses: tuple[str, ...] = ()
-    if q.get("status"):
-        statuses = tuple(dict.fromkeys(s.strip() for s in q["status"].split(",") if s.strip()))
-        bad = [s for s in statuses if s not in DELIVERY_STATUSES]
-        if bad:
-            raise ApiError(400, f"unknown status {bad[0]!r} (expected one of {', '.join(DELIVERY_STATUSES)})")
-    event_type = q.get("event") or None
-    if event_type is not None and event_type not in EVENT_TYPES:
-        raise ApiError(400, f"unknown event {event_type!r} (expected one of {', '.join(EVENT_TYPES)})")
-    times: dict[str, float | None] = {}
-    for name in ("since", "until"):
-        text = q.get(name)
-        try:
-            times[name] = parse_rfc3339(text) if text else None
-        except EventError as exc:
-            raise ApiError(400, f"{name}: {exc}") from None
-    return DeliveryFilter(
-        webhook_id=q.get("webhook_id") or None, statuses=statuses, event_type=event_type,
-        message_id=q.get("message_id") or None, recipient=q.get("to") or None,
-        since=times["since"], until=times["until"],
-    )
-
-
-def delivery_number(raw: str) -> int | None:
-    """`dlv_123` (or `123`) → 123; None if it cannot name a delivery."""
-    digits = raw.removeprefix("dlv_")
-    return int(digits) if digits.isdigit() and len(digits) <= 18 else None
 
 
 class AdminApi:
@@ -152,12 +52,19 @@ class AdminApi:
         self.extra_status: Callable[[], dict[str, Any]] = dict
         self.metrics: Metrics | None = None
         self.gauges: Callable[[], dict[str, Any]] = dict
+        # the dashboard (webhookd.ui), mounted under /ui/ when the daemon enables it
+        self.ui: Callable[[], web.Application] | None = None
+        self.login_link: Callable[[], tuple[str, float]] | None = None
 
     def app(self, token: str = "") -> web.Application:
         middlewares = [self._errors]
         if token:
             middlewares.insert(0, _token_middleware(token))
         app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
+        if self.ui is not None:
+            ui = self.ui()
+            ui[UI_APP] = True
+            app.add_subapp("/ui/", ui)
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/metrics", self.prometheus)
@@ -173,13 +80,19 @@ class AdminApi:
         r.add_post("/v1/webhooks/{id}/rotate-secret", self.rotate_secret)
         r.add_post("/v1/webhooks/{id}/replay", self.replay)
         r.add_get("/v1/webhooks/{id}/secret", self.show_secret)
+        r.add_get("/v1/stats", self.stats)
+        r.add_post("/v1/dashboard/links", self.dashboard_link)
         r.add_get("/v1/deliveries", self.list_deliveries)
+        r.add_get("/v1/deliveries/count", self.count_deliveries)
+        r.add_post("/v1/deliveries/retry-failed", self.retry_failed)
         r.add_get("/v1/deliveries/{id}", self.show_delivery)
         r.add_post("/v1/deliveries/{id}/retry", self.retry_delivery)
         return app
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if in_ui(request):
+            return await handler(request)  # the dashboard answers its own errors, in HTML
         try:
             return await handler(request)
         except ApiError as exc:
@@ -212,6 +125,31 @@ class AdminApi:
         return doc
 
     # -- routes -------------------------------------------------------------------------
+    async def stats(self, request: web.Request) -> web.Response:
+        """What the dashboard's overview and webhooks list show, in one document."""
+        try:
+            hours = int(request.query.get("hours", "24"))
+        except ValueError:
+            raise ApiError(400, "hours must be an integer") from None
+        if not 1 <= hours <= 24 * 31:
+            raise ApiError(400, "hours must be between 1 and 744")
+        now = self.scheduler.clock()
+        deliveries = await self.store.count_by_status()
+        stats = await self.store.webhook_stats(now)
+        hourly = await self.store.hourly_counts(now - hours * 3600, now + 1)
+        return reply({
+            "deliveries": deliveries,
+            "webhooks": [webhook_stats_json(wh, stats.get(wh.id)) for wh in self.scheduler.webhooks.values()],
+            "hourly": [{"hour": format_timestamp(h.hour), "succeeded": h.succeeded, "failed": h.failed}
+                       for h in hourly],
+        })
+
+    async def dashboard_link(self, request: web.Request) -> web.Response:
+        if self.login_link is None:
+            raise ApiError(404, "the dashboard is disabled (dashboard.enabled = false)")
+        path, expires = self.login_link()
+        return reply({"path": path, "expires_at": format_timestamp(expires)}, 201)
+
     async def healthz(self, request: web.Request) -> web.Response:
         return reply({"ok": True})
 
@@ -336,12 +274,18 @@ class AdminApi:
             since = parse_rfc3339(since_text)
         except EventError as exc:
             raise ApiError(400, f"since: {exc}") from None
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise ApiError(400, "dry_run must be true or false")
         statuses = body.get("status", ["failed"])
         if isinstance(statuses, str):
             statuses = [s.strip() for s in statuses.split(",") if s.strip()]
         allowed = (FAILED, PAUSED, SUCCEEDED)
         if not isinstance(statuses, list) or not statuses or any(s not in allowed for s in statuses):
             raise ApiError(400, f"status must be a list drawn from {', '.join(allowed)}")
+        if dry_run:
+            count = await self.ops.count(DeliveryFilter(webhook_id=wh.id, statuses=tuple(statuses), since=since))
+            return reply({"id": wh.id, "would_replay": count, "since": format_timestamp(since), "status": statuses})
         count = await self.ops.replay(wh, since=since, statuses=statuses)
         return reply({"id": wh.id, "replayed": count, "since": format_timestamp(since), "status": statuses})
 
@@ -367,6 +311,19 @@ class AdminApi:
         more = len(rows) == limit
         return reply({"deliveries": [delivery_json(d) for d in rows],
                       "next_before": f"dlv_{rows[-1].id}" if rows and more else None})
+
+    async def count_deliveries(self, request: web.Request) -> web.Response:
+        return reply({"count": await self.ops.count(delivery_filter(request.query))})
+
+    async def retry_failed(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        unknown = set(body) - {"webhook_id", "event", "message_id", "to", "since", "until"}
+        if unknown:
+            raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
+        if not all(isinstance(v, str) for v in body.values()):
+            raise ApiError(400, "every filter must be a string")
+        count = await self.ops.retry_failed(delivery_filter(body))
+        return reply({"retried": count})
 
     def _delivery_id(self, request: web.Request) -> int:
         raw = request.match_info["id"]
@@ -397,11 +354,21 @@ class AdminApi:
         return reply(await self._delivery(did))
 
 
+UI_APP = web.AppKey("webhookd_ui", bool)
+
+
+def in_ui(request: web.Request) -> bool:
+    """Whether the request was routed into the dashboard's sub-application."""
+    return any(app.get(UI_APP, False) for app in request.match_info.apps)
+
+
 def _token_middleware(token: str) -> Any:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if in_ui(request):
+            return await handler(request)  # the dashboard has its own log-in and sessions
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):
             return web.Response(

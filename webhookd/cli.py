@@ -199,6 +199,30 @@ def show_status(data: Any) -> None:
     _fields(data, skip=("version", "uptime_s", "deliveries", "webhooks"))
 
 
+def show_count(data: Any) -> None:
+    print(_text(data.get("count")))
+
+
+def show_retried(data: Any) -> None:
+    print(f"{_text(data.get('retried'))} failed deliveries queued again")
+
+
+def show_stats(data: Any) -> None:
+    deliveries = data.get("deliveries")
+    if isinstance(deliveries, dict):
+        print("deliveries: " + ", ".join(f"{_text(n)} {status}" for status, n in deliveries.items()))
+    rows = []
+    for w in data.get("webhooks") or []:
+        rate = w.get("success_rate_24h")
+        state = "enabled" if w.get("enabled") else f"disabled ({_text(w.get('disabled_reason'))})"
+        last = w.get("last_attempt_at")
+        rows.append([_text(w.get("id")), state, _text(w.get("consecutive_failures")),
+                     f"{_text(last)} {_last_result(w)}" if last else "-",
+                     f"{rate:.0%}" if isinstance(rate, float) else "-",
+                     _text(w.get("pending")), _text(w.get("paused"))])
+    _table(["WEBHOOK", "STATE", "FAILURES", "LAST ATTEMPT", "24H OK", "PENDING", "PAUSED"], rows)
+
+
 def show_deleted(data: Any) -> None:
     print(f"deleted {_text(data.get('deleted'))}")
 
@@ -274,7 +298,8 @@ def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
     if action == "secret":
         return _call(args, config, "GET", f"{base}/secret", None, show_secret)
     if action == "replay":
-        body = {"since": _since(args.since), "status": [s.strip() for s in args.status.split(",") if s.strip()]}
+        body = {"since": _since(args.since), "status": [s.strip() for s in args.status.split(",") if s.strip()],
+                "dry_run": args.dry_run}
         return _call(args, config, "POST", f"{base}/replay", body, show_replay)
     raise CliError(f"unknown action {action!r}", EX_USAGE)
 
@@ -293,13 +318,17 @@ def _since(value: str) -> str:
 
 
 def show_replay(data: Any) -> None:
+    if "would_replay" in data:
+        print(f"{data['would_replay']} deliveries of {data['id']} would be queued again "
+              f"(status {', '.join(data['status'])}, created since {data['since']}); nothing was changed")
+        return
     print(f"{data['replayed']} deliveries of {data['id']} queued again "
           f"(status {', '.join(data['status'])}, created since {data['since']})")
 
 
 def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
     action: str = args.action
-    if action == "list":
+    if action in ("list", "count", "retry-failed"):
         given = (
             ("webhook_id", args.webhook), ("status", args.status), ("event", args.event),
             ("message_id", args.message_id), ("to", args.to),
@@ -307,8 +336,12 @@ def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
             ("until", _since(args.until) if args.until else None),
             ("before", args.before), ("limit", args.limit),
         )
-        query = urlencode([(k, v) for k, v in given if v is not None])
-        return _call(args, config, "GET", "/v1/deliveries" + (f"?{query}" if query else ""), None, show_deliveries)
+        chosen = [(k, v) for k, v in given if v is not None]
+        if action == "retry-failed":
+            return _call(args, config, "POST", "/v1/deliveries/retry-failed", dict(chosen), show_retried)
+        query = urlencode(chosen)
+        path = "/v1/deliveries" + ("/count" if action == "count" else "") + (f"?{query}" if query else "")
+        return _call(args, config, "GET", path, None, show_count if action == "count" else show_deliveries)
     base = f"/v1/deliveries/{_segment(args.id)}"
     if action == "show":
         return _call(args, config, "GET", base, None, show_delivery)
@@ -319,6 +352,25 @@ def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return _call(args, config, "GET", "/v1/status", None, show_status)
+
+
+def cmd_stats(args: argparse.Namespace, config: Config) -> int:
+    return _call(args, config, "GET", "/v1/stats", None, show_stats)
+
+
+def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
+    def show(data: Any) -> None:
+        path = _text(data.get("path"))
+        if config.admin.http_listen is not None:
+            host, port = config.admin.http_listen
+            host = f"[{host}]" if ":" in host else host
+            print(f"http://{host}:{port}{path}")
+        else:
+            print(f"http://localhost:8026{path}")
+            print(f"  (through an SSH tunnel to the admin socket: ssh -L 8026:{config.admin.socket} THIS-HOST)")
+        print(f"one use, valid until {_text(data.get('expires_at'))}")
+
+    return _call(args, config, "POST", "/v1/dashboard/links", None, show)
 
 
 # -- local commands -------------------------------------------------------------------------------
@@ -498,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
          "input, e.g. from an alias pipe, and submit a complained event for the original message")
     leaf(sub, "check-config", cmd_check_config, "validate the config file and exit (78 if it is bad)")
     leaf(sub, "status", cmd_status, "daemon version, uptime, deliveries by status, webhooks by state")
+    leaf(sub, "stats", cmd_stats, "per-webhook health: last attempt, 24 h success rate, backlog")
+    leaf(sub, "dashboard", cmd_dashboard, "print a one-time log-in link to the web dashboard")
 
     wh_parser = sub.add_parser("webhooks", parents=[common], help="manage webhooks")
     wh = wh_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -524,19 +578,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help='created at or after TIME: RFC 3339 ("2026-02-23T10:00:00Z") or a duration ago ("6h")')
     p.add_argument("--status", default="failed",
                    help="which deliveries: failed, paused, succeeded (comma-separated; default failed)")
+    p.add_argument("--dry-run", action="store_true", help="only count what would be sent again")
 
     dl_parser = sub.add_parser("deliveries", parents=[common], help="inspect and retry deliveries")
     dl = dl_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    p = leaf(dl, "list", cmd_deliveries, "list deliveries, newest first")
-    p.add_argument("--webhook", metavar="ID", help="only this webhook's")
-    p.add_argument("--status", help="pending, paused, succeeded or failed (comma-separated)")
-    p.add_argument("--event", metavar="TYPE", help="only events of this type (delivered, bounced, ...)")
-    p.add_argument("--message-id", metavar="ID", help="only the deliveries of this message (exact Message-ID)")
-    p.add_argument("--to", metavar="ADDRESS", help="only the deliveries of events for this recipient")
-    p.add_argument("--since", metavar="TIME", help="created at or after TIME (RFC 3339, or 6h, 30m, 2d ago)")
-    p.add_argument("--until", metavar="TIME", help="created before TIME (same forms as --since)")
-    p.add_argument("--before", metavar="DLV_ID", help="the page after this delivery (keyset pagination)")
-    p.add_argument("--limit", type=int, metavar="N", help="at most N (the daemon's default otherwise)")
+    def filters(p: argparse.ArgumentParser, *, statuses: bool = True, pages: bool = True) -> None:
+        p.add_argument("--webhook", metavar="ID", help="only this webhook's")
+        if statuses:
+            p.add_argument("--status", help="pending, paused, succeeded or failed (comma-separated)")
+        p.add_argument("--event", metavar="TYPE", help="only events of this type (delivered, bounced, ...)")
+        p.add_argument("--message-id", metavar="ID", help="only the deliveries of this message (exact Message-ID)")
+        p.add_argument("--to", metavar="ADDRESS", help="only the deliveries of events for this recipient")
+        p.add_argument("--since", metavar="TIME", help="created at or after TIME (RFC 3339, or 6h, 30m, 2d ago)")
+        p.add_argument("--until", metavar="TIME", help="created before TIME (same forms as --since)")
+        p.set_defaults(status=None, before=None, limit=None)
+        if pages:
+            p.add_argument("--before", metavar="DLV_ID", help="the page after this delivery (keyset pagination)")
+            p.add_argument("--limit", type=int, metavar="N", help="at most N (the daemon's default otherwise)")
+
+    filters(leaf(dl, "list", cmd_deliveries, "list deliveries, newest first"))
+    filters(leaf(dl, "count", cmd_deliveries, "count the deliveries that match"), pages=False)
+    filters(leaf(dl, "retry-failed", cmd_deliveries, "queue again every failed delivery that matches"),
+            statuses=False, pages=False)
     leaf(dl, "show", cmd_deliveries, "show a delivery with its attempt log", with_id=True)
     leaf(dl, "retry", cmd_deliveries, "attempt a delivery again now", with_id=True)
     return parser

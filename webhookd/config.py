@@ -68,6 +68,15 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DashboardConfig:
+    enabled: bool = True
+    # Host header values the dashboard answers (DNS rebinding guard); a port is ignored.
+    allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+    session_ttl: float = 12 * 3600.0
+    login_link_ttl: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
 class NotifyConfig:
     command: str = ""
 
@@ -90,6 +99,7 @@ class Config:
     notify: NotifyConfig
     log: LogConfig
     source: Path | None = None
+    dashboard: DashboardConfig = DashboardConfig()
 
     @property
     def dev(self) -> bool:
@@ -188,6 +198,25 @@ def _token(value: object, key: str) -> str:
     return text
 
 
+def _bool(value: object, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _hosts(value: object, key: str) -> tuple[str, ...]:
+    """Host names or IP addresses (no ports, no wildcards) for the dashboard's Host check."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(key, "expected a non-empty list of host names or IP addresses")
+    hosts: list[str] = []
+    for item in value:
+        text = item.strip().lower().strip("[]") if isinstance(item, str) else None
+        if not text or not (_is_host_name(text) or _is_ip(text, 4) or _is_ip(text, 6)):
+            raise ConfigError(key, f"expected a host name or IP address, got {item!r}")
+        hosts.append(text.rstrip("."))
+    return tuple(dict.fromkeys(hosts))
+
+
 def _allow_targets(value: object, key: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise ConfigError(key, f"expected a list of CIDRs or host names, got {value!r}")
@@ -236,7 +265,9 @@ def _under(base: Path, value: str) -> Path:
     return Path(os.path.normpath(base / value))
 
 
-TOP_LEVEL = ("environment", "state_dir", "runtime_dir", "storage", "intake", "admin", "delivery", "notify", "log")
+TOP_LEVEL = (
+    "environment", "state_dir", "runtime_dir", "storage", "intake", "admin", "dashboard", "delivery", "notify", "log",
+)
 
 
 def parse_config(
@@ -331,6 +362,12 @@ def parse_config(
         raise ConfigError("delivery.retry_max",
                           f"must be at least delivery.retry_base ({retry_base:g}s), got {retry_max:g}s")
 
+    dashboard = _section(data, "dashboard", {
+        "enabled": _bool,
+        "allowed_hosts": _hosts,
+        "session_ttl": _positive_duration,
+        "login_link_ttl": _positive_duration,
+    })
     notify = _section(data, "notify", {"command": _str})
     log = _section(data, "log", {
         "level": lambda v, k: _choice(v, k, ("debug", "info", "warning", "error"), fold=True),
@@ -347,6 +384,7 @@ def parse_config(
         notify=NotifyConfig(**notify),
         log=LogConfig(**log),
         source=source,
+        dashboard=DashboardConfig(**dashboard),
     )
 
 

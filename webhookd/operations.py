@@ -20,7 +20,7 @@ from webhookd.ids import new_id
 from webhookd.scheduler import USER_AGENT, Scheduler
 from webhookd.signing import generate_secret
 from webhookd.store.base import Storage
-from webhookd.store.model import PAUSED, PENDING, Conflict, NotFound
+from webhookd.store.model import PAUSED, PENDING, Conflict, DeliveryFilter, NotFound
 from webhookd.webhooks import Webhook
 
 log = structlog.get_logger("webhookd.operations")
@@ -138,6 +138,27 @@ class Operations:
         )
         log.info("deliveries replayed", webhook_id=wh.id, count=count, since=since, statuses=list(statuses))
         return count
+
+    async def retry_failed(self, where: DeliveryFilter) -> int:
+        """Queue again every failed delivery matching `where` (the dashboard's "retry all
+        failed that match these filters"); returns how many."""
+        now = self.clock
+        hooks = list(self.scheduler.webhooks.values())
+        if where.webhook_id is not None:
+            hooks = [wh for wh in hooks if wh.id == where.webhook_id]
+        targets = [(wh.id, wh.enabled) for wh in hooks]
+
+        def committed(count: int) -> None:
+            if count:
+                for wh in hooks:
+                    self.scheduler.reload_window(wh)
+
+        count = await self.storage.retry_failed(where, targets, now=now, on_commit=committed)
+        log.info("failed deliveries retried", count=count, webhook_id=where.webhook_id)
+        return count
+
+    async def count(self, where: DeliveryFilter) -> int:
+        return await self.storage.count_deliveries(where)
 
     async def send_test(self, wh: Webhook, event_type: str) -> Outcome:
         now = self.clock

@@ -176,6 +176,19 @@ class Storage(Protocol):
         status is one of `statuses`; resolves to how many."""
         ...
 
+    def retry_failed(
+        self,
+        where: DeliveryFilter,
+        webhooks: Sequence[Subscriber],
+        *,
+        now: float,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> asyncio.Future[int]:
+        """Queue again every failed delivery that matches `where` (its statuses are
+        ignored) and belongs to one of `webhooks`: pending and due now for an enabled
+        webhook, paused for a disabled one. Resolves to how many."""
+        ...
+
     async def due_item(self, delivery_id: int) -> tuple[DueItem, str] | None:
         """A delivery as the scheduler attempts it, with its current status."""
         ...

@@ -14,6 +14,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from webhookd.reasons import Reason
 from webhookd.store.base import FreshSink
 from webhookd.store.model import (
     DELIVERY_STATUSES,
+    FAILED,
     PAUSED,
     PENDING,
     Attempt,
@@ -519,6 +521,26 @@ class SqliteStorage:
                 (status, next_attempt_at, now, webhook_id, since, *statuses),
             )
             return int(cur.rowcount)
+
+        return self._writer.run(write, on_commit=on_commit)
+
+    def retry_failed(
+        self, where: DeliveryFilter, webhooks: Sequence[Subscriber], *, now: float,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> asyncio.Future[int]:
+        clause, params = _where(replace(where, statuses=(FAILED,)))
+
+        async def write(db: Conn) -> int:
+            total = 0
+            for webhook_id, enabled in webhooks:
+                cur = await db.execute(
+                    "UPDATE deliveries SET status = ?, next_attempt_at = ?, updated_at = ? WHERE id IN"  # noqa: S608
+                    f" (SELECT d.id FROM deliveries d JOIN events e ON e.id = d.event_id WHERE {clause}"
+                    " AND d.webhook_id = ?)",
+                    (PENDING if enabled else PAUSED, now if enabled else None, now, *params, webhook_id),
+                )
+                total += int(cur.rowcount)
+            return total
 
         return self._writer.run(write, on_commit=on_commit)
 
