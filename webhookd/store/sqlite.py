@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -23,11 +22,9 @@ import orjson
 import structlog
 
 from webhookd.events import Event
-from webhookd.ids import new_id
 from webhookd.reasons import Reason
 from webhookd.store.base import FreshSink
 from webhookd.store.model import (
-    DELIVERY_STATUSES,
     FAILED,
     PAUSED,
     PENDING,
@@ -36,7 +33,6 @@ from webhookd.store.model import (
     DeliveryDetail,
     DeliveryFilter,
     DueItem,
-    FreshEvent,
     HourCount,
     OutcomeRecord,
     StoreError,
@@ -45,218 +41,47 @@ from webhookd.store.model import (
     WebhookState,
     WebhookStats,
 )
+from webhookd.store.sqlite_batch import Conn, Events, EventSink, Ids, Outcomes
+from webhookd.store.sqlite_rows import (
+    DAY,
+    DELIVERY_SELECT,
+    DUE_SELECT,
+    HOUR,
+    WEBHOOK_COLUMNS,
+    Counts,
+    delivery_row,
+    describe,
+    due_row,
+    webhook_row,
+    where_clause,
+)
 from webhookd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, split_sql
 from webhookd.store.writer import Writer
 
 log = structlog.get_logger("webhookd.store")
-
-Conn = aiosqlite.Connection
-HOUR = 3600
-DAY = 24 * HOUR
-
-_WEBHOOK_COLUMNS = (
-    "id, url, events, description, enabled, disabled_reason, consecutive_failures, backoff_until,"
-    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at"
-)
-_DELIVERY_SELECT = (
-    "SELECT d.id, e.uid, d.webhook_id, e.type, d.status, d.attempts, d.next_attempt_at,"
-    " d.last_status_code, d.last_error, d.created_at, d.updated_at, e.message_id, e.recipient"
-    " FROM deliveries d JOIN events e ON e.id = d.event_id"
-)
-_DUE_SELECT = (
-    "SELECT d.id, d.webhook_id, d.next_attempt_at, d.attempts, e.uid, e.type, e.body, d.status"
-    " FROM deliveries d JOIN events e ON e.id = d.event_id"
-)
-
-
-def describe(exc: BaseException) -> str:
-    """The one-line reason a caller is given for a failed commit or read."""
-    if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
-        return "storage full: cannot commit (database or disk is full)"
-    if isinstance(exc, sqlite3.Error):
-        return f"storage error: {exc}"
-    return f"storage error: {type(exc).__name__}: {exc}"
-
-
 class _Transactions:
     def __init__(self, backend: SqliteStorage) -> None:
         self._backend = backend
 
     async def begin(self) -> Conn:
-        db = self._backend._db
+        b = self._backend
+        db = b._db
         assert db is not None
+        b._counts.rollback()  # nothing of a failed transaction survives into this one
+        b._events.reset()
         await db.execute("BEGIN IMMEDIATE")
         return db
 
     async def commit(self, conn: Conn) -> None:
         await conn.execute("COMMIT")
+        self._backend._counts.commit()
 
     async def rollback(self, conn: Conn) -> None:
+        self._backend._counts.rollback()
         await conn.execute("ROLLBACK")
 
     def describe(self, exc: BaseException) -> str:
         return describe(exc)
-
-
-class _Events:
-    """Inserts a run of submitted events and their deliveries with two executemany."""
-
-    def __init__(self, backend: SqliteStorage) -> None:
-        self._b = backend
-
-    async def execute(self, db: Conn, items: list[tuple[Event, Sequence[Subscriber]]]) -> list[str]:
-        b = self._b
-        now = b.clock()
-        keys = [ev.idempotency_key for ev, _ in items if ev.idempotency_key is not None]
-        known: dict[str, str] = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT idempotency_key, uid FROM events WHERE idempotency_key IN ({marks})"  # noqa: S608
-            async with db.execute(sql, chunk) as cur:
-                for key, uid in await cur.fetchall():
-                    known[key] = uid
-        event_rows: list[tuple[Any, ...]] = []
-        delivery_rows: list[tuple[Any, ...]] = []
-        results: list[str] = []
-        fresh: list[FreshEvent] = []
-        new_types: list[str] = []
-        event_id, delivery_id = b._next_event_id, b._next_delivery_id
-        for ev, subscribers in items:
-            key = ev.idempotency_key
-            if key is not None and key in known:
-                results.append(known[key])
-                continue
-            uid = new_id("evt")
-            if key is not None:
-                known[key] = uid
-            event_rows.append((event_id, uid, key, ev.type, ev.body, now, ev.message_id, ev.recipient))
-            new_types.append(ev.type)
-            if subscribers:
-                fresh.append(FreshEvent(delivery_id, subscribers, now, uid, ev.type, ev.body))
-            for webhook_id, enabled in subscribers:
-                delivery_rows.append(
-                    (delivery_id, event_id, webhook_id, PENDING if enabled else PAUSED, now if enabled else None,
-                     now, now)
-                )
-                delivery_id += 1
-            event_id += 1
-            results.append(uid)
-        if event_rows:
-            await db.executemany(
-                "INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id, recipient)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                event_rows,
-            )
-        if delivery_rows:
-            await db.executemany(
-                "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
-                " updated_at) VALUES (?,?,?,?,?,?,?)",
-                delivery_rows,
-            )
-        # Only now, with every statement done: a failed batch leaves the counters as they were.
-        b._next_event_id, b._next_delivery_id = event_id, delivery_id
-        b._pending_fresh.extend(fresh)
-        b._pending_types.extend(new_types)
-        return results
-
-    def committed(self, items: list[tuple[Event, Sequence[Subscriber]]], results: list[str]) -> None:
-        b = self._b
-        fresh, b._pending_fresh = b._pending_fresh, []
-        types, b._pending_types = b._pending_types, []
-        received = b._received
-        for event_type in types:
-            received[event_type] += 1
-        if fresh:
-            b._on_fresh(fresh)
-
-
-class _Outcomes:
-    """Writes a run of attempt outcomes: delivery rows, attempt rows, hour counts, last attempt."""
-
-    async def execute(self, db: Conn, items: list[OutcomeRecord]) -> list[None]:
-        await db.executemany(
-            "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status_code = ?,"
-            " last_error = ?, updated_at = ? WHERE id = ?",
-            [(r.status, r.attempts, r.next_attempt_at, r.status_code, r.error, r.updated_at, r.delivery_id)
-             for r in items],
-        )
-        await db.executemany(
-            "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body)"
-            " VALUES (?,?,?,?,?,?)",
-            [(r.delivery_id, r.at, round(r.duration_ms, 3), r.status_code, r.error, r.response_body)
-             for r in items],
-        )
-        hours: Counter[tuple[int, str, bool]] = Counter()
-        last: dict[str, OutcomeRecord] = {}
-        for r in items:
-            hours[(int(r.at // HOUR) * HOUR, r.webhook_id, r.error is None)] += 1
-            seen = last.get(r.webhook_id)
-            if seen is None or r.at >= seen.at:
-                last[r.webhook_id] = r
-        await db.executemany(
-            "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed) VALUES (?,?,?,?)"
-            " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = succeeded + excluded.succeeded,"
-            " failed = failed + excluded.failed",
-            [(hour, wid, n if ok else 0, 0 if ok else n) for (hour, wid, ok), n in hours.items()],
-        )
-        await db.executemany(
-            "UPDATE webhooks SET last_attempt_at = ?, last_status_code = ?, last_error = ?"
-            " WHERE id = ? AND (last_attempt_at IS NULL OR last_attempt_at <= ?)",
-            [(r.at, r.status_code, r.error, wid, r.at) for wid, r in last.items()],
-        )
-        return [None] * len(items)
-
-    def committed(self, items: list[OutcomeRecord], results: list[None]) -> None:
-        pass
-
-
-def _webhook(row: Sequence[Any]) -> WebhookRecord:
-    return WebhookRecord(
-        id=row[0], url=row[1], events=tuple(orjson.loads(row[2])), description=row[3], enabled=bool(row[4]),
-        disabled_reason=row[5], consecutive_failures=int(row[6]), backoff_until=float(row[7]), secret=row[8],
-        previous_secret=row[9], previous_secret_expires_at=row[10], created_at=float(row[11]),
-        updated_at=float(row[12]),
-    )
-
-
-def _delivery(row: Sequence[Any]) -> Delivery:
-    return Delivery(
-        id=int(row[0]), event_uid=row[1], webhook_id=row[2], event_type=row[3], status=row[4],
-        attempts=int(row[5]), next_attempt_at=row[6], last_status_code=row[7], last_error=row[8],
-        created_at=float(row[9]), updated_at=float(row[10]), message_id=row[11], recipient=row[12],
-    )
-
-
-def _due(row: Sequence[Any]) -> DueItem:
-    return DueItem(int(row[0]), row[1], float(row[2] or 0.0), int(row[3]), row[4], row[5], bytes(row[6]))
-
-
-def _where(f: DeliveryFilter) -> tuple[str, list[Any]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    if f.webhook_id is not None:
-        clauses.append("d.webhook_id = ?")
-        params.append(f.webhook_id)
-    if f.statuses:
-        clauses.append(f"d.status IN ({','.join('?' * len(f.statuses))})")
-        params.extend(f.statuses)
-    if f.event_type is not None:
-        clauses.append("e.type = ?")
-        params.append(f.event_type)
-    if f.message_id is not None:
-        clauses.append("d.event_id IN (SELECT id FROM events WHERE message_id = ?)")
-        params.append(f.message_id)
-    if f.recipient is not None:
-        clauses.append("d.event_id IN (SELECT id FROM events WHERE recipient = ?)")
-        params.append(f.recipient)
-    if f.since is not None:
-        clauses.append("d.created_at >= ?")
-        params.append(f.since)
-    if f.until is not None:
-        clauses.append("d.created_at < ?")
-        params.append(f.until)
-    return " AND ".join(clauses), params
 
 
 class SqliteStorage:
@@ -273,17 +98,14 @@ class SqliteStorage:
         self.path = path
         self.durability = durability
         self.clock = clock
-        self._on_fresh: FreshSink = on_fresh or (lambda _events: None)
+        self._sink = EventSink(on_fresh or (lambda _events: None))
         self._db: Conn | None = None
         self._reader: Conn | None = None
         self._writer: Writer[Conn] = Writer(_Transactions(self))
-        self._events = _Events(self)
-        self._outcomes = _Outcomes()
-        self._next_event_id = 1
-        self._next_delivery_id = 1
-        self._pending_fresh: list[FreshEvent] = []
-        self._pending_types: list[str] = []
-        self._received: Counter[str] = Counter()
+        self._ids = Ids()
+        self._counts = Counts()
+        self._events = Events(clock, self._ids, self._counts, self._sink)
+        self._outcomes = Outcomes(self._counts)
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -303,7 +125,7 @@ class SqliteStorage:
         self._writer.retry_delay = value
 
     def received(self) -> dict[str, int]:
-        return self._received
+        return self._sink.received
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -313,8 +135,12 @@ class SqliteStorage:
             await self._migrate(self._db)
             self._reader = await aiosqlite.connect(self.path, isolation_level=None)
             await self._configure(self._reader)
-            self._next_event_id = await self._max_id(self._db, "events") + 1
-            self._next_delivery_id = await self._max_id(self._db, "deliveries") + 1
+            self._ids.event = await self._max_id(self._db, "events") + 1
+            self._ids.delivery = await self._max_id(self._db, "deliveries") + 1
+            async with self._db.execute(
+                "SELECT webhook_id, status, count(*) FROM deliveries GROUP BY webhook_id, status"
+            ) as cur:
+                self._counts.load(await cur.fetchall())
         except sqlite3.Error as exc:
             await self._close_connections()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
@@ -376,18 +202,18 @@ class SqliteStorage:
 
     # -- the scheduler's verbs --------------------------------------------------------------
     async def load_webhooks(self) -> list[WebhookRecord]:
-        rows = await self._read(f"SELECT {_WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id")  # noqa: S608
-        return [_webhook(r) for r in rows]
+        rows = await self._read(f"SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id")  # noqa: S608
+        return [webhook_row(r) for r in rows]
 
     def take_due(
         self, webhook_id: str, after: tuple[float, int], limit: int, *,
         on_commit: Callable[[list[DueItem]], None] | None = None,
     ) -> asyncio.Future[list[DueItem]]:
         async def read(db: Conn) -> list[DueItem]:
-            sql = (_DUE_SELECT + " WHERE d.webhook_id = ? AND d.status = 'pending'"
+            sql = (DUE_SELECT + " WHERE d.webhook_id = ? AND d.status = 'pending'"
                    " AND (d.next_attempt_at, d.id) > (?, ?) ORDER BY d.next_attempt_at, d.id LIMIT ?")
             async with db.execute(sql, (webhook_id, after[0], after[1], limit)) as cur:
-                return [_due(r) for r in await cur.fetchall()]
+                return [due_row(r) for r in await cur.fetchall()]
 
         return self._writer.run(read, on_commit=on_commit, internal=True)
 
@@ -406,11 +232,12 @@ class SqliteStorage:
                  state.updated_at, webhook_id),
             )
             if pause_pending:
-                await db.execute(
+                cur = await db.execute(
                     "UPDATE deliveries SET status = 'paused', next_attempt_at = NULL, updated_at = ?"
                     " WHERE webhook_id = ? AND status = 'pending'",
                     (state.updated_at, webhook_id),
                 )
+                self._counts.move(webhook_id, PENDING, PAUSED, int(cur.rowcount))
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
 
@@ -422,7 +249,7 @@ class SqliteStorage:
 
         async def write(db: Conn) -> None:
             await db.execute(
-                f"INSERT INTO webhooks ({_WEBHOOK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
                 (w.id, w.url, orjson.dumps(list(w.events)).decode(), w.description, int(w.enabled),
                  w.disabled_reason, w.consecutive_failures, w.backoff_until, w.secret, w.previous_secret,
                  w.previous_secret_expires_at, w.created_at, w.updated_at),
@@ -453,6 +280,7 @@ class SqliteStorage:
             await db.execute("DELETE FROM deliveries WHERE webhook_id = ?", (webhook_id,))
             await db.execute("DELETE FROM attempt_hours WHERE webhook_id = ?", (webhook_id,))
             await db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
+            self._counts.drop_webhook(webhook_id)
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
 
@@ -478,6 +306,7 @@ class SqliteStorage:
                     " WHERE webhook_id = ? AND status = 'paused'",
                     (now, now, webhook_id),
                 )
+            self._counts.move(webhook_id, PAUSED, FAILED if drop_backlog else PENDING, int(cur.rowcount))
             return int(cur.rowcount)
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
@@ -501,10 +330,15 @@ class SqliteStorage:
         on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
         async def write(db: Conn) -> None:
+            async with db.execute("SELECT webhook_id, status FROM deliveries WHERE id = ?", (delivery_id,)) as cur:
+                row = await cur.fetchone()
+            if row is None:
+                return  # deleted meanwhile
             await db.execute(
                 "UPDATE deliveries SET status = ?, next_attempt_at = ?, updated_at = ? WHERE id = ?",
                 (status, next_attempt_at, now, delivery_id),
             )
+            self._counts.move(str(row[0]), str(row[1]), status)
 
         return self._writer.run(write, on_commit=on_commit)
 
@@ -512,15 +346,17 @@ class SqliteStorage:
         self, webhook_id: str, *, since: float, statuses: Sequence[str], status: str,
         next_attempt_at: float | None, now: float, on_commit: Callable[[int], None] | None = None,
     ) -> asyncio.Future[int]:
-        marks = ",".join("?" * len(statuses))
-
         async def write(db: Conn) -> int:
-            cur = await db.execute(
-                f"UPDATE deliveries SET status = ?, next_attempt_at = ?, updated_at = ?"  # noqa: S608
-                f" WHERE webhook_id = ? AND created_at >= ? AND status IN ({marks})",
-                (status, next_attempt_at, now, webhook_id, since, *statuses),
-            )
-            return int(cur.rowcount)
+            total = 0
+            for old in dict.fromkeys(statuses):  # one statement per status: exact counts
+                cur = await db.execute(
+                    "UPDATE deliveries SET status = ?, next_attempt_at = ?, updated_at = ?"
+                    " WHERE webhook_id = ? AND created_at >= ? AND status = ?",
+                    (status, next_attempt_at, now, webhook_id, since, old),
+                )
+                self._counts.move(webhook_id, old, status, int(cur.rowcount))
+                total += int(cur.rowcount)
+            return total
 
         return self._writer.run(write, on_commit=on_commit)
 
@@ -528,46 +364,82 @@ class SqliteStorage:
         self, where: DeliveryFilter, webhooks: Sequence[Subscriber], *, now: float,
         on_commit: Callable[[int], None] | None = None,
     ) -> asyncio.Future[int]:
-        clause, params = _where(replace(where, statuses=(FAILED,)))
+        clause, params = where_clause(replace(where, statuses=(FAILED,)))
 
         async def write(db: Conn) -> int:
             total = 0
             for webhook_id, enabled in webhooks:
+                new = PENDING if enabled else PAUSED
                 cur = await db.execute(
                     "UPDATE deliveries SET status = ?, next_attempt_at = ?, updated_at = ? WHERE id IN"  # noqa: S608
                     f" (SELECT d.id FROM deliveries d JOIN events e ON e.id = d.event_id WHERE {clause}"
                     " AND d.webhook_id = ?)",
-                    (PENDING if enabled else PAUSED, now if enabled else None, now, *params, webhook_id),
+                    (new, now if enabled else None, now, *params, webhook_id),
                 )
+                self._counts.move(webhook_id, FAILED, new, int(cur.rowcount))
                 total += int(cur.rowcount)
             return total
 
         return self._writer.run(write, on_commit=on_commit)
 
     async def due_item(self, delivery_id: int) -> tuple[DueItem, str] | None:
-        rows = await self._read(_DUE_SELECT + " WHERE d.id = ?", (delivery_id,))
-        return (_due(rows[0]), str(rows[0][7])) if rows else None
+        rows = await self._read(DUE_SELECT + " WHERE d.id = ?", (delivery_id,))
+        return (due_row(rows[0]), str(rows[0][7])) if rows else None
 
     # -- queries for people ---------------------------------------------------------------------
     async def list_deliveries(
         self, where: DeliveryFilter, *, before: int | None = None, limit: int = 100
     ) -> list[Delivery]:
-        clause, params = _where(where)
+        union = self._by_status_and_webhook(where, before, limit)
+        if union is not None:
+            sql, params = union
+        else:
+            clause, params = where_clause(where)
+            if before is not None:
+                clause = f"{clause} AND d.id < ?" if clause else "d.id < ?"
+                params.append(before)
+            sql = DELIVERY_SELECT + (f" WHERE {clause}" if clause else "")
+        return [delivery_row(r) for r in await self._read(sql + " ORDER BY d.id DESC LIMIT ?", [*params, limit])]
+
+    def _by_status_and_webhook(
+        self, where: DeliveryFilter, before: int | None, limit: int
+    ) -> tuple[str, list[Any]] | None:
+        """A status filter, newest first, without sorting every matching row: one keyset walk
+        of the (status, webhook_id, id) index per (status, webhook) pair that has deliveries
+        (the counts say which), each at most `limit`, merged. None where the plain query is
+        better: no status filter, a message-id or recipient search (their own indexes), or
+        too many pairs."""
+        if not where.statuses or where.message_id is not None or where.recipient is not None:
+            return None
+        pairs = [(s, w) for (w, s), n in self._counts.by.items()
+                 if n > 0 and s in where.statuses and where.webhook_id in (None, w)]
+        if len(pairs) > 64:
+            return None
+        rest, rest_params = where_clause(replace(where, statuses=(), webhook_id=None))
         if before is not None:
-            clause = f"{clause} AND d.id < ?" if clause else "d.id < ?"
-            params.append(before)
-        sql = _DELIVERY_SELECT + (f" WHERE {clause}" if clause else "") + " ORDER BY d.id DESC LIMIT ?"
-        return [_delivery(r) for r in await self._read(sql, [*params, limit])]
+            rest = f"{rest} AND d.id < ?" if rest else "d.id < ?"
+            rest_params.append(before)
+        join = " JOIN events e ON e.id = d.event_id" if where.event_type is not None else ""
+        parts: list[str] = []
+        params: list[Any] = []
+        for status, webhook_id in sorted(pairs):
+            cond = f" AND {rest}" if rest else ""
+            sub = f"SELECT d.id FROM deliveries d{join} WHERE d.status = ? AND d.webhook_id = ?{cond}"  # noqa: S608
+            parts.append(f"SELECT id FROM ({sub} ORDER BY d.id DESC LIMIT ?)")  # noqa: S608
+            params.extend([status, webhook_id, *rest_params, limit])
+        if not parts:
+            return DELIVERY_SELECT + " WHERE 0", []
+        return DELIVERY_SELECT + f" WHERE d.id IN ({' UNION ALL '.join(parts)})", params
 
     async def count_deliveries(self, where: DeliveryFilter) -> int:
-        clause, params = _where(where)
+        clause, params = where_clause(where)
         join = " JOIN events e ON e.id = d.event_id" if where.event_type is not None else ""
         sql = f"SELECT count(*) FROM deliveries d{join}" + (f" WHERE {clause}" if clause else "")  # noqa: S608
         return int((await self._read(sql, params))[0][0])
 
     async def delivery(self, delivery_id: int) -> DeliveryDetail | None:
         rows = await self._read(
-            _DELIVERY_SELECT.replace(" FROM", ", e.body FROM", 1) + " WHERE d.id = ?", (delivery_id,)
+            DELIVERY_SELECT.replace(" FROM", ", e.body FROM", 1) + " WHERE d.id = ?", (delivery_id,)
         )
         if not rows:
             return None
@@ -577,15 +449,12 @@ class SqliteStorage:
             (delivery_id,),
         )
         return DeliveryDetail(
-            _delivery(rows[0]), bytes(rows[0][13]),
+            delivery_row(rows[0]), bytes(rows[0][13]),
             tuple(Attempt(float(a[0]), float(a[1]), a[2], a[3], a[4]) for a in attempts),
         )
 
     async def count_by_status(self) -> dict[str, int]:
-        counts = dict.fromkeys(DELIVERY_STATUSES, 0)
-        for status, n in await self._read("SELECT status, count(*) FROM deliveries GROUP BY status"):
-            counts[status] = int(n)
-        return counts
+        return self._counts.by_status()  # kept in step with every commit: no scan of a large table
 
     async def webhook_stats(self, now: float) -> dict[str, WebhookStats]:
         fields: dict[str, dict[str, Any]] = {}
@@ -598,11 +467,9 @@ class SqliteStorage:
             (now - DAY - HOUR,),
         ):
             fields.setdefault(wid, {}).update(succeeded_24h=int(ok), failed_24h=int(bad))
-        for wid, status, n in await self._read(
-            "SELECT webhook_id, status, count(*) FROM deliveries WHERE status IN ('pending', 'paused')"
-            " GROUP BY webhook_id, status"
-        ):
-            fields.setdefault(wid, {})[status] = int(n)
+        for (wid, status), n in self._counts.by.items():
+            if status in (PENDING, PAUSED) and n:
+                fields.setdefault(wid, {})[status] = n
         return {wid: WebhookStats(wid, **f) for wid, f in fields.items()}
 
     async def hourly_counts(self, since: float, until: float) -> list[HourCount]:
@@ -617,11 +484,14 @@ class SqliteStorage:
     async def prune(self, cutoff: float, limit: int = 1000) -> int:
         async def run(db: Conn) -> int:
             async with db.execute(
-                "SELECT id FROM deliveries WHERE status IN ('succeeded', 'failed') AND updated_at < ?"
-                " ORDER BY updated_at LIMIT ?",
+                "SELECT id, webhook_id, status FROM deliveries WHERE status IN ('succeeded', 'failed')"
+                " AND updated_at < ? ORDER BY updated_at LIMIT ?",
                 (cutoff, limit),
             ) as cur:
-                ids = [(row[0],) for row in await cur.fetchall()]
+                rows = await cur.fetchall()
+            ids = [(row[0],) for row in rows]
+            for _id, webhook_id, status in rows:
+                self._counts.move(str(webhook_id), str(status), None)
             await db.executemany("DELETE FROM attempts WHERE delivery_id = ?", ids)
             await db.executemany("DELETE FROM deliveries WHERE id = ?", ids)
             cur2 = await db.execute(

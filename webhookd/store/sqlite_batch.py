@@ -1,0 +1,169 @@
+"""The SQLite backend's batchers: a run of submitted events, a run of attempt outcomes,
+each written with a few executemany in the writer's transaction."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosqlite
+
+from webhookd.events import Event
+from webhookd.ids import new_id
+from webhookd.store.model import PAUSED, PENDING, FreshEvent, OutcomeRecord, Subscriber
+from webhookd.store.sqlite_rows import HOUR, Counts
+
+Conn = aiosqlite.Connection
+
+
+@dataclass
+class Ids:
+    """The next event and delivery ids (allocated in memory, from the largest stored at open)."""
+
+    event: int = 1
+    delivery: int = 1
+
+
+@dataclass
+class EventSink:
+    """What the event batcher hands on after its commit."""
+
+    on_fresh: Callable[[list[FreshEvent]], None]
+    received: Counter[str] = field(default_factory=Counter)
+
+
+class Events:
+    """Inserts a run of submitted events and their deliveries with two executemany."""
+
+    def __init__(self, clock: Callable[[], float], ids: Ids, counts: Counts, sink: EventSink) -> None:
+        self._clock, self._ids, self._counts, self._sink = clock, ids, counts, sink
+        self._runs: deque[tuple[list[FreshEvent], list[str]]] = deque()  # this transaction's, in order
+
+    async def execute(self, db: Conn, items: list[tuple[Event, Sequence[Subscriber]]]) -> list[str]:
+        now = self._clock()
+        keys = [ev.idempotency_key for ev, _ in items if ev.idempotency_key is not None]
+        known: dict[str, str] = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sql = f"SELECT idempotency_key, uid FROM events WHERE idempotency_key IN ({marks})"  # noqa: S608
+            async with db.execute(sql, chunk) as cur:
+                for key, uid in await cur.fetchall():
+                    known[key] = uid
+        event_rows: list[tuple[Any, ...]] = []
+        delivery_rows: list[tuple[Any, ...]] = []
+        results: list[str] = []
+        fresh: list[FreshEvent] = []
+        types: list[str] = []
+        made: Counter[tuple[str, bool]] = Counter()
+        event_id, delivery_id = self._ids.event, self._ids.delivery
+        for ev, subscribers in items:
+            key = ev.idempotency_key
+            if key is not None and key in known:
+                results.append(known[key])
+                continue
+            uid = new_id("evt")
+            if key is not None:
+                known[key] = uid
+            event_rows.append((event_id, uid, key, ev.type, ev.body, now, ev.message_id, ev.recipient))
+            types.append(ev.type)
+            if subscribers:
+                fresh.append(FreshEvent(delivery_id, subscribers, now, uid, ev.type, ev.body))
+            for sub in subscribers:
+                enabled = sub[1]
+                delivery_rows.append(
+                    (delivery_id, event_id, sub[0], PENDING if enabled else PAUSED, now if enabled else None, now, now)
+                )
+                made[sub] += 1
+                delivery_id += 1
+            event_id += 1
+            results.append(uid)
+        if event_rows:
+            await db.executemany(
+                "INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id, recipient)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                event_rows,
+            )
+        if delivery_rows:
+            await db.executemany(
+                "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
+                " updated_at) VALUES (?,?,?,?,?,?,?)",
+                delivery_rows,
+            )
+        # Only now, with every statement done: a failed batch leaves the ids as they were. What
+        # each run made is handed on at its own place after the commit (runs commit in the
+        # order they ran); `reset`, at each transaction's start, forgets a rolled-back one's.
+        self._ids.event, self._ids.delivery = event_id, delivery_id
+        for (webhook_id, enabled), n in made.items():
+            self._counts.move(webhook_id, None, PENDING if enabled else PAUSED, n)
+        self._runs.append((fresh, types))
+        return results
+
+    def reset(self) -> None:
+        self._runs.clear()
+
+    def committed(self, items: list[tuple[Event, Sequence[Subscriber]]], results: list[str]) -> None:
+        fresh, types = self._runs.popleft()
+        received = self._sink.received
+        for event_type in types:
+            received[event_type] += 1
+        if fresh:
+            self._sink.on_fresh(fresh)
+
+
+class Outcomes:
+    """Writes a run of attempt outcomes: delivery rows, attempt rows, hour counts, last attempt."""
+
+    def __init__(self, counts: Counts) -> None:
+        self._counts = counts
+
+    async def execute(self, db: Conn, items: list[OutcomeRecord]) -> list[None]:
+        # The statuses they had (normally pending; paused if a disable came first; gone if the
+        # webhook was deleted), for the counts.
+        before: dict[int, str] = {}
+        ids = [r.delivery_id for r in items]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            sql = f"SELECT id, status FROM deliveries WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
+            async with db.execute(sql, chunk) as cur:
+                before.update((int(i), str(s)) for i, s in await cur.fetchall())
+        await db.executemany(
+            "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status_code = ?,"
+            " last_error = ?, updated_at = ? WHERE id = ?",
+            [(r.status, r.attempts, r.next_attempt_at, r.status_code, r.error, r.updated_at, r.delivery_id)
+             for r in items],
+        )
+        await db.executemany(
+            "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body)"
+            " VALUES (?,?,?,?,?,?)",
+            [(r.delivery_id, r.at, round(r.duration_ms, 3), r.status_code, r.error, r.response_body)
+             for r in items if r.delivery_id in before],
+        )
+        hours: Counter[tuple[int, str, bool]] = Counter()
+        last: dict[str, OutcomeRecord] = {}
+        for r in items:
+            old = before.get(r.delivery_id)
+            if old is None:
+                continue
+            self._counts.move(r.webhook_id, old, r.status)
+            hours[(int(r.at // HOUR) * HOUR, r.webhook_id, r.error is None)] += 1
+            seen = last.get(r.webhook_id)
+            if seen is None or r.at >= seen.at:
+                last[r.webhook_id] = r
+        await db.executemany(
+            "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed) VALUES (?,?,?,?)"
+            " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = succeeded + excluded.succeeded,"
+            " failed = failed + excluded.failed",
+            [(hour, wid, n if ok else 0, 0 if ok else n) for (hour, wid, ok), n in hours.items()],
+        )
+        await db.executemany(
+            "UPDATE webhooks SET last_attempt_at = ?, last_status_code = ?, last_error = ?"
+            " WHERE id = ? AND (last_attempt_at IS NULL OR last_attempt_at <= ?)",
+            [(r.at, r.status_code, r.error, wid, r.at) for wid, r in last.items()],
+        )
+        return [None] * len(items)
+
+    def committed(self, items: list[OutcomeRecord], results: list[None]) -> None:
+        pass
