@@ -232,6 +232,16 @@ class Scheduler:
         store.subscribers = self.subscribers
         store.on_fresh = self.push_fresh
 
+    def reconfigure(self, cfg: DeliveryConfig) -> None:
+        """Apply a reloaded [delivery] section (the caller keeps `concurrency`, which needs a
+        restart). Pumps read `self.cfg` on each turn; each is woken so that a raised limit is
+        used at once, not after an attempt of its webhook ends."""
+        self.cfg = cfg
+        self.window = max(64, 4 * cfg.per_webhook_concurrency)
+        self._share_at = float("-inf")
+        for wh in self.webhooks.values():
+            wh.wake.set()
+
     # -- start and stop ------------------------------------------------------------
     async def load(self) -> None:
         rows = await self.store.read(f"SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at")  # noqa: S608
@@ -323,7 +333,6 @@ class Scheduler:
 
     # -- the pump ----------------------------------------------------------------------
     async def _pump(self, wh: Webhook) -> None:
-        cfg = self.cfg
         while not self._stopping:
             wh.wake.clear()
             if not wh.enabled:
@@ -343,7 +352,7 @@ class Scheduler:
                     continue
                 start_at = max(item.next_at, wh.backoff_until)
             else:
-                if wh.active >= min(cfg.per_webhook_concurrency, wh.ramp or SLOW_START):
+                if wh.active >= min(self.cfg.per_webhook_concurrency, wh.ramp or SLOW_START):
                     await wh.wake.wait()
                     continue
                 start_at = item.next_at
