@@ -7,10 +7,11 @@ import shutil
 import socket
 import sqlite3
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
@@ -19,6 +20,9 @@ from aiohttp import web
 
 from webhookd.config import Config, parse_config
 from webhookd.daemon import Daemon
+
+if TYPE_CHECKING:
+    from tests.test_process import Proc
 
 FAST_DELIVERY: dict[str, Any] = {
     "retry_base": "20ms",
@@ -63,6 +67,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = field(default_factory=time.monotonic)  # when it arrived
 
     @property
     def json(self) -> Any:
@@ -257,6 +262,23 @@ def smtp_sink() -> Iterator[tuple[Any, int]]:
     controller = handler.start(port)
     yield handler, port
     controller.stop()
+
+
+@pytest.fixture
+def proc(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Proc]]:
+    """`webhookd serve` as a real process (tests/test_process.py's Proc); killed at the end."""
+    from tests.test_process import Proc
+
+    made: list[Proc] = []
+
+    def make(delivery: dict[str, Any] | None = None) -> Proc:
+        p = Proc(tmp_path, short_dir, delivery)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
 
 
 @pytest.fixture

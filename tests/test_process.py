@@ -96,19 +96,42 @@ class Proc:
         self.root = root
         self.run = run
         self.config = root / "config.toml"
-        settings = {"retry_base": "50ms", "retry_max": "200ms", "shutdown_grace": "5s", **(delivery or {})}
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.config.write_text(
-            f'environment = "development"\nstate_dir = "{root / "state"}"\nruntime_dir = "{run}"\n'
-            f'[intake]\nhttp_listen = "127.0.0.1:{port}"\n'
-            '[log]\nformat = "json"\n'
-            "[delivery]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items())
-        )
+            self.port = s.getsockname()[1]
+        self.write_config(delivery)
         self.env = {**os.environ, "WEBHOOKD_CONFIG": str(self.config)}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "daemon.log"
+
+    def write_config(self, delivery: dict[str, Any] | None = None, *, intake: dict[str, Any] | None = None,
+                     tables: str = "") -> None:
+        """(Re)write the config file: the test's [delivery] defaults updated with `delivery`,
+        [intake] keys beside http_listen, then `tables` (more TOML tables, verbatim)."""
+        settings = {"retry_base": "50ms", "retry_max": "200ms", "shutdown_grace": "5s", **(delivery or {})}
+
+        def keys(values: dict[str, Any]) -> str:
+            return "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items())
+
+        self.config.write_text(
+            f'environment = "development"\nstate_dir = "{self.root / "state"}"\nruntime_dir = "{self.run}"\n'
+            f'[intake]\nhttp_listen = "127.0.0.1:{self.port}"\n' + keys(intake or {})
+            + '[log]\nformat = "json"\n'
+            "[delivery]\n" + keys(settings) + tables
+        )
+
+    def logged(self, word: str) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines that contain `word`, oldest first (whole lines only:
+        the last one may be being written)."""
+        return [json.loads(x) for x in self.log.read_text().splitlines(keepends=True) if word in x and x[-1] == "\n"]
+
+    def reload(self, timeout: float = 15.0) -> dict[str, Any]:
+        """kill -HUP the daemon; the log line of that reload ("config reloaded" or "... failed")."""
+        assert self.proc is not None
+        before = len(self.logged('"config reload'))
+        self.proc.send_signal(signal.SIGHUP)
+        lines = wait_until(lambda: self.logged('"config reload')[before:], timeout, what="the reload log line")
+        return dict(lines[0])
 
     def start(self) -> Self:
         with open(self.log, "ab") as out:
@@ -135,20 +158,6 @@ class Proc:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-@pytest.fixture
-def proc(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Proc]]:
-    made: list[Proc] = []
-
-    def make(delivery: dict[str, Any] | None = None) -> Proc:
-        p = Proc(tmp_path, short_dir, delivery)
-        made.append(p)
-        return p
-
-    yield make
-    for p in made:
-        p.stop()
 
 
 def lines(n: int, prefix: str) -> bytes:
@@ -231,18 +240,12 @@ def test_sighup_reloads_and_keeps_the_old_config_on_error(proc: Callable[..., Pr
     d = proc().start()
     assert d.proc is not None
     text = d.config.read_text()
-    d.config.write_text(text.replace('retry_base = "50ms"', 'retry_base = "100ms"').replace(
-        "[intake]", "[intake]\nmax_connections = 7"))
-    d.proc.send_signal(signal.SIGHUP)
-
-    def logged(word: str) -> Any:
-        return [json.loads(x) for x in d.log.read_text().splitlines() if word in x]
-
-    [reloaded] = wait_until(lambda: logged("config reloaded"), what="the reload log line")
-    assert "intake" in reloaded["needs_restart"]
+    d.write_config({"retry_base": "100ms"}, intake={"max_connections": 7})
+    reloaded = d.reload()
+    assert reloaded["event"] == "config reloaded" and "intake" in reloaded["needs_restart"]
     d.config.write_text("[delivery]\nretry_base = 'soon'\n")
-    d.proc.send_signal(signal.SIGHUP)
-    [failed] = wait_until(lambda: logged("config reload failed"), what="the failed reload log line")
+    failed = d.reload()
+    assert failed["event"] == "config reload failed; keeping the running config"
     assert "delivery.retry_base" in failed["error"]
     assert d.proc.poll() is None  # still running, on the old config
     d.config.write_text(text)

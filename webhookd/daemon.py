@@ -36,6 +36,10 @@ log = structlog.get_logger("webhookd")
 STATUS_INTERVAL = 10.0  # seconds between STATUS= updates to systemd
 PRUNE_INTERVAL = 60.0  # seconds between retention passes
 PRUNE_BATCH = 1000  # rows per retention transaction
+# What a reload does not change: the connector, the TLS context, the target guard, the
+# global slots, the database and the sockets are made at start.
+RESTART_ONLY_DELIVERY = ("concurrency", "ca_file", "allow_targets")
+RESTART_ONLY = ("storage", "intake", "admin", "dashboard", "environment", "state_dir", "runtime_dir")
 
 
 class StartupError(Exception):
@@ -123,8 +127,12 @@ class Daemon:
         self._protocols: set[LineProtocol] = set()
         self._runners: list[web.AppRunner] = []
         self._socket_paths: list[Path] = []
-        self._stop = asyncio.Event()
-        self._force = False
+        # Set by the signal handlers, acted on by serve(): a handler only sets state.
+        self._should_exit = False
+        self._force_exit = False
+        self._reload_requested = False
+        self._wake = asyncio.Event()
+        self._forced = False  # the in-flight attempts were abandoned
         self._stopped = False
         self._watchdog: asyncio.Task[None] | None = None
         self._notify_tasks: set[asyncio.Task[None]] = set()
@@ -252,26 +260,73 @@ class Daemon:
 
     # -- run --------------------------------------------------------------------------------
     def request_stop(self) -> None:
-        if self._stop.is_set():
-            log.warning("second stop signal: not waiting for in-flight deliveries")
-            self._force = True
-            self.scheduler.cancel_attempts()
-        self._stop.set()
+        """SIGTERM/SIGINT (and callers that want the same): the first request drains, a
+        second one abandons the attempts in flight. Only sets state; serve() does the work."""
+        if self._should_exit:
+            self._force_exit = True
+        self._should_exit = True
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        """SIGHUP: only sets state; serve() calls reload()."""
+        self._reload_requested = True
+        self._wake.set()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         try:
             await self.start()
             sd_notify(f"READY=1\nSTATUS={await self._status_line()}\nMAINPID={os.getpid()}")
             self._watchdog = self._start_watchdog()
-            await self._stop.wait()
+            await self._main_loop()
         finally:
-            await self.stop()
+            await self._shutdown()
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+
+    async def _main_loop(self) -> None:
+        """Until a stop is requested: perform the reloads the handlers asked for."""
+        while True:
+            self._wake.clear()  # before the checks: a request from now on wakes the wait below
+            if self._should_exit:
+                return
+            if self._reload_requested:
+                self._reload_requested = False
+                self._reload_now()
+                continue
+            await self._wake.wait()
+
+    def _reload_now(self) -> None:
+        try:
+            self.reload()
+        except Exception:  # a bug in reload must not stop the daemon (as in a signal callback)
+            log.exception("config reload raised")
+
+    async def _shutdown(self) -> None:
+        """stop(), and meanwhile: a second stop request abandons the attempts in flight."""
+        stopping = asyncio.ensure_future(self.stop())
+        try:
+            while True:
+                self._wake.clear()
+                if self._force_exit and not self._forced:
+                    self._forced = True
+                    log.warning("second stop signal: not waiting for in-flight deliveries")
+                    self.scheduler.cancel_attempts()
+                if self._reload_requested:  # as before: a SIGHUP during the drain still reloads
+                    self._reload_requested = False
+                    self._reload_now()
+                woken = asyncio.ensure_future(self._wake.wait())
+                await asyncio.wait((stopping, woken), return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
+                if stopping.done():
+                    break
+        finally:
+            if not stopping.done():
+                stopping.cancel()
+        await stopping
 
     def _start_watchdog(self) -> asyncio.Task[None] | None:
         """WATCHDOG=1 at half of $WATCHDOG_USEC, STATUS= with the queue depth every 10 s."""
@@ -328,7 +383,8 @@ class Daemon:
         )
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config; apply what can change live, log the rest."""
+        """Re-read the config (SIGHUP, through serve()); apply what can change live, keep
+        and log what needs a restart."""
         try:
             new = load_config(self.config.source, dev=self.config.dev)
         except ConfigError as exc:
@@ -336,23 +392,17 @@ class Daemon:
             return
         old = self.config
         logs.configure(new.log.level, new.log.format)
-        live = {"concurrency", "ca_file", "allow_targets"}
-        restart = [
-            f"delivery.{name}"
-            for name in live
-            if getattr(old.delivery, name) != getattr(new.delivery, name)
-        ]
-        for section in ("storage", "intake", "admin"):
-            if getattr(old, section) != getattr(new, section):
-                restart.append(section)
-        for key in ("environment", "state_dir", "runtime_dir"):
-            if getattr(old, key) != getattr(new, key):
-                restart.append(key)
-        delivery = dataclasses.replace(new.delivery, **{f: getattr(old.delivery, f) for f in live})
-        self.scheduler.reconfigure(delivery)
+        restart_only = {name: getattr(old.delivery, name) for name in RESTART_ONLY_DELIVERY}
+        kept = {key: getattr(old, key) for key in RESTART_ONLY}
+        needs_restart = [f"delivery.{name}" for name, value in restart_only.items()
+                         if getattr(new.delivery, name) != value]
+        needs_restart += [key for key, value in kept.items() if getattr(new, key) != value]
+        delivery = dataclasses.replace(new.delivery, **restart_only)
         self.dispatcher.cfg = delivery
-        self.config = new
-        log.info("config reloaded", source=str(new.source) if new.source else None, needs_restart=restart)
+        self.scheduler.reconfigure(delivery)
+        # what runs: a later reload names a key that still differs from the file again
+        self.config = dataclasses.replace(new, delivery=delivery, **kept)
+        log.info("config reloaded", source=str(new.source) if new.source else None, needs_restart=needs_restart)
 
     # -- stop --------------------------------------------------------------------------------
     async def stop(self) -> None:
@@ -376,7 +426,7 @@ class Daemon:
         for proto in list(self._protocols):
             if proto.transport is not None:
                 proto.transport.close()
-        grace = 0.0 if self._force else self.config.delivery.shutdown_grace
+        grace = 0.0 if self._force_exit else self.config.delivery.shutdown_grace
         abandoned = await self.scheduler.drain(grace)
         await self.store.close()
         await self.dispatcher.close()
