@@ -69,8 +69,12 @@ def decide(
     """The gate and delivery status after an attempt. `attempts` counts this attempt;
     `attempt_epoch` is the gate's epoch when the attempt started."""
     if success:
-        ramp = min(cfg.per_webhook_concurrency, 2 * (gate.ramp or SLOW_START))
-        if gate.consecutive_failures or gate.backoff_until:
+        # never below SLOW_START: a per_webhook_concurrency raised by a reload must not leave a
+        # webhook that succeeded below where a fresh one starts
+        ramp = max(SLOW_START, min(cfg.per_webhook_concurrency, 2 * (gate.ramp or SLOW_START)))
+        # a disabled gate keeps the counts it was disabled with (the notify command reports
+        # them) until enabled_again() resets it
+        if gate.enabled and (gate.consecutive_failures or gate.backoff_until):
             new = replace(gate, consecutive_failures=0, backoff_until=0.0, epoch=gate.epoch + 1, ramp=ramp)
             return Decision(new, SUCCEEDED, None, gate_changed=True, disabled=False)
         return Decision(replace(gate, ramp=ramp), SUCCEEDED, None, gate_changed=False, disabled=False)
@@ -80,8 +84,8 @@ def decide(
     if attempt_epoch == gate.epoch and gate.enabled:
         failures = gate.consecutive_failures + 1
         delay = backoff(failures, base=cfg.retry_base, cap=cfg.retry_max, rand=rand)
-        if retry_after is not None:
-            delay = min(max(delay, retry_after), cfg.retry_max)
+        if retry_after is not None:  # raises the delay, itself capped; never shortens the backoff
+            delay = max(delay, min(retry_after, cfg.retry_max))
         new = replace(new, consecutive_failures=failures, backoff_until=now + delay, epoch=gate.epoch + 1)
         changed = True
         if failures >= cfg.disable_after:

@@ -1,0 +1,568 @@
+"""The scheduler on its own: no sockets, no real waits.
+
+The clock and the monotonic clock are fakes the tests move by hand (and then call
+`Scheduler.wake_all()`), the dispatcher is a fake Poster answering from a handler (like
+httpx's MockTransport) that records every call and can hold attempts open, and the storage
+is the real SqliteStorage on a tmp_path file, wired as webhookd.daemon wires it (on_fresh
+→ push_fresh; events submitted with `scheduler.subscribers(type)`).
+
+Tests run "burst" style: `Rig.settle()` turns the event loop (asyncio.sleep(0) only) until
+nothing moves any more: no write queued or committing, no attempt in flight that is not held
+open, no new call. Retry delays are huge (1000 s and up), so nothing is due again until a
+test moves the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import db_rows
+from webhookd.config import DeliveryConfig
+from webhookd.dispatcher import Outcome
+from webhookd.events import validate_event
+from webhookd.metrics import Metrics
+from webhookd.operations import Operations
+from webhookd.policy import CONSECUTIVE_FAILURES, SLOW_START
+from webhookd.scheduler import Scheduler, window_size
+from webhookd.store.model import FAILED, PAUSED, PENDING, SUCCEEDED, Delivery, DeliveryFilter
+from webhookd.store.sqlite import SqliteStorage
+from webhookd.webhooks import START, Webhook
+
+T0 = 1_800_000_000.0
+BIG = 10_000_000.0  # moves the clock past any retry the tests make
+BASE = DeliveryConfig(retry_base=1000.0, retry_max=1_000_000.0, max_attempts=50, disable_after=100)
+
+OK = Outcome(success=True, status_code=200, error=None, duration_ms=1.0, response_body=b"ok")
+
+
+def fail(status: int = 500, retry_after: float | None = None) -> Outcome:
+    return Outcome(success=False, status_code=status, error=f"HTTP {status}", duration_ms=1.0,
+                   response_body=b"no", retry_after=retry_after)
+
+
+FAIL = fail()
+
+
+class FakeClock:
+    """A clock that only moves when told to."""
+
+    def __init__(self, t: float) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+# -- the fake dispatcher ---------------------------------------------------------------------------
+@dataclass(eq=False)
+class Call:
+    """One POST the scheduler made."""
+
+    url: str
+    event_id: str
+    at: float  # the fake clock when it was made
+    released: asyncio.Event = field(default_factory=asyncio.Event)
+    outcome: Outcome | None = None
+    done: bool = False
+
+    def release(self, outcome: Outcome | None = None) -> None:
+        self.outcome = outcome
+        self.released.set()
+
+
+Handler = Callable[[Call], Outcome]
+
+
+def script(*outcomes: Outcome, then: Outcome = OK) -> Handler:
+    """Answers with `outcomes` in turn, then with `then`."""
+    queue = list(outcomes)
+    return lambda call: queue.pop(0) if queue else then
+
+
+class FakePoster:
+    """A Poster that answers from `handler`, records its calls and, while `hold` is set,
+    keeps each attempt open until the test releases it (with an outcome, or the handler's)."""
+
+    def __init__(self, clock: Callable[[], float], handler: Handler | None = None) -> None:
+        self.clock = clock
+        self.handler: Handler = handler or (lambda call: OK)
+        self.hold = False
+        self.calls: list[Call] = []
+        self.peak = 0  # most attempts open at once since reset_peak()
+
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome:
+        call = Call(url, headers["webhook-id"], self.clock())
+        self.calls.append(call)
+        self.peak = max(self.peak, len(self.open()))
+        try:
+            if self.hold:
+                await call.released.wait()
+            else:
+                await asyncio.sleep(0)  # an attempt takes at least a turn of the loop
+            return call.outcome if call.outcome is not None else self.handler(call)
+        finally:
+            call.done = True
+
+    def open(self) -> list[Call]:
+        return [c for c in self.calls if not c.done]
+
+    def held(self) -> list[Call]:
+        return [c for c in self.calls if not c.done and not c.released.is_set()]
+
+    def release(self, n: int | None = None, outcome: Outcome | None = None) -> int:
+        held = self.held()[:n]
+        for call in held:
+            call.release(outcome)
+        return len(held)
+
+    def reset_peak(self) -> None:
+        self.peak = len(self.open())
+
+
+# -- the rig ------------------------------------------------------------------------------------
+BARRIER = "wh_barrier"  # no such webhook: a read through the writer that waits for what is queued before it
+SPIN = 50
+
+
+@dataclass(eq=False)
+class Rig:
+    clock: FakeClock
+    monotonic: FakeClock
+    poster: FakePoster
+    storage: SqliteStorage
+    scheduler: Scheduler
+    ops: Operations
+    metrics: Metrics
+    path: Path
+    disabled: list[str] = field(default_factory=list)  # on_disabled calls, by webhook id
+    seq: int = 0
+
+    async def hook(self, name: str = "a") -> Webhook:
+        return await self.ops.create(url=f"https://{name}.example.com/hook", events=("*",), description=name)
+
+    def submit(self, n: int = 1) -> list[asyncio.Future[str]]:
+        """Queue n events as intake does (not awaited)."""
+        futures = []
+        for _ in range(n):
+            self.seq += 1
+            ev = validate_event({"event": "delivered", "data": {"message_id": f"<m{self.seq}@example.com>"}},
+                                now=self.clock())
+            futures.append(self.storage.submit(ev, self.scheduler.subscribers(ev.type)))
+        return futures
+
+    async def send(self, n: int = 1) -> list[str]:
+        """Submit n events and wait until they are committed; their event ids."""
+        return list(await asyncio.gather(*self.submit(n)))
+
+    def later(self, seconds: float) -> None:
+        self.clock.t += seconds
+        self.monotonic.t += seconds
+        self.scheduler.wake_all()
+
+    def at(self, t: float) -> None:
+        self.later(t - self.clock.t)
+
+    def busy(self) -> int:
+        """Attempts in flight that are not held open."""
+        return self.scheduler.in_flight - len(self.poster.held())
+
+    async def settle(self, observe: Callable[[], None] | None = None, rounds: int = 2000) -> None:
+        """Run the loop until the scheduler is idle: twice in a row, a barrier through the
+        writer committed alone and nothing else moved (no write queued, no attempt busy,
+        no new call). Never sleeps; bounded."""
+        last: tuple[int, int, int, int] | None = None
+        quiet = 0
+        for _ in range(rounds):
+            await self.storage.take_due(BARRIER, START, 1)
+            for _ in range(SPIN):
+                await asyncio.sleep(0)
+                if observe is not None:
+                    observe()
+            now = (self.storage.commits, len(self.poster.calls), self.storage.queued, self.busy())
+            if last is not None and now == (last[0] + 1, last[1], 0, 0) and last[2:] == (0, 0):
+                quiet += 1
+                if quiet == 2:
+                    return
+            else:
+                quiet = 0
+            last = now
+        raise AssertionError("the scheduler did not settle")
+
+    async def deliveries(self, wh: Webhook) -> list[Delivery]:
+        return sorted(await self.storage.list_deliveries(DeliveryFilter(webhook_id=wh.id), limit=10_000),
+                      key=lambda d: d.id)
+
+    async def statuses(self, wh: Webhook) -> dict[str, int]:
+        return dict(Counter(d.status for d in await self.deliveries(wh)))
+
+    def attempts_counted(self) -> float:
+        return sum(s.value for m in self.metrics.attempts.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+MakeRig = Callable[..., Awaitable[Rig]]
+
+
+@pytest.fixture
+async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
+    rigs: list[Rig] = []
+
+    async def make(handler: Handler | None = None, min_window: int | None = None, **delivery: Any) -> Rig:
+        clock, monotonic = FakeClock(T0), FakeClock(1000.0)
+        path = tmp_path / f"db{len(rigs)}" / "webhookd.db"
+        scheduler: Scheduler | None = None
+
+        def fresh(events: Any) -> None:
+            assert scheduler is not None
+            scheduler.push_fresh(events)
+
+        storage = SqliteStorage(path, durability="normal", clock=clock, on_fresh=fresh)
+        poster = FakePoster(clock, handler)
+        metrics = Metrics()
+        scheduler = Scheduler(storage, poster, replace(BASE, **delivery), clock=clock, monotonic=monotonic,
+                              metrics=metrics)
+        if min_window is not None:
+            scheduler.min_window = min_window
+        rig = Rig(clock, monotonic, poster, storage, scheduler, Operations(scheduler, storage), metrics, path)
+        scheduler.on_disabled = lambda wh: rig.disabled.append(wh.id)
+        await storage.open()
+        await scheduler.load()
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        await rig.scheduler.drain(0)
+        await rig.storage.close()
+
+
+# -- failures, backoff, disable -------------------------------------------------------------------
+async def test_a_burst_of_failures_counts_once_and_then_one_probe_at_a_time(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    rig.poster.hold = True
+    wh = await rig.hook()
+    await rig.send(10)
+    await rig.settle()
+    assert len(rig.poster.held()) == SLOW_START
+
+    rig.poster.release(outcome=FAIL)  # the whole burst fails together
+    await rig.settle()
+    assert wh.consecutive_failures == 1
+    [stored] = await rig.storage.load_webhooks()
+    assert stored.consecutive_failures == 1 and stored.backoff_until == wh.gate.backoff_until > T0
+    assert [d.attempts for d in await rig.deliveries(wh)] == [1] * 4 + [0] * 6
+    assert await rig.statuses(wh) == {PENDING: 10}
+    assert len(rig.poster.calls) == 4  # nothing starts before backoff_until
+
+    for failures in (2, 3):
+        rig.poster.reset_peak()
+        rig.later(BIG)
+        await rig.settle()
+        assert len(rig.poster.held()) == 1 and rig.poster.peak == 1  # one probe at a time
+        rig.poster.release(outcome=FAIL)
+        await rig.settle()
+        assert wh.consecutive_failures == failures
+
+    rig.later(BIG)
+    await rig.settle()
+    assert len(rig.poster.held()) == 1
+    rig.poster.release(outcome=OK)  # the probe succeeds: the gate resets, slow start doubled once
+    await rig.settle()
+    assert wh.consecutive_failures == 0 and wh.gate.backoff_until == 0.0
+    assert len(rig.poster.held()) == 2 * SLOW_START
+    rig.poster.hold = False
+    rig.poster.release(outcome=OK)
+    await rig.settle()
+    assert await rig.statuses(wh) == {SUCCEEDED: 10}
+    [stored] = await rig.storage.load_webhooks()
+    assert stored.consecutive_failures == 0 and stored.backoff_until == 0.0
+
+
+async def test_consecutive_failures_disable_then_enable_delivers_the_paused(make_rig: MakeRig) -> None:
+    rig = await make_rig(handler=lambda call: FAIL, disable_after=3)
+    wh = await rig.hook()
+    await rig.send(5)
+    await rig.settle()
+    assert len(rig.poster.calls) == SLOW_START and wh.consecutive_failures == 1
+    rig.later(BIG)
+    await rig.settle()
+    assert wh.consecutive_failures == 2 and wh.enabled
+    rig.later(BIG)
+    await rig.settle()
+    assert len(rig.poster.calls) == SLOW_START + 2
+
+    assert not wh.gate.enabled and wh.disabled_reason == CONSECUTIVE_FAILURES and wh.consecutive_failures == 3
+    assert rig.disabled == [wh.id]
+    assert await rig.statuses(wh) == {PAUSED: 5}
+    assert all(d.next_attempt_at is None for d in await rig.deliveries(wh))
+    [stored] = await rig.storage.load_webhooks()
+    assert (stored.enabled, stored.disabled_reason, stored.consecutive_failures) == (False, CONSECUTIVE_FAILURES, 3)
+    rig.later(BIG)
+    await rig.settle()
+    assert len(rig.poster.calls) == SLOW_START + 2  # disabled: nothing more
+    await rig.send(1)
+    assert await rig.statuses(wh) == {PAUSED: 6}
+
+    rig.poster.handler = lambda call: OK
+    assert await rig.ops.enable(wh) == 6
+    await rig.settle()
+    assert await rig.statuses(wh) == {SUCCEEDED: 6}
+    assert len(rig.poster.calls) == SLOW_START + 2 + 6
+    assert wh.enabled and wh.consecutive_failures == 0
+    [stored] = await rig.storage.load_webhooks()
+    assert (stored.enabled, stored.disabled_reason, stored.consecutive_failures) == (True, None, 0)
+    assert rig.disabled == [wh.id]  # once
+
+
+async def test_a_success_in_flight_across_an_automatic_disable_keeps_its_count(make_rig: MakeRig) -> None:
+    """The failure that disables and a success still in flight end together: the webhook stays
+    disabled, and what on_disabled (the notify command) and the stored row say still adds up."""
+    rig = await make_rig(disable_after=1)
+    rig.poster.hold = True
+    seen: list[tuple[bool, str | None, int]] = []
+    rig.scheduler.on_disabled = lambda wh: seen.append((wh.enabled, wh.disabled_reason, wh.consecutive_failures))
+    wh = await rig.hook()
+    await rig.send(2)
+    await rig.settle()
+    first, second = rig.poster.held()
+    first.release(FAIL)
+    second.release(OK)
+    await rig.settle()
+    assert seen == [(False, CONSECUTIVE_FAILURES, 1)]
+    [stored] = await rig.storage.load_webhooks()
+    assert (stored.enabled, stored.disabled_reason, stored.consecutive_failures) == (False, CONSECUTIVE_FAILURES, 1)
+    assert sorted((await rig.statuses(wh)).items()) == [(PAUSED, 1), (SUCCEEDED, 1)]
+
+
+async def test_max_attempts_fails_the_delivery(make_rig: MakeRig) -> None:
+    rig = await make_rig(handler=lambda call: FAIL, max_attempts=3)
+    wh = await rig.hook()
+    await rig.send(1)
+    await rig.settle()
+    for attempts in (2, 3):
+        rig.later(500.0)  # every backoff here is at least 800 s
+        await rig.settle()
+        assert len(rig.poster.calls) == attempts - 1
+        rig.later(BIG)
+        await rig.settle()
+        assert len(rig.poster.calls) == attempts
+    [d] = await rig.deliveries(wh)
+    assert (d.status, d.attempts, d.next_attempt_at, d.last_status_code) == (FAILED, 3, None, 500)
+    rig.later(BIG)
+    await rig.settle()
+    assert len(rig.poster.calls) == 3
+    assert wh.enabled and wh.consecutive_failures == 3
+    detail = await rig.storage.delivery(d.id)
+    assert detail is not None and len(detail.attempts) == 3
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "retry_max", "delay"),
+    [
+        pytest.param(50_000.0, 1_000_000.0, 50_000.0, id="raises-the-delay"),
+        pytest.param(1e9, 100_000.0, 100_000.0, id="capped-by-retry-max"),
+    ],
+)
+async def test_retry_after_delays_the_next_attempt(
+    make_rig: MakeRig, retry_after: float, retry_max: float, delay: float
+) -> None:
+    rig = await make_rig(handler=script(fail(503, retry_after)), retry_max=retry_max)
+    wh = await rig.hook()
+    await rig.send(1)
+    await rig.settle()
+    assert len(rig.poster.calls) == 1
+    assert wh.gate.backoff_until == T0 + delay
+    rig.later(2000.0)  # the plain backoff (at most 1200 s) is over, Retry-After's is not
+    await rig.settle()
+    rig.at(T0 + delay - 1)
+    await rig.settle()
+    assert len(rig.poster.calls) == 1
+    rig.at(T0 + delay)
+    await rig.settle()
+    assert [c.at for c in rig.poster.calls] == [T0, T0 + delay]
+    assert await rig.statuses(wh) == {SUCCEEDED: 1}
+
+
+# -- concurrency ----------------------------------------------------------------------------------
+async def test_slow_start_holds_a_fresh_webhook_at_slow_start_until_a_success(make_rig: MakeRig) -> None:
+    rig = await make_rig(per_webhook_concurrency=32)
+    rig.poster.hold = True  # the receiver hangs
+    wh = await rig.hook()
+    await rig.send(50)
+    await rig.settle()
+    for _ in range(3):  # time passes, more events come: still SLOW_START
+        rig.later(60.0)
+        await rig.send(10)
+        await rig.settle()
+    assert rig.poster.peak == SLOW_START and len(rig.poster.calls) == SLOW_START
+    rig.poster.release(1, OK)
+    await rig.settle()
+    assert len(rig.poster.held()) == 2 * SLOW_START  # the first success doubles it
+    rig.poster.hold = False
+    rig.poster.release()
+    await rig.settle()
+    assert await rig.statuses(wh) == {SUCCEEDED: 80}
+
+
+async def test_reconfigure_moves_per_webhook_concurrency_both_ways(make_rig: MakeRig) -> None:
+    rig = await make_rig(per_webhook_concurrency=2)
+    rig.poster.hold = True
+    wh = await rig.hook()
+    uids = await rig.send(40)
+    await rig.settle()
+    assert len(rig.poster.held()) == 2
+
+    rig.scheduler.reconfigure(replace(rig.scheduler.cfg, per_webhook_concurrency=4))
+    await rig.settle()
+    assert len(rig.poster.held()) == 4  # at once: no attempt had to end
+
+    rig.scheduler.reconfigure(replace(rig.scheduler.cfg, per_webhook_concurrency=1))
+    await rig.settle()
+    assert len(rig.poster.held()) == 4  # nothing is cut off
+    seen = []
+    for _ in range(6):
+        rig.poster.release(1, OK)
+        await rig.settle()
+        seen.append(len(rig.poster.open()))
+    assert seen == [3, 2, 1, 1, 1, 1]  # down as attempts end, then one at a time
+
+    # raised again after successes at 1: back to slow start at once, doubling from there
+    rig.scheduler.reconfigure(replace(rig.scheduler.cfg, per_webhook_concurrency=8))
+    await rig.settle()
+    assert len(rig.poster.held()) == SLOW_START
+    rig.poster.release(outcome=OK)
+    await rig.settle()
+    assert len(rig.poster.held()) == 8
+
+    rig.poster.hold = False
+    rig.poster.release()
+    await rig.settle()
+    assert await rig.statuses(wh) == {SUCCEEDED: 40}
+    assert sorted(c.event_id for c in rig.poster.calls) == sorted(uids)
+
+
+# -- the window and its refills -------------------------------------------------------------------
+@pytest.mark.parametrize("backlog", ["fresh-at-once", "fresh-in-waves", "resumed-from-storage"])
+async def test_refills_attempt_every_delivery_once_with_bounded_memory(make_rig: MakeRig, backlog: str) -> None:
+    rig = await make_rig(per_webhook_concurrency=2, min_window=8)
+    window = window_size(rig.scheduler.cfg, rig.scheduler.min_window)
+    assert window == 8
+    wh = await rig.hook()
+    peak = 0
+
+    def observe() -> None:
+        nonlocal peak
+        peak = max(peak, len(wh.items))
+
+    futures: list[asyncio.Future[str]] = []
+    if backlog == "fresh-at-once":
+        futures = rig.submit(300)
+    elif backlog == "fresh-in-waves":
+        for _ in range(10):
+            futures += rig.submit(30)
+            for _ in range(7):
+                await asyncio.sleep(0)
+                observe()
+    else:
+        await rig.ops.disable(wh)
+        futures = rig.submit(300)
+        await asyncio.gather(*futures)
+        assert await rig.ops.enable(wh) == 300
+    await rig.settle(observe)
+
+    uids = [f.result() for f in futures]
+    assert Counter(c.event_id for c in rig.poster.calls) == Counter(uids)  # each exactly once
+    assert await rig.statuses(wh) == {SUCCEEDED: 300}
+    assert peak <= 2 * window
+    assert not wh.items and not wh.inflight
+
+
+# -- memory changes at queue time ---------------------------------------------------------------------
+async def test_events_right_after_disable_and_enable_fan_out_by_the_new_state(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    wh = await rig.hook()
+
+    commits = rig.storage.commits
+    disabling = asyncio.create_task(rig.ops.disable(wh))
+    await asyncio.sleep(0)
+    assert not wh.enabled and rig.storage.commits == commits  # queued, not committed
+    [submitted] = rig.submit(1)
+    await disabling
+    first = await submitted
+    await rig.settle()
+    [d] = await rig.deliveries(wh)
+    assert (d.status, d.attempts, d.next_attempt_at) == (PAUSED, 0, None)
+    assert rig.poster.calls == []
+
+    commits = rig.storage.commits
+    enabling = asyncio.create_task(rig.ops.enable(wh))
+    await asyncio.sleep(0)
+    assert wh.gate.enabled and rig.storage.commits == commits
+    assert list(rig.scheduler.subscribers("delivered")) == [(wh.id, True)]
+    [submitted] = rig.submit(1)
+    assert await enabling == 1  # the paused one; the new one is created pending after it
+    second = await submitted
+    await rig.settle()
+    assert await rig.statuses(wh) == {SUCCEEDED: 2}
+    assert sorted(c.event_id for c in rig.poster.calls) == sorted([first, second])
+
+
+@pytest.mark.parametrize("outcome", [pytest.param(FAIL, id="failure"), pytest.param(OK, id="success")])
+async def test_attempts_in_flight_across_disable_and_enable_are_neither_repeated_nor_counted(
+    make_rig: MakeRig, outcome: Outcome
+) -> None:
+    rig = await make_rig(disable_after=1)  # a counted failure would disable it at once
+    rig.poster.hold = True
+    wh = await rig.hook()
+    uids = await rig.send(2)
+    await rig.settle()
+    assert len(rig.poster.held()) == 2  # below the limit: slots are free
+
+    await rig.ops.disable(wh)
+    assert await rig.statuses(wh) == {PAUSED: 2}
+    assert await rig.ops.enable(wh) == 2  # the rows of the two in flight are pending again
+    await rig.settle()
+    assert len(rig.poster.calls) == 2  # the refill from storage skips what is in flight
+
+    rig.poster.hold = False
+    rig.poster.release(outcome=outcome)
+    await rig.settle()
+    assert wh.enabled and wh.consecutive_failures == 0 and rig.disabled == []
+    if outcome is FAIL:  # from the epoch before the disable: pending again, not counted
+        assert await rig.statuses(wh) == {PENDING: 2}
+        rig.later(BIG)
+        await rig.settle()
+    assert await rig.statuses(wh) == {SUCCEEDED: 2}
+    assert sorted(c.event_id for c in rig.poster.calls) == sorted(uids * (2 if outcome is FAIL else 1))
+
+
+@pytest.mark.parametrize("outcome", [pytest.param(FAIL, id="failure"), pytest.param(OK, id="success")])
+async def test_a_webhook_deleted_mid_attempt_records_and_counts_nothing(make_rig: MakeRig, outcome: Outcome) -> None:
+    rig = await make_rig(disable_after=1)  # a counted failure would disable it at once
+    rig.poster.hold = True
+    wh = await rig.hook()
+    await rig.send(1)
+    await rig.settle()
+    assert len(rig.poster.held()) == 1
+
+    deleting = asyncio.create_task(rig.ops.delete(wh))
+    await asyncio.sleep(0)
+    [after] = rig.submit(1)  # fans out to nobody
+    await deleting
+    await after
+    rig.poster.release(outcome=outcome)
+    await rig.settle()
+
+    assert rig.scheduler.in_flight == 0 and wh.id not in rig.scheduler.webhooks
+    assert wh.consecutive_failures == 0 and rig.disabled == []
+    assert rig.attempts_counted() == 0
+    assert await rig.storage.load_webhooks() == []
+    for table in ("deliveries", "attempts", "attempt_hours", "webhooks"):
+        assert db_rows(rig.path, f"SELECT count(*) FROM {table}") == [(0,)], table
+    assert db_rows(rig.path, "SELECT count(*) FROM events") == [(2,)]
