@@ -10,19 +10,10 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import Harness, event, eventually
-from tests.test_cli_daemon import Cli, MakeReceiver, StartDaemon, quiet_daemon_logs, write_config
+from tests.test_cli_daemon import Cli, MakeReceiver, StartDaemon, cli, h, quiet_daemon_logs, write_config
 
-__all__ = ["quiet_daemon_logs"]  # autouse: the in-process daemon's log lines stay out of the CLI's output
-
-
-@pytest.fixture
-async def h(start_daemon: StartDaemon) -> Harness:
-    return await start_daemon()
-
-
-@pytest.fixture
-def cli(h: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
-    return Cli(write_config(tmp_path / "cli.toml", h.config.state_dir, h.config.runtime_dir), capsys)
+# fixtures shared with the CLI tests: `h` (a daemon), `cli`, and the autouse `quiet_daemon_logs`
+__all__ = ["cli", "h", "quiet_daemon_logs"]
 
 
 async def listed(h: Harness, query: str, expect: int = 200) -> Any:

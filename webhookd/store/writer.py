@@ -127,12 +127,7 @@ class Writer(Generic[C]):
     ) -> asyncio.Future[T]:
         """Queue `fn(conn)` to run inside the next write transaction."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        if self._closing and not internal:
-            fut.set_exception(StoreError(SHUTTING_DOWN, Reason.UNAVAILABLE))
-            return fut
-        self._queue.append(_Op(fn, fut, on_commit, internal))
-        self._wake.set()
-        return fut
+        return self._enqueue(_Op(fn, fut, on_commit, internal))
 
     def add(
         self,
@@ -144,12 +139,15 @@ class Writer(Generic[C]):
     ) -> asyncio.Future[T]:
         """Queue one item of a batched operation."""
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        if self._closing and not internal:
-            fut.set_exception(StoreError(SHUTTING_DOWN, Reason.UNAVAILABLE))
-            return fut
-        self._queue.append(_Item(batcher, item, fut, on_commit, internal))
-        self._wake.set()
-        return fut
+        return self._enqueue(_Item(batcher, item, fut, on_commit, internal))
+
+    def _enqueue(self, op: _Queued) -> asyncio.Future[Any]:
+        if self._closing and not op.internal:
+            op.future.set_exception(StoreError(SHUTTING_DOWN, Reason.UNAVAILABLE))
+        else:
+            self._queue.append(op)
+            self._wake.set()
+        return op.future
 
     # -- the writer task -------------------------------------------------------------------
     async def _run(self) -> None:
