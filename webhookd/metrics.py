@@ -42,7 +42,7 @@ class Metrics(Collector):
             registry=self.registry,
         )
         self.received: Callable[[], Mapping[str, int]] = dict
-        self.rejected: Callable[[], Mapping[str, int]] = dict
+        self.rejected: Callable[[], Mapping[Reason, int]] = dict
         self.gauges: dict[str, Any] = {}
         self.registry.register(self)
         self._attempt_children: dict[str, Any] = {}
@@ -68,7 +68,7 @@ class Metrics(Collector):
             "webhookd_intake_rejections", "Intake lines or requests refused, by reason.", labels=["reason"]
         )
         for reason, n in sorted(self.rejected().items()):
-            rejected.add_metric([reason], n)
+            rejected.add_metric([reason.value], n)
         yield rejected
         deliveries = GaugeMetricFamily("webhookd_deliveries", "Deliveries by status.", labels=["status"])
         for status, n in self.gauges.get("deliveries", {}).items():
