@@ -7,9 +7,10 @@ import ipaddress
 import aiohttp
 import pytest
 
-from webhookd.dispatcher import classify_exception, classify_status, parse_retry_after
+from webhookd.dispatcher import Failure, Outcome, classify_exception, classify_status, parse_retry_after
 from webhookd.netguard import TargetGuard, TargetRefused, refusal_reason
 from webhookd.policy import water_level
+from webhookd.reasons import Reason
 
 
 @pytest.mark.parametrize("status", [200, 201, 202, 204, 299])
@@ -22,19 +23,34 @@ def test_2xx_is_success(status: int) -> None:
     [(500, "HTTP 500"), (404, "HTTP 404"), (418, "HTTP 418"), (199, "HTTP 199")],
 )
 def test_other_statuses_fail(status: int, reason: str) -> None:
-    assert classify_status(status) == reason
+    assert classify_status(status) == Failure(Reason.HTTP_STATUS, reason)
 
 
 def test_redirect_names_its_target() -> None:
-    assert classify_status(301, "https://x/y") == "HTTP 301: redirect to https://x/y not followed"
-    assert classify_status(307) == "HTTP 307: redirect not followed"
+    assert classify_status(301, "https://x/y") == Failure(
+        Reason.REDIRECT, "HTTP 301: redirect to https://x/y not followed"
+    )
+    assert classify_status(307) == Failure(Reason.REDIRECT, "HTTP 307: redirect not followed")
 
 
 def test_exceptions_read_well() -> None:
-    assert classify_exception(TimeoutError(), 10, 5) == "timeout after 10s"
-    assert classify_exception(aiohttp.ServerDisconnectedError(), 10, 5).startswith("server disconnected")
-    assert classify_exception(TargetRefused("127.0.0.1 is loopback"), 10, 5).startswith("target refused")
-    assert classify_exception(RuntimeError("boom"), 10, 5) == "unexpected error: RuntimeError: boom"
+    assert classify_exception(TimeoutError(), 10, 5) == Failure(Reason.TIMEOUT, "timeout after 10s")
+    assert classify_exception(aiohttp.ServerDisconnectedError(), 10, 5).text.startswith("server disconnected")
+    assert classify_exception(TargetRefused("127.0.0.1 is loopback"), 10, 5).text.startswith("target refused")
+    assert classify_exception(RuntimeError("boom"), 10, 5) == Failure(
+        Reason.OTHER, "unexpected error: RuntimeError: boom"
+    )
+
+
+def test_outcome_reason_is_none_exactly_on_success() -> None:
+    ok = Outcome(success=True, status_code=204, error=None, duration_ms=1.0, response_body=b"")
+    assert ok.reason is None
+    # a failure built the old way, without its reason, still counts as a failure
+    old = Outcome(success=False, status_code=500, error="HTTP 500", duration_ms=1.0, response_body=b"")
+    assert old.reason is Reason.OTHER
+    with pytest.raises(ValueError, match="no failure reason"):
+        Outcome(success=True, status_code=200, error=None, duration_ms=1.0, response_body=b"",
+                reason=Reason.TIMEOUT)
 
 
 def test_retry_after_forms() -> None:

@@ -8,7 +8,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import event, eventually
-from webhookd.metrics import outcome_kind
+from webhookd.metrics import Metrics
+from webhookd.reasons import ATTEMPT_REASONS, Reason
 
 
 async def scrape(h: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -66,12 +67,24 @@ async def test_auto_disable_is_counted(start_daemon: Any, make_receiver: Any) ->
     await eventually(disabled)
 
 
-def test_outcome_kinds() -> None:
-    assert outcome_kind(True, None) == "success"
-    assert outcome_kind(False, "HTTP 503") == "http_status"
-    assert outcome_kind(False, "HTTP 301: redirect to x not followed") == "redirect"
-    assert outcome_kind(False, "timeout after 10s") == "timeout"
-    assert outcome_kind(False, "connect timeout after 5s") == "connect_timeout"
-    assert outcome_kind(False, "target refused: 10.0.0.1 is private") == "refused"
-    assert outcome_kind(False, "TLS certificate error: x") == "tls"
-    assert outcome_kind(False, "weird") == "other"
+def outcome_counts(metrics: Metrics) -> dict[str, float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            if sample.name == "webhookd_delivery_attempts_total":
+                out[sample.labels["outcome"]] = sample.value
+    return out
+
+
+def test_attempt_outcomes_are_labelled_by_reason() -> None:
+    metrics = Metrics()
+    metrics.observe_attempt(None, 0.01)
+    for reason in ATTEMPT_REASONS:
+        metrics.observe_attempt(reason, 0.01)
+    assert outcome_counts(metrics) == {"success": 1, **{r.value: 1 for r in ATTEMPT_REASONS}}
+
+
+def test_an_intake_reason_on_an_attempt_counts_as_other() -> None:
+    metrics = Metrics()
+    metrics.observe_attempt(Reason.STORAGE, 0.01)  # a bug at the call site must not grow the label set
+    assert outcome_counts(metrics) == {"other": 1}

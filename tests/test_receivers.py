@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import Harness, Receiver, event, eventually
-from webhookd.metrics import outcome_kind
+from tests.test_metrics import scrape
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 GIGABYTE = 1 << 30
@@ -235,7 +235,14 @@ async def test_connection_reset_reads_like_a_documented_error(
     h = await start_daemon(delivery={"timeout": "1s", "max_attempts": 1})
     d = await settled_delivery(h, server.url)
     assert d["status"] == "failed"
-    assert outcome_kind(False, d["last_error"]) in ("connection", "protocol"), d["last_error"]
+    assert d["last_error"].startswith(
+        ("connection failed", "server disconnected", "response body broken", "invalid HTTP response")
+    ), d["last_error"]
+    m = await scrape(h)
+    outcomes = {
+        dict(labels)["outcome"]: n for (name, labels), n in m.items() if name == "webhookd_delivery_attempts_total"
+    }
+    assert len(outcomes) == 1 and set(outcomes) <= {"connection", "protocol"}, (outcomes, d["last_error"])
 
 
 # -- huge responses -------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """The `webhookd` command line: `serve`, `submit`, `check-config`, and clients of the admin API.
 
-Only the standard library (and the stdlib-only `webhookd.config`) is imported here:
-MTA hooks run `webhookd submit` once per message, so start-up must stay fast. The
-daemon (aiohttp, asyncio, structlog) is imported by `serve` alone, and the clients
-when a command needs them.
+Only the standard library (and the stdlib-only `webhookd.config` and `webhookd.reasons`)
+is imported here: MTA hooks run `webhookd submit` once per message, so start-up must
+stay fast. The daemon (aiohttp, asyncio, structlog) is imported by `serve` alone, and
+the clients when a command needs them.
 
 Exit status: 0 ok; 1 refused by the daemon (4xx/5xx) or an unexpected error; 2 usage;
 65 some events rejected; 69 daemon not running; 75 try later (submit); 78 bad config;
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 from webhookd.config import Config, ConfigError, load_config
+from webhookd.reasons import Reason
 
 if TYPE_CHECKING:
     from webhookd.client import AdminClient
@@ -34,11 +35,6 @@ EX_UNAVAILABLE = 69
 EX_TEMPFAIL = 75
 EX_CONFIG = 78
 EX_INTERRUPTED = 130
-
-# Intake answers that mean "not committed, try later" rather than "this event is bad":
-# the daemon starts those with "storage" (a commit failed) or "temporarily unavailable"
-# (shutting down, too many connections); "internal error" is never the event's fault.
-TEMPFAIL_ERRORS = ("storage", "temporarily", "internal error")
 
 Renderer = Callable[[Any], None]
 
@@ -399,8 +395,10 @@ def _answer_verdict(answer: bytes) -> str:
         return "tempfail"
     if doc.get("ok") is True:
         return "ok"
-    error = str(doc.get("error") or "").lower()
-    return "tempfail" if error.startswith(TEMPFAIL_ERRORS) else "rejected"
+    # "not committed, try later" (a commit failed, shutting down, too many connections, an
+    # internal error: never the event's fault) or "this event is bad": see Reason.tempfail
+    reason = Reason.of_intake_message(str(doc.get("error") or ""))
+    return "tempfail" if reason.tempfail else "rejected"
 
 
 def _argument_lines(values: Sequence[str]) -> list[bytes]:

@@ -15,11 +15,20 @@ import aiohttp
 
 from webhookd.config import DeliveryConfig
 from webhookd.netguard import TargetGuard, TargetRefused, host_exempt
+from webhookd.reasons import Reason
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """Why an attempt failed: its kind (the metric label) and the text stored as last_error."""
+
+    reason: Reason
+    text: str
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one attempt came to."""
+    """What one attempt came to. `reason` is None exactly when the attempt succeeded."""
 
     success: bool
     status_code: int | None
@@ -27,48 +36,56 @@ class Outcome:
     duration_ms: float
     response_body: bytes
     retry_after: float | None = None
+    reason: Reason | None = None
+
+    def __post_init__(self) -> None:
+        if self.success:
+            if self.reason is not None:
+                raise ValueError(f"a successful outcome has no failure reason, got {self.reason!r}")
+        elif self.reason is None:
+            object.__setattr__(self, "reason", Reason.OTHER)  # a failure built without its reason
 
 
-def classify_status(status: int, location: str | None = None) -> str | None:
-    """None for success (any 2xx); otherwise the reason the attempt failed."""
+def classify_status(status: int, location: str | None = None) -> Failure | None:
+    """None for success (any 2xx); otherwise why the attempt failed."""
     if 200 <= status < 300:
         return None
     if 300 <= status < 400:
         where = f" to {location}" if location else ""
-        return f"HTTP {status}: redirect{where} not followed"
-    return f"HTTP {status}"
+        return Failure(Reason.REDIRECT, f"HTTP {status}: redirect{where} not followed")
+    return Failure(Reason.HTTP_STATUS, f"HTTP {status}")
 
 
-def classify_exception(exc: BaseException, timeout: float, connect_timeout: float) -> str:
-    """A readable reason for a failed attempt that produced no HTTP status."""
+def classify_exception(exc: BaseException, timeout: float, connect_timeout: float) -> Failure:
+    """Why an attempt that produced no HTTP status failed, with a readable text."""
     if isinstance(exc, TargetRefused):
-        return f"target refused: {exc}"
+        return Failure(Reason.REFUSED, f"target refused: {exc}")
     if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return f"connect timeout after {connect_timeout:g}s"
+        return Failure(Reason.CONNECT_TIMEOUT, f"connect timeout after {connect_timeout:g}s")
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
-        return f"timeout after {timeout:g}s"
+        return Failure(Reason.TIMEOUT, f"timeout after {timeout:g}s")
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return f"TLS certificate error: {exc.certificate_error}"
+        return Failure(Reason.TLS, f"TLS certificate error: {exc.certificate_error}")
     if isinstance(exc, aiohttp.ClientConnectorSSLError | aiohttp.ClientSSLError):
-        return f"TLS error: {exc}"
+        return Failure(Reason.TLS, f"TLS error: {exc}")
     if isinstance(exc, aiohttp.ClientConnectorError):
         cause = exc.os_error
         if isinstance(cause, TargetRefused):
-            return f"target refused: {cause}"
-        return f"connection failed: {cause.strerror or cause}"
+            return Failure(Reason.REFUSED, f"target refused: {cause}")
+        return Failure(Reason.CONNECTION, f"connection failed: {cause.strerror or cause}")
     if isinstance(exc, aiohttp.ClientOSError):  # e.g. reset after connecting, before the response
-        return f"connection failed: {exc.strerror or exc}"
+        return Failure(Reason.CONNECTION, f"connection failed: {exc.strerror or exc}")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return "server disconnected without a complete response"
+        return Failure(Reason.PROTOCOL, "server disconnected without a complete response")
     if isinstance(exc, aiohttp.ClientPayloadError):
-        return f"response body broken: {_first_line(str(exc))}"
+        return Failure(Reason.PROTOCOL, f"response body broken: {_first_line(str(exc))}")
     if isinstance(exc, aiohttp.ClientResponseError):
-        return f"invalid HTTP response: {_first_line(str(exc.message))}"
+        return Failure(Reason.PROTOCOL, f"invalid HTTP response: {_first_line(str(exc.message))}")
     if isinstance(exc, aiohttp.InvalidURL):
-        return f"invalid URL: {exc}"
+        return Failure(Reason.INVALID_URL, f"invalid URL: {exc}")
     if isinstance(exc, aiohttp.ClientError):
-        return f"{type(exc).__name__}: {exc}"
-    return f"unexpected error: {type(exc).__name__}: {exc}"
+        return Failure(Reason.OTHER, f"{type(exc).__name__}: {exc}")
+    return Failure(Reason.OTHER, f"unexpected error: {type(exc).__name__}: {exc}")
 
 
 def _first_line(text: str, limit: int = 200) -> str:
@@ -153,27 +170,30 @@ class Dispatcher:
                 if not resp.content.at_eof():
                     resp.close()  # never read past the limit; drop the connection instead
                 reply = b"".join(chunks)
-                error = classify_status(resp.status, resp.headers.get("Location"))
+                failure = classify_status(resp.status, resp.headers.get("Location"))
                 retry_after = None
                 if resp.status in (429, 503):
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"), time.time())
                 return Outcome(
-                    success=error is None,
+                    success=failure is None,
                     status_code=resp.status,
-                    error=error,
+                    error=None if failure is None else failure.text,
                     duration_ms=(time.perf_counter() - started) * 1000,
                     response_body=reply,
                     retry_after=retry_after,
+                    reason=None if failure is None else failure.reason,
                 )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
+            failure = classify_exception(exc, cfg.timeout, cfg.connect_timeout)
             return Outcome(
                 success=False,
                 status_code=None,
-                error=classify_exception(exc, cfg.timeout, cfg.connect_timeout),
+                error=failure.text,
                 duration_ms=(time.perf_counter() - started) * 1000,
                 response_body=b"",
+                reason=failure.reason,
             )
         finally:
             if token is not None:

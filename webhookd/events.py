@@ -25,6 +25,7 @@ from typing import Any, Final
 import orjson
 
 from webhookd import logfmt
+from webhookd.reasons import Lead, Reason
 
 __all__ = [
     "BOUNCE_TYPES",
@@ -80,7 +81,12 @@ _RFC3339: Final = re.compile(
 
 
 class EventError(ValueError):
-    """An event was refused; ``str(e)`` is the reason given to the client."""
+    """An event was refused; ``str(e)`` is the text given to the client, ``reason`` its kind
+    (`Reason.INVALID_JSON` when the line is not a JSON text at all, else `INVALID_EVENT`)."""
+
+    def __init__(self, message: str, reason: Reason = Reason.INVALID_EVENT) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,15 +246,15 @@ def _decode_error(raw: bytes | str, exc: orjson.JSONDecodeError) -> EventError:
         except UnicodeEncodeError as uexc:
             return EventError(f"invalid Unicode (lone surrogate) at character {uexc.start}")
         if not raw.strip():
-            return EventError("empty line")
+            return EventError(Lead.EMPTY_LINE.text(), Reason.INVALID_JSON)
     else:
         try:
             bytes(raw).decode("utf-8")
         except UnicodeDecodeError as uexc:
-            return EventError(f"invalid UTF-8 at byte {uexc.start}")
+            return EventError(Lead.NOT_UTF8.text(f" at byte {uexc.start}"), Reason.INVALID_JSON)
         if not raw.strip():
-            return EventError("empty line")
-    return EventError(f"invalid JSON: {exc}")
+            return EventError(Lead.EMPTY_LINE.text(), Reason.INVALID_JSON)
+    return EventError(Lead.NOT_JSON.text(f": {exc}"), Reason.INVALID_JSON)
 
 
 # -- validation -------------------------------------------------------------------------------------
@@ -261,8 +267,9 @@ def parse_event(raw: bytes | str, *, now: float) -> Event:
         try:
             obj = logfmt.to_event(bytes(raw))
         except logfmt.LogfmtError as exc:
-            reason = str(exc)
-            raise EventError(reason if reason.startswith("invalid UTF-8") else f"logfmt: {reason}") from None
+            if exc.reason is Reason.INVALID_JSON:  # not UTF-8: the same answer as for JSON
+                raise EventError(str(exc), exc.reason) from None
+            raise EventError(f"logfmt: {exc}", exc.reason) from None
         return validate_event(obj, now=now)
     return validate_event(decode_json(raw), now=now)
 

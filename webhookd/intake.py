@@ -22,6 +22,7 @@ import structlog
 from aiohttp import web
 
 from webhookd.events import Event, EventError, decode_json, parse_event, validate_event
+from webhookd.reasons import Lead, Reason
 from webhookd.store import StoreError
 
 log = structlog.get_logger("webhookd.intake")
@@ -37,8 +38,8 @@ def ok_line(event_id: str) -> bytes:
     return b'{"ok":true,"id":"' + event_id.encode() + b'"}\n'
 
 
-def error_line(reason: str) -> bytes:
-    return orjson.dumps({"ok": False, "error": reason}) + b"\n"
+def error_line(text: str) -> bytes:
+    return orjson.dumps({"ok": False, "error": text}) + b"\n"
 
 
 class IntakeStats:
@@ -47,23 +48,17 @@ class IntakeStats:
     def __init__(self) -> None:
         self.connections = 0
         self.accepted = 0
-        self.rejected: Counter[str] = Counter()
+        self.rejected: Counter[Reason] = Counter()  # the metric label is the Reason's value
 
-    def reject(self, reason: str) -> None:
+    def reject(self, reason: Reason) -> None:
         self.rejected[reason] += 1
 
 
-def rejection_reason(message: str) -> str:
-    """A small, fixed set of metric labels for intake errors."""
-    if message.startswith(("invalid JSON", "invalid UTF-8", "empty line")):
-        return "invalid_json"
-    if message.startswith("storage"):
-        return "storage"
-    if message.startswith("temporarily"):
-        return "unavailable"
-    if message.startswith("internal"):
-        return "internal"
-    return "invalid_event"
+def _failure(exc: BaseException) -> tuple[Reason, str]:
+    """The reason and answer text for an event whose commit failed."""
+    if isinstance(exc, StoreError):
+        return exc.reason, str(exc)
+    return Reason.INTERNAL, Lead.INTERNAL.text(f": {exc}")
 
 
 class LineProtocol(asyncio.Protocol):
@@ -94,9 +89,9 @@ class LineProtocol(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         if self.stats.connections >= self.max_connections:
             log.warning("intake connection refused", reason="max_connections", limit=self.max_connections)
-            self.stats.reject("too_many_connections")
+            self.stats.reject(Reason.TOO_MANY_CONNECTIONS)
             self.transport.write(error_line(
-                f"temporarily unavailable: too many connections (intake.max_connections = {self.max_connections})"
+                Lead.TOO_MANY_CONNECTIONS.text(f" (intake.max_connections = {self.max_connections})")
             ))
             self.transport.close()
             self.closed = True
@@ -167,8 +162,8 @@ class LineProtocol(asyncio.Protocol):
 
     # -- lines --------------------------------------------------------------------------
     def _too_long(self) -> bytes:
-        self.stats.reject("too_long")
-        return error_line(f"line longer than intake.max_event_bytes ({self.max_line} bytes); skipped")
+        self.stats.reject(Reason.TOO_LONG)
+        return error_line(Lead.TOO_LONG.text(f" ({self.max_line} bytes); skipped"))
 
     def _line(self, line: bytes) -> None:
         if len(line) > self.max_line:
@@ -177,9 +172,8 @@ class LineProtocol(asyncio.Protocol):
         try:
             event = parse_event(line, now=self.clock())
         except EventError as exc:
-            reason = str(exc)
-            self.stats.reject(rejection_reason(reason))
-            self._answer_now(error_line(reason))
+            self.stats.reject(exc.reason)
+            self._answer_now(error_line(str(exc)))
             return
         fut = self.submit(event)
         self.pending.append(fut)
@@ -204,9 +198,9 @@ class LineProtocol(asyncio.Protocol):
                     self.stats.accepted += 1
                     out.append(ok_line(head.result()))
                 else:
-                    reason = str(exc) if isinstance(exc, StoreError) else f"internal error: {exc}"
-                    self.stats.reject(rejection_reason(reason))
-                    out.append(error_line(reason))
+                    reason, text = _failure(exc)
+                    self.stats.reject(reason)
+                    out.append(error_line(text))
             else:
                 break
             pending.popleft()
@@ -248,52 +242,53 @@ def http_app(
     app = web.Application(client_max_size=max_body)
     expected = f"Bearer {token}".encode() if token else b""
 
-    def fail(status: int, reason: str) -> web.Response:
-        stats.reject("too_long" if status == 413 else rejection_reason(reason))
-        return web.Response(status=status, body=orjson.dumps({"error": reason}), content_type="application/json")
+    def fail(status: int, reason: Reason, text: str) -> web.Response:
+        stats.reject(reason)
+        return web.Response(status=status, body=orjson.dumps({"error": text}), content_type="application/json")
 
     async def post_events(request: web.Request) -> web.Response:
         if expected:
             given = request.headers.get("Authorization", "").encode()
             if not hmac.compare_digest(given, expected):
-                stats.reject("unauthorized")
+                stats.reject(Reason.UNAUTHORIZED)
                 return web.Response(
                     status=401,
-                    body=orjson.dumps({"error": "missing or wrong bearer token"}),
+                    body=orjson.dumps({"error": Lead.UNAUTHORIZED.text()}),
                     content_type="application/json",
                     headers={"WWW-Authenticate": "Bearer"},
                 )
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return fail(413, f"body larger than {max_body} bytes")
+            return fail(413, Reason.TOO_LONG, f"body larger than {max_body} bytes")
         try:
             doc: Any = decode_json(raw)
         except EventError as exc:
-            return fail(400, str(exc))
+            return fail(400, exc.reason, str(exc))
         now = clock()
         events: list[Event] = []
         many = isinstance(doc, list)
         items = doc if many else [doc]
         if many and not items:
-            return fail(400, "empty array: no events")
+            return fail(400, Reason.INVALID_EVENT, "empty array: no events")
         if len(items) > HTTP_MAX_EVENTS:
-            return fail(413, f"more than {HTTP_MAX_EVENTS} events in one request")
+            return fail(413, Reason.TOO_LONG, f"more than {HTTP_MAX_EVENTS} events in one request")
         for i, item in enumerate(items):
             where = f"events[{i}]: " if many else ""
             try:
                 ev = validate_event(item, now=now)
             except EventError as exc:
-                return fail(400, f"{where}{exc}")
+                return fail(400, exc.reason, f"{where}{exc}")
             if len(ev.body) > max_event_bytes:
-                return fail(413, f"{where}event larger than intake.max_event_bytes ({max_event_bytes})")
+                too_big = f"{where}event larger than intake.max_event_bytes ({max_event_bytes})"
+                return fail(413, Reason.TOO_LONG, too_big)
             events.append(ev)
         # Queued together, synchronously: they land in one transaction (all or nothing).
         futures = [submit(ev) for ev in events]
         try:
             ids = await asyncio.gather(*futures)
         except StoreError as exc:
-            return fail(503, str(exc))
+            return fail(503, exc.reason, str(exc))
         stats.accepted += len(ids)
         body = {"ids": ids} if many else {"id": ids[0]}
         return web.Response(status=202, body=orjson.dumps(body), content_type="application/json")

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from webhookd.reasons import Lead, Reason
+
 TOP_LEVEL = ("event", "timestamp", "id")
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 _ESCAPES = {'"': '"', "\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
@@ -23,7 +25,12 @@ _LOOKS_LIKE = re.compile(rb"\s*[A-Za-z_][A-Za-z0-9_.\-]*=")
 
 
 class LogfmtError(ValueError):
-    """The line is not valid logfmt; the message names the problem."""
+    """The line is not valid logfmt; the message names the problem, ``reason`` its kind
+    (`Reason.INVALID_JSON` for bytes that are not UTF-8, `INVALID_EVENT` for bad syntax)."""
+
+    def __init__(self, message: str, reason: Reason = Reason.INVALID_EVENT) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def looks_like_logfmt(raw: bytes) -> bool:
@@ -86,7 +93,7 @@ def to_event(raw: bytes) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise LogfmtError(f"invalid UTF-8 at byte {exc.start}") from None
+        raise LogfmtError(Lead.NOT_UTF8.text(f" at byte {exc.start}"), Reason.INVALID_JSON) from None
     text = text.strip()
     event: dict[str, Any] = {}
     data: dict[str, Any] = {}

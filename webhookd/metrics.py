@@ -14,32 +14,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from webhookd.reasons import ATTEMPT_REASONS, Reason
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_ERROR_KINDS = (
-    ("HTTP 3", "redirect"),
-    ("HTTP ", "http_status"),
-    ("timeout", "timeout"),
-    ("connect timeout", "connect_timeout"),
-    ("connection failed", "connection"),
-    ("TLS", "tls"),
-    ("target refused", "refused"),
-    ("server disconnected", "protocol"),
-    ("response body broken", "protocol"),
-    ("invalid HTTP response", "protocol"),
-    ("invalid URL", "invalid_url"),
-)
-
-
-def outcome_kind(success: bool, error: str | None) -> str:
-    """A small, fixed set of labels for attempt outcomes."""
-    if success:
-        return "success"
-    if error:
-        for prefix, kind in _ERROR_KINDS:
-            if error.startswith(prefix):
-                return kind
-    return "other"
+# The `outcome` label of webhookd_delivery_attempts: "success" or the failure's Reason
+# (only attempt reasons; anything else would be a bug and is counted as "other").
+_OUTCOME_LABELS: dict[Reason | None, str] = {None: "success", **{r: r.value for r in ATTEMPT_REASONS}}
 
 
 class Metrics(Collector):
@@ -61,16 +42,17 @@ class Metrics(Collector):
             registry=self.registry,
         )
         self.received: Callable[[], Mapping[str, int]] = dict
-        self.rejected: Callable[[], Mapping[str, int]] = dict
+        self.rejected: Callable[[], Mapping[Reason, int]] = dict
         self.gauges: dict[str, Any] = {}
         self.registry.register(self)
         self._attempt_children: dict[str, Any] = {}
 
-    def observe_attempt(self, success: bool, error: str | None, seconds: float) -> None:
-        kind = outcome_kind(success, error)
-        child = self._attempt_children.get(kind)
+    def observe_attempt(self, reason: Reason | None, seconds: float) -> None:
+        """One finished attempt: `reason` is None for a success, else why it failed."""
+        label = _OUTCOME_LABELS.get(reason, "other")
+        child = self._attempt_children.get(label)
         if child is None:
-            child = self._attempt_children[kind] = self.attempts.labels(kind)
+            child = self._attempt_children[label] = self.attempts.labels(label)
         child.inc()
         self.attempt_seconds.observe(seconds)
 
@@ -86,7 +68,7 @@ class Metrics(Collector):
             "webhookd_intake_rejections", "Intake lines or requests refused, by reason.", labels=["reason"]
         )
         for reason, n in sorted(self.rejected().items()):
-            rejected.add_metric([reason], n)
+            rejected.add_metric([reason.value], n)
         yield rejected
         deliveries = GaugeMetricFamily("webhookd_deliveries", "Deliveries by status.", labels=["status"])
         for status, n in self.gauges.get("deliveries", {}).items():

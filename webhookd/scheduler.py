@@ -316,7 +316,7 @@ class Scheduler:
             self._subscribers.clear()
             wh.wake.set()
         if self.metrics is not None:
-            self.metrics.observe_attempt(outcome.success, outcome.error, outcome.duration_ms / 1000)
+            self.metrics.observe_attempt(outcome.reason, outcome.duration_ms / 1000)
             if d.disabled:
                 self.metrics.auto_disabled.inc()
         log.info(
