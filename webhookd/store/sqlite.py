@@ -137,6 +137,10 @@ class SqliteStorage:
             await self._configure(self._reader)
             self._ids.event = await self._max_id(self._db, "events") + 1
             self._ids.delivery = await self._max_id(self._db, "deliveries") + 1
+            async with self._db.execute("SELECT value FROM meta WHERE key = 'next_delivery_id'") as cur:
+                kept = await cur.fetchone()
+            if kept is not None:  # the newest ones may have been deleted: never reuse a dlv_N
+                self._ids.delivery = max(self._ids.delivery, int(kept[0]))
             async with self._db.execute(
                 "SELECT webhook_id, status, count(*) FROM deliveries GROUP BY webhook_id, status"
             ) as cur:
@@ -150,6 +154,14 @@ class SqliteStorage:
         with contextlib.suppress(OSError):
             self.path.chmod(0o600)
         self._writer.start()
+
+    async def _keep_next_delivery_id(self, db: Conn) -> None:
+        """Before deleting deliveries (the newest may go too): where ids continue after a reopen."""
+        await db.execute(
+            "INSERT INTO meta (key, value) VALUES ('next_delivery_id', ?)"
+            " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            (str(self._ids.delivery),),
+        )
 
     @staticmethod
     async def _max_id(db: Conn, table: str) -> int:
@@ -273,6 +285,7 @@ class SqliteStorage:
         self, webhook_id: str, *, on_commit: Callable[[None], None] | None = None
     ) -> asyncio.Future[None]:
         async def write(db: Conn) -> None:
+            await self._keep_next_delivery_id(db)
             await db.execute(
                 "DELETE FROM attempts WHERE delivery_id IN (SELECT id FROM deliveries WHERE webhook_id = ?)",
                 (webhook_id,),
@@ -490,6 +503,8 @@ class SqliteStorage:
             ) as cur:
                 rows = await cur.fetchall()
             ids = [(row[0],) for row in rows]
+            if ids:
+                await self._keep_next_delivery_id(db)
             for _id, webhook_id, status in rows:
                 self._counts.move(str(webhook_id), str(status), None)
             await db.executemany("DELETE FROM attempts WHERE delivery_id = ?", ids)

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from webhookd.reasons import Lead
 from webhookd.store.model import (
     DELIVERY_STATUSES,
     Delivery,
@@ -39,10 +40,10 @@ DUE_SELECT = (
 def describe(exc: BaseException) -> str:
     """The one-line reason a caller is given for a failed commit or read."""
     if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc).lower():
-        return "storage full: cannot commit (database or disk is full)"
+        return Lead.STORAGE.text(" full: cannot commit (database or disk is full)")
     if isinstance(exc, sqlite3.Error):
-        return f"storage error: {exc}"
-    return f"storage error: {type(exc).__name__}: {exc}"
+        return Lead.STORAGE.text(f" error: {exc}")
+    return Lead.STORAGE.text(f" error: {type(exc).__name__}: {exc}")
 
 
 def webhook_row(row: Sequence[Any]) -> WebhookRecord:

@@ -26,7 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
-from webhookd.reasons import Reason
+from webhookd.reasons import Lead, Reason
 from webhookd.store.model import StoreError
 
 log = structlog.get_logger("webhookd.store")
@@ -37,7 +37,7 @@ I = TypeVar("I")  # noqa: E741 - an item of a batched operation
 C_contra = TypeVar("C_contra", contravariant=True)
 
 CLOSE_RETRIES = 3  # failed commits of internal operations tolerated while closing
-SHUTTING_DOWN = "temporarily unavailable: daemon is shutting down"
+SHUTTING_DOWN = Lead.UNAVAILABLE.text(": daemon is shutting down")
 
 
 class Transactions(Protocol[C]):
@@ -142,7 +142,10 @@ class Writer(Generic[C]):
         return self._enqueue(_Item(batcher, item, fut, on_commit, internal))
 
     def _enqueue(self, op: _Queued) -> asyncio.Future[Any]:
-        if self._closing and not op.internal:
+        # Closing refuses new writes, except internal ones while the task still runs (it
+        # commits them); once it has stopped, nothing would ever run them: refuse those too.
+        stopped = self._task is None or self._task.done()
+        if self._closing and (not op.internal or stopped):
             op.future.set_exception(StoreError(SHUTTING_DOWN, Reason.UNAVAILABLE))
         else:
             self._queue.append(op)
