@@ -15,41 +15,32 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import aiosqlite
 import orjson
 import structlog
 
 from webhookd.events import Event
-from webhookd.reasons import Reason
 from webhookd.store.base import FreshSink
 from webhookd.store.model import (
     FAILED,
     PAUSED,
     PENDING,
-    Attempt,
-    Delivery,
-    DeliveryDetail,
     DeliveryFilter,
     DueItem,
-    HourCount,
     OutcomeRecord,
     StoreError,
     Subscriber,
     WebhookRecord,
     WebhookState,
-    WebhookStats,
 )
 from webhookd.store.sqlite_batch import Conn, Events, EventSink, Ids, Outcomes
+from webhookd.store.sqlite_read import Reads
 from webhookd.store.sqlite_rows import (
-    DAY,
-    DELIVERY_SELECT,
     DUE_SELECT,
     HOUR,
     WEBHOOK_COLUMNS,
     Counts,
-    delivery_row,
     describe,
     due_row,
     webhook_row,
@@ -84,7 +75,7 @@ class _Transactions:
         return describe(exc)
 
 
-class SqliteStorage:
+class SqliteStorage(Reads):
     """`Storage` on one SQLite file."""
 
     def __init__(
@@ -399,100 +390,6 @@ class SqliteStorage:
         rows = await self._read(DUE_SELECT + " WHERE d.id = ?", (delivery_id,))
         return (due_row(rows[0]), str(rows[0][7])) if rows else None
 
-    # -- queries for people ---------------------------------------------------------------------
-    async def list_deliveries(
-        self, where: DeliveryFilter, *, before: int | None = None, limit: int = 100
-    ) -> list[Delivery]:
-        union = self._by_status_and_webhook(where, before, limit)
-        if union is not None:
-            sql, params = union
-        else:
-            clause, params = where_clause(where)
-            if before is not None:
-                clause = f"{clause} AND d.id < ?" if clause else "d.id < ?"
-                params.append(before)
-            sql = DELIVERY_SELECT + (f" WHERE {clause}" if clause else "")
-        return [delivery_row(r) for r in await self._read(sql + " ORDER BY d.id DESC LIMIT ?", [*params, limit])]
-
-    def _by_status_and_webhook(
-        self, where: DeliveryFilter, before: int | None, limit: int
-    ) -> tuple[str, list[Any]] | None:
-        """A status filter, newest first, without sorting every matching row: one keyset walk
-        of the (status, webhook_id, id) index per (status, webhook) pair that has deliveries
-        (the counts say which), each at most `limit`, merged. None where the plain query is
-        better: no status filter, a message-id or recipient search (their own indexes), or
-        too many pairs."""
-        if not where.statuses or where.message_id is not None or where.recipient is not None:
-            return None
-        pairs = [(s, w) for (w, s), n in self._counts.by.items()
-                 if n > 0 and s in where.statuses and where.webhook_id in (None, w)]
-        if len(pairs) > 64:
-            return None
-        rest, rest_params = where_clause(replace(where, statuses=(), webhook_id=None))
-        if before is not None:
-            rest = f"{rest} AND d.id < ?" if rest else "d.id < ?"
-            rest_params.append(before)
-        join = " JOIN events e ON e.id = d.event_id" if where.event_type is not None else ""
-        parts: list[str] = []
-        params: list[Any] = []
-        for status, webhook_id in sorted(pairs):
-            cond = f" AND {rest}" if rest else ""
-            sub = f"SELECT d.id FROM deliveries d{join} WHERE d.status = ? AND d.webhook_id = ?{cond}"  # noqa: S608
-            parts.append(f"SELECT id FROM ({sub} ORDER BY d.id DESC LIMIT ?)")  # noqa: S608
-            params.extend([status, webhook_id, *rest_params, limit])
-        if not parts:
-            return DELIVERY_SELECT + " WHERE 0", []
-        return DELIVERY_SELECT + f" WHERE d.id IN ({' UNION ALL '.join(parts)})", params
-
-    async def count_deliveries(self, where: DeliveryFilter) -> int:
-        clause, params = where_clause(where)
-        join = " JOIN events e ON e.id = d.event_id" if where.event_type is not None else ""
-        sql = f"SELECT count(*) FROM deliveries d{join}" + (f" WHERE {clause}" if clause else "")  # noqa: S608
-        return int((await self._read(sql, params))[0][0])
-
-    async def delivery(self, delivery_id: int) -> DeliveryDetail | None:
-        rows = await self._read(
-            DELIVERY_SELECT.replace(" FROM", ", e.body FROM", 1) + " WHERE d.id = ?", (delivery_id,)
-        )
-        if not rows:
-            return None
-        attempts = await self._read(
-            "SELECT at, duration_ms, status_code, error, response_body FROM attempts WHERE delivery_id = ?"
-            " ORDER BY id",
-            (delivery_id,),
-        )
-        return DeliveryDetail(
-            delivery_row(rows[0]), bytes(rows[0][13]),
-            tuple(Attempt(float(a[0]), float(a[1]), a[2], a[3], a[4]) for a in attempts),
-        )
-
-    async def count_by_status(self) -> dict[str, int]:
-        return self._counts.by_status()  # kept in step with every commit: no scan of a large table
-
-    async def webhook_stats(self, now: float) -> dict[str, WebhookStats]:
-        fields: dict[str, dict[str, Any]] = {}
-        for wid, at, code, error in await self._read(
-            "SELECT id, last_attempt_at, last_status_code, last_error FROM webhooks"
-        ):
-            fields[wid] = {"last_attempt_at": at, "last_status_code": code, "last_error": error}
-        for wid, ok, bad in await self._read(
-            "SELECT webhook_id, sum(succeeded), sum(failed) FROM attempt_hours WHERE hour > ? GROUP BY webhook_id",
-            (now - DAY - HOUR,),
-        ):
-            fields.setdefault(wid, {}).update(succeeded_24h=int(ok), failed_24h=int(bad))
-        for (wid, status), n in self._counts.by.items():
-            if status in (PENDING, PAUSED) and n:
-                fields.setdefault(wid, {})[status] = n
-        return {wid: WebhookStats(wid, **f) for wid, f in fields.items()}
-
-    async def hourly_counts(self, since: float, until: float) -> list[HourCount]:
-        rows = await self._read(
-            "SELECT hour, sum(succeeded), sum(failed) FROM attempt_hours WHERE hour >= ? AND hour < ?"
-            " GROUP BY hour ORDER BY hour",
-            (int(since // HOUR) * HOUR, until),
-        )
-        return [HourCount(int(h), int(ok), int(bad)) for h, ok, bad in rows]
-
     # -- retention ---------------------------------------------------------------------------
     async def prune(self, cutoff: float, limit: int = 1000) -> int:
         async def run(db: Conn) -> int:
@@ -518,14 +415,3 @@ class SqliteStorage:
             return max(len(ids), cur2.rowcount)
 
         return await self._writer.run(run)
-
-    # -- reads ------------------------------------------------------------------------------
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
-        reader = self._reader
-        if reader is None:
-            raise StoreError("store is closed", Reason.UNAVAILABLE)
-        try:
-            async with reader.execute(sql, params) as cur:
-                return list(await cur.fetchall())
-        except sqlite3.Error as exc:
-            raise StoreError(describe(exc)) from exc
