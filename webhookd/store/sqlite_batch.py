@@ -3,10 +3,11 @@ each written with a few executemany in the writer's transaction."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -16,6 +17,34 @@ from webhookd.store.model import PAUSED, PENDING, FreshEvent, OutcomeRecord, Sub
 from webhookd.store.sqlite_rows import HOUR, Counts
 
 Conn = aiosqlite.Connection
+T = TypeVar("T")
+
+
+async def in_thread(db: Conn, fn: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `fn` with the raw sqlite3 connection on aiosqlite's own thread: a batch's many
+    statements cost one hand-off between the threads instead of two or three each (each
+    `await db.execute(...)`, `fetchall()` and cursor close is one). aiosqlite has no public
+    call for this; `_execute` is what its own methods use (tests/test_storage_sqlite.py
+    fails loudly if it goes away)."""
+    return cast(T, await db._execute(lambda: fn(db._conn)))  # type: ignore[no-untyped-call]
+
+
+def _known_keys(conn: sqlite3.Connection, keys: list[str]) -> dict[str, str]:
+    known: dict[str, str] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        sql = f"SELECT idempotency_key, uid FROM events WHERE idempotency_key IN ({','.join('?' * len(chunk))})"  # noqa: S608
+        known.update(conn.execute(sql, chunk).fetchall())
+    return known
+
+
+def _statuses(conn: sqlite3.Connection, ids: list[int]) -> dict[int, str]:
+    found: dict[int, str] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        sql = f"SELECT id, status FROM deliveries WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
+        found.update(conn.execute(sql, chunk).fetchall())
+    return found
 
 
 @dataclass
@@ -44,14 +73,7 @@ class Events:
     async def execute(self, db: Conn, items: list[tuple[Event, Sequence[Subscriber]]]) -> list[str]:
         now = self._clock()
         keys = [ev.idempotency_key for ev, _ in items if ev.idempotency_key is not None]
-        known: dict[str, str] = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            sql = f"SELECT idempotency_key, uid FROM events WHERE idempotency_key IN ({marks})"  # noqa: S608
-            async with db.execute(sql, chunk) as cur:
-                for key, uid in await cur.fetchall():
-                    known[key] = uid
+        known = await in_thread(db, lambda conn: _known_keys(conn, keys)) if keys else {}
         event_rows: list[tuple[Any, ...]] = []
         delivery_rows: list[tuple[Any, ...]] = []
         results: list[str] = []
@@ -80,18 +102,22 @@ class Events:
                 delivery_id += 1
             event_id += 1
             results.append(uid)
-        if event_rows:
-            await db.executemany(
-                "INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id, recipient)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                event_rows,
-            )
-        if delivery_rows:
-            await db.executemany(
-                "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
-                " updated_at) VALUES (?,?,?,?,?,?,?)",
-                delivery_rows,
-            )
+
+        def insert(conn: sqlite3.Connection) -> None:
+            if event_rows:
+                conn.executemany(
+                    "INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id, recipient)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    event_rows,
+                )
+            if delivery_rows:
+                conn.executemany(
+                    "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
+                    " updated_at) VALUES (?,?,?,?,?,?,?)",
+                    delivery_rows,
+                )
+
+        await in_thread(db, insert)
         # Only now, with every statement done: a failed batch leaves the ids as they were. What
         # each run made is handed on at its own place after the commit (runs commit in the
         # order they ran); `reset`, at each transaction's start, forgets a rolled-back one's.
@@ -120,22 +146,20 @@ class Outcomes:
         self._counts = counts
 
     async def execute(self, db: Conn, items: list[OutcomeRecord]) -> list[None]:
-        # The statuses they had (normally pending; paused if a disable came first; gone if the
-        # webhook was deleted), for the counts.
-        before: dict[int, str] = {}
-        ids = [r.delivery_id for r in items]
-        for start in range(0, len(ids), 500):
-            chunk = ids[start : start + 500]
-            sql = f"SELECT id, status FROM deliveries WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
-            async with db.execute(sql, chunk) as cur:
-                before.update((int(i), str(s)) for i, s in await cur.fetchall())
-        await db.executemany(
+        return await in_thread(db, lambda conn: self._write(conn, items))
+
+    def _write(self, conn: sqlite3.Connection, items: list[OutcomeRecord]) -> list[None]:
+        """All of a run's statements in one call on the database thread. The statuses the
+        deliveries had (normally pending; paused if a disable came first; gone if the
+        webhook was deleted) move the counts."""
+        before = _statuses(conn, [r.delivery_id for r in items])
+        conn.executemany(
             "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status_code = ?,"
             " last_error = ?, updated_at = ? WHERE id = ?",
             [(r.status, r.attempts, r.next_attempt_at, r.status_code, r.error, r.updated_at, r.delivery_id)
-             for r in items],
+             for r in items if r.delivery_id in before],
         )
-        await db.executemany(
+        conn.executemany(
             "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body)"
             " VALUES (?,?,?,?,?,?)",
             [(r.delivery_id, r.at, round(r.duration_ms, 3), r.status_code, r.error, r.response_body)
@@ -152,13 +176,13 @@ class Outcomes:
             seen = last.get(r.webhook_id)
             if seen is None or r.at >= seen.at:
                 last[r.webhook_id] = r
-        await db.executemany(
+        conn.executemany(
             "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed) VALUES (?,?,?,?)"
             " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = succeeded + excluded.succeeded,"
             " failed = failed + excluded.failed",
             [(hour, wid, n if ok else 0, 0 if ok else n) for (hour, wid, ok), n in hours.items()],
         )
-        await db.executemany(
+        conn.executemany(
             "UPDATE webhooks SET last_attempt_at = ?, last_status_code = ?, last_error = ?"
             " WHERE id = ? AND (last_attempt_at IS NULL OR last_attempt_at <= ?)",
             [(r.at, r.status_code, r.error, wid, r.at) for wid, r in last.items()],
