@@ -130,6 +130,8 @@ async def measure(path: Path, runs: int) -> dict[str, Any]:
         screens["overview chart (24 h, loaded after the page)"] = chart
         screens["webhooks list (stats)"] = webhooks_list
         screens["deliveries, first page"] = lambda: storage.list_deliveries(DeliveryFilter(), limit=50)
+        screens["deliveries, one webhook (its detail page)"] = lambda: storage.list_deliveries(
+            DeliveryFilter(webhook_id=HISTORY_HOOK), limit=20)
         screens["deliveries, status=failed"] = lambda: storage.list_deliveries(
             DeliveryFilter(statuses=(FAILED,)), limit=50)
         screens["deliveries, webhook + pending, deep keyset page"] = lambda: storage.list_deliveries(

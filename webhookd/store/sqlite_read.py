@@ -15,6 +15,7 @@ import aiosqlite
 
 from webhookd.reasons import Reason
 from webhookd.store.model import (
+    DELIVERY_STATUSES,
     PAUSED,
     PENDING,
     Attempt,
@@ -51,15 +52,18 @@ class Reads:
     def _by_status_and_webhook(
         self, where: DeliveryFilter, before: int | None, limit: int
     ) -> tuple[str, list[Any]] | None:
-        """A status filter, newest first, without sorting every matching row: one keyset walk
-        of the (status, webhook_id, id) index per (status, webhook) pair that has deliveries
-        (the counts say which), each at most `limit`, merged. None where the plain query is
-        better: no status filter, a message-id or recipient search (their own indexes), or
-        too many pairs."""
-        if not where.statuses or where.message_id is not None or where.recipient is not None:
+        """A status or webhook filter, newest first, without sorting every matching row: one
+        keyset walk of the (status, webhook_id, id) index per (status, webhook) pair that
+        has deliveries (the counts say which), each at most `limit`, merged. None where the
+        plain query is better: no such filter, a message-id or recipient search (their own
+        indexes), or too many pairs."""
+        if where.message_id is not None or where.recipient is not None:
             return None
+        if not where.statuses and where.webhook_id is None:
+            return None  # the table itself, newest first
+        statuses = where.statuses or DELIVERY_STATUSES  # one webhook's deliveries: all four walks
         pairs = [(s, w) for (w, s), n in self._counts.by.items()
-                 if n > 0 and s in where.statuses and where.webhook_id in (None, w)]
+                 if n > 0 and s in statuses and where.webhook_id in (None, w)]
         if len(pairs) > 64:
             return None
         rest, rest_params = where_clause(replace(where, statuses=(), webhook_id=None))

@@ -76,7 +76,6 @@ MIGRATIONS: tuple[str, ...] = (
         recipient = coalesce(json_extract(CAST(body AS TEXT), '$.data.to'), '');
     CREATE INDEX events_message_id ON events (message_id);
     CREATE INDEX events_recipient ON events (recipient);
-    CREATE INDEX deliveries_webhook ON deliveries (webhook_id, id);
     ALTER TABLE webhooks ADD COLUMN last_attempt_at REAL;
     ALTER TABLE webhooks ADD COLUMN last_status_code INTEGER;
     ALTER TABLE webhooks ADD COLUMN last_error TEXT;
