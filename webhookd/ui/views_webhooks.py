@@ -1,0 +1,122 @@
+"""Webhooks: the list, the create form, and a webhook's page with its edit form."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from multidict import MultiDictProxy
+
+from webhookd.apimodel import ApiError, validate_description, validate_events, validate_url
+from webhookd.events import EVENT_TYPES
+from webhookd.store.model import DeliveryFilter, WebhookStats
+from webhookd.ui.auth import SecretFlash
+from webhookd.ui.forms import input_value
+from webhookd.ui.present import events_text, state_of, webhook_row
+from webhookd.ui.security import form_of, session_of
+from webhookd.ui.snippets import verification_snippets
+from webhookd.webhooks import Webhook
+
+if TYPE_CHECKING:
+    from webhookd.ui.app import Dashboard
+
+RECENT = 20
+
+
+def read_webhook_form(form: MultiDictProxy[str], *, production: bool) -> tuple[str, tuple[str, ...], str]:
+    events = form.getall("events", [])
+    return (
+        validate_url(form.get("url", "").strip(), production=production),
+        validate_events(["*"] if "*" in events else events),
+        validate_description(form.get("description", "")),
+    )
+
+
+def form_values(form: MultiDictProxy[str]) -> dict[str, Any]:
+    return {"url": form.get("url", ""), "events": form.getall("events", []),
+            "description": form.get("description", "")}
+
+
+class WebhookViews:
+    def __init__(self, dash: Dashboard) -> None:
+        self.dash = dash
+
+    def routes(self, r: web.UrlDispatcher) -> None:
+        r.add_get("/webhooks", self.list)
+        r.add_get("/webhooks/new", self.new)
+        r.add_post("/webhooks/new", self.create)
+        r.add_get("/webhooks/{id}", self.detail)
+        r.add_post("/webhooks/{id}", self.edit)
+
+    def _webhook(self, request: web.Request) -> Webhook:
+        return self.dash.ops.webhook(request.match_info["id"])
+
+    async def list(self, request: web.Request) -> web.Response:
+        dash = self.dash
+        stats = await dash.storage.webhook_stats(dash.now)
+        rows = [webhook_row(wh, stats.get(wh.id)) for wh in dash.ops.scheduler.webhooks.values()]
+        return dash.page(request, "webhooks.html", {"rows": rows, "events_text": events_text}, nav="webhooks")
+
+    async def new(self, request: web.Request) -> web.Response:
+        return self._new_form(request, {"url": "", "events": ["*"], "description": ""})
+
+    def _new_form(self, request: web.Request, values: dict[str, Any], error: str | None = None,
+                  status: int = 200) -> web.Response:
+        return self.dash.page(request, "webhook_new.html", {
+            "values": values, "error": error, "event_types": EVENT_TYPES, "production": self.dash.production,
+        }, status=status, nav="webhooks")
+
+    async def create(self, request: web.Request) -> web.Response:
+        form = form_of(request)
+        try:
+            url, events, description = read_webhook_form(form, production=self.dash.production)
+        except ApiError as exc:
+            return self._new_form(request, form_values(form), exc.message, status=400)
+        wh = await self.dash.ops.create(url=url, events=events, description=description)
+        session = session_of(request)
+        assert session is not None
+        session.secret = SecretFlash(wh.id, wh.secret, "created")
+        session.flash(f"Webhook {wh.id} created.")
+        return self.dash.redirect(f"/webhooks/{wh.id}")
+
+    async def detail(self, request: web.Request) -> web.Response:
+        return await self._detail(request, self._webhook(request))
+
+    async def _detail(self, request: web.Request, wh: Webhook, *, values: dict[str, Any] | None = None,
+                      error: str | None = None, status: int = 200) -> web.Response:
+        dash = self.dash
+        stats = (await dash.storage.webhook_stats(dash.now)).get(wh.id) or WebhookStats(wh.id)
+        recent = await dash.storage.list_deliveries(DeliveryFilter(webhook_id=wh.id), limit=RECENT)
+        session = session_of(request)
+        secret = session.take_secret(wh.id) if session is not None else None
+        test = session.take_test(wh.id) if session is not None else None
+        return dash.page(request, "webhook.html", {
+            "wh": wh,
+            "state": state_of(wh),
+            "row": webhook_row(wh, stats),
+            "stats": stats,
+            "recent": recent,
+            "more": len(recent) == RECENT,
+            "secret": secret,
+            "snippets": verification_snippets(wh.id, secret.secret) if secret is not None else [],
+            "test": test,
+            "values": values or {"url": wh.url, "events": list(wh.events), "description": wh.description},
+            "error": error,
+            "event_types": EVENT_TYPES,
+            "events_text": events_text,
+            "replay_since": input_value(dash.now - 24 * 3600),
+            "production": dash.production,
+        }, status=status, headers={"Cache-Control": "no-store"}, nav="webhooks")
+
+    async def edit(self, request: web.Request) -> web.Response:
+        wh = self._webhook(request)
+        form = form_of(request)
+        try:
+            url, events, description = read_webhook_form(form, production=self.dash.production)
+        except ApiError as exc:
+            return await self._detail(request, wh, values=form_values(form), error=exc.message, status=400)
+        await self.dash.ops.update(wh, url=url, events=events, description=description)
+        session = session_of(request)
+        assert session is not None
+        session.flash("Changes saved.")
+        return self.dash.redirect(f"/webhooks/{wh.id}")
