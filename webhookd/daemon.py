@@ -29,6 +29,7 @@ from webhookd.metrics import Metrics
 from webhookd.netguard import TargetGuard
 from webhookd.scheduler import Scheduler
 from webhookd.store import SqliteStorage, StoreError
+from webhookd.ui import Dashboard
 from webhookd.webhooks import Webhook
 
 log = structlog.get_logger("webhookd")
@@ -123,6 +124,15 @@ class Daemon:
         self.admin.metrics = self.metrics
         self.admin.gauges = lambda: {"intake_connections": self.stats.connections}
         self.admin.extra_status = lambda: {"intake": {"connections": self.stats.connections}}
+        if config.dashboard.enabled:
+            self.dashboard: Dashboard | None = Dashboard(
+                self.admin.ops, self.store, config.dashboard, production=not config.dev,
+                admin_token=config.admin.token, clock=clock,
+            )
+            self.admin.ui = self.dashboard.app
+            self.admin.login_link = self.dashboard.create_login_link
+        else:
+            self.dashboard = None
         self._servers: list[asyncio.AbstractServer] = []
         self._protocols: set[LineProtocol] = set()
         self._runners: list[web.AppRunner] = []
