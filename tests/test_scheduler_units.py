@@ -566,3 +566,19 @@ async def test_a_webhook_deleted_mid_attempt_records_and_counts_nothing(make_rig
     for table in ("deliveries", "attempts", "attempt_hours", "webhooks"):
         assert db_rows(rig.path, f"SELECT count(*) FROM {table}") == [(0,)], table
     assert db_rows(rig.path, "SELECT count(*) FROM events") == [(2,)]
+
+
+async def test_an_attempt_that_fails_inside_webhookd_is_a_recorded_failure(make_rig: MakeRig) -> None:
+    """Bad stored data (a secret that is not whsec_<base64>) or a bug while building the
+    request: the attempt is a failure with an "internal error" text, its slot is released
+    and the delivery is retried, instead of a task dying with the delivery in flight."""
+    rig = await make_rig(max_attempts=5)
+    wh = await rig.hook()
+    wh.secret = "whsec_x"  # as a hand-edited row could hold
+    await rig.send(1)
+    await rig.settle()
+    assert rig.scheduler.in_flight == 0 and rig.poster.calls == []
+    [d] = await rig.deliveries(wh)
+    assert d.status == PENDING and d.attempts == 1
+    assert d.last_error is not None and d.last_error.startswith("internal error: ValueError: signing secret")
+    assert wh.consecutive_failures == 1

@@ -27,6 +27,7 @@ from webhookd import __version__, policy
 from webhookd.config import DeliveryConfig
 from webhookd.dispatcher import Outcome
 from webhookd.metrics import Metrics
+from webhookd.reasons import Lead, Reason
 from webhookd.store.base import Storage
 from webhookd.store.model import PENDING, DueItem, FreshEvent, OutcomeRecord, Subscriber
 from webhookd.webhooks import START, Webhook
@@ -280,12 +281,16 @@ class Scheduler:
 
     async def _attempt(self, wh: Webhook, item: DueItem, epoch: int) -> None:
         at = self.clock()
-        headers = wh.signer(at).headers(
-            event_id=item.event_uid, event_type=item.event_type, body=item.body, timestamp=int(at),
-            user_agent=USER_AGENT,
-        )
         try:
+            headers = wh.signer(at).headers(
+                event_id=item.event_uid, event_type=item.event_type, body=item.body, timestamp=int(at),
+                user_agent=USER_AGENT,
+            )
             outcome = await self.dispatcher.post(wh.url, item.body, headers)
+        except Exception as exc:  # a bug or bad stored data (a secret that is not base64): a failure
+            log.exception("attempt failed inside webhookd", webhook_id=wh.id, delivery_id=item.delivery_id)
+            outcome = Outcome(False, None, Lead.INTERNAL.text(f": {type(exc).__name__}: {exc}"), 0.0, b"",
+                              reason=Reason.INTERNAL)
         except asyncio.CancelledError:
             # Shutdown ran out of grace: the delivery stays pending in storage with its
             # schedule unchanged and is attempted again after a restart.
