@@ -171,3 +171,16 @@ async def test_status_listing_merges_per_webhook_walks(storage: SqliteStorage) -
     only_c = await s.list_deliveries(DeliveryFilter(webhook_id="wh_c", statuses=(FAILED, PAUSED)), limit=100)
     assert [d.id for d in only_c] == sorted(ids[::3], reverse=True)
     assert await s.list_deliveries(DeliveryFilter(statuses=(SUCCEEDED,)), limit=10) == []
+
+
+async def test_listings_never_depend_on_the_counts(storage: SqliteStorage) -> None:
+    """A listing reads its webhooks and walks in one read transaction, never the in-memory
+    counts: those may be a commit ahead of (or behind) what the reader sees. (When the walks
+    were chosen from the counts, a delivery that went pending → failed between the choice
+    and the query vanished from its webhook's listing, seen under load.)"""
+    s = storage
+    await s.create_webhook(hook("wh_a"))
+    await s.submit(ev(1), [("wh_a", True)])
+    s._counts.by.clear()  # as stale as counts can be
+    assert [d.webhook_id for d in await s.list_deliveries(DeliveryFilter(webhook_id="wh_a"))] == ["wh_a"]
+    assert len(await s.list_deliveries(DeliveryFilter(statuses=(PENDING, FAILED)))) == 1

@@ -29,22 +29,21 @@ async def in_thread(db: Conn, fn: Callable[[sqlite3.Connection], T]) -> T:
     return cast(T, await db._execute(lambda: fn(db._conn)))  # type: ignore[no-untyped-call]
 
 
+def _select_in(conn: sqlite3.Connection, select: str, values: Sequence[Any]) -> dict[Any, Any]:
+    """`{first: second}` of `select` + ` IN (values)`, 500 values a statement."""
+    found: dict[Any, Any] = {}
+    for start in range(0, len(values), 500):
+        chunk = values[start : start + 500]
+        found.update(conn.execute(f"{select} IN ({','.join('?' * len(chunk))})", chunk).fetchall())
+    return found
+
+
 def _known_keys(conn: sqlite3.Connection, keys: list[str]) -> dict[str, str]:
-    known: dict[str, str] = {}
-    for start in range(0, len(keys), 500):
-        chunk = keys[start : start + 500]
-        sql = f"SELECT idempotency_key, uid FROM events WHERE idempotency_key IN ({','.join('?' * len(chunk))})"  # noqa: S608
-        known.update(conn.execute(sql, chunk).fetchall())
-    return known
+    return _select_in(conn, "SELECT idempotency_key, uid FROM events WHERE idempotency_key", keys)
 
 
 def _statuses(conn: sqlite3.Connection, ids: list[int]) -> dict[int, str]:
-    found: dict[int, str] = {}
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        sql = f"SELECT id, status FROM deliveries WHERE id IN ({','.join('?' * len(chunk))})"  # noqa: S608
-        found.update(conn.execute(sql, chunk).fetchall())
-    return found
+    return _select_in(conn, "SELECT id, status FROM deliveries WHERE id", ids)
 
 
 @dataclass

@@ -26,6 +26,7 @@ from webhookd.store.model import (
     StoreError,
     WebhookStats,
 )
+from webhookd.store.sqlite_batch import in_thread
 from webhookd.store.sqlite_rows import DAY, DELIVERY_SELECT, HOUR, Counts, delivery_row, describe, where_clause
 
 
@@ -38,49 +39,23 @@ class Reads:
     async def list_deliveries(
         self, where: DeliveryFilter, *, before: int | None = None, limit: int = 100
     ) -> list[Delivery]:
-        union = self._by_status_and_webhook(where, before, limit)
-        if union is not None:
-            sql, params = union
-        else:
+        walks = where.message_id is None and where.recipient is None and (
+            bool(where.statuses) or where.webhook_id is not None)
+        if not walks:
             clause, params = where_clause(where)
             if before is not None:
                 clause = f"{clause} AND d.id < ?" if clause else "d.id < ?"
                 params.append(before)
             sql = DELIVERY_SELECT + (f" WHERE {clause}" if clause else "")
-        return [delivery_row(r) for r in await self._read(sql + " ORDER BY d.id DESC LIMIT ?", [*params, limit])]
-
-    def _by_status_and_webhook(
-        self, where: DeliveryFilter, before: int | None, limit: int
-    ) -> tuple[str, list[Any]] | None:
-        """A status or webhook filter, newest first, without sorting every matching row: one
-        keyset walk of the (status, webhook_id, id) index per (status, webhook) pair that
-        has deliveries (the counts say which), each at most `limit`, merged. None where the
-        plain query is better: no such filter, a message-id or recipient search (their own
-        indexes), or too many pairs."""
-        if where.message_id is not None or where.recipient is not None:
-            return None
-        if not where.statuses and where.webhook_id is None:
-            return None  # the table itself, newest first
-        statuses = where.statuses or DELIVERY_STATUSES  # one webhook's deliveries: all four walks
-        pairs = [(s, w) for (w, s), n in self._counts.by.items()
-                 if n > 0 and s in statuses and where.webhook_id in (None, w)]
-        if len(pairs) > 64:
-            return None
-        rest, rest_params = where_clause(replace(where, statuses=(), webhook_id=None))
-        if before is not None:
-            rest = f"{rest} AND d.id < ?" if rest else "d.id < ?"
-            rest_params.append(before)
-        join = " JOIN events e ON e.id = d.event_id" if where.event_type is not None else ""
-        parts: list[str] = []
-        params: list[Any] = []
-        for status, webhook_id in sorted(pairs):
-            cond = f" AND {rest}" if rest else ""
-            sub = f"SELECT d.id FROM deliveries d{join} WHERE d.status = ? AND d.webhook_id = ?{cond}"  # noqa: S608
-            parts.append(f"SELECT id FROM ({sub} ORDER BY d.id DESC LIMIT ?)")  # noqa: S608
-            params.extend([status, webhook_id, *rest_params, limit])
-        if not parts:
-            return DELIVERY_SELECT + " WHERE 0", []
-        return DELIVERY_SELECT + f" WHERE d.id IN ({' UNION ALL '.join(parts)})", params
+            return [delivery_row(r) for r in await self._read(sql + " ORDER BY d.id DESC LIMIT ?", [*params, limit])]
+        reader = self._reader
+        if reader is None:
+            raise StoreError("store is closed", Reason.UNAVAILABLE)
+        try:
+            rows = await in_thread(reader, lambda conn: _walks(conn, where, before, limit))
+        except sqlite3.Error as exc:
+            raise StoreError(describe(exc)) from exc
+        return [delivery_row(r) for r in rows]
 
     async def count_deliveries(self, where: DeliveryFilter) -> int:
         clause, params = where_clause(where)
@@ -140,3 +115,42 @@ class Reads:
                 return list(await cur.fetchall())
         except sqlite3.Error as exc:
             raise StoreError(describe(exc)) from exc
+
+
+def _walks(conn: sqlite3.Connection, where: DeliveryFilter, before: int | None, limit: int) -> list[Any]:
+    """A status or webhook filter, newest first, without sorting every matching row: one
+    keyset walk of the (status, webhook_id, id) index per (status, webhook) pair, each at
+    most `limit`, merged. The webhooks are read in the same read transaction as the walks,
+    so a delivery that changes status or a webhook created meanwhile cannot fall between
+    them. More than 64 pairs (many webhooks): the plain query."""
+    conn.execute("BEGIN")
+    try:
+        if where.webhook_id is not None:
+            webhooks = [where.webhook_id]
+        else:
+            webhooks = [str(r[0]) for r in conn.execute("SELECT id FROM webhooks ORDER BY id")]
+        statuses = where.statuses or DELIVERY_STATUSES  # one webhook's deliveries: all four walks
+        pairs = [(s, w) for s in statuses for w in webhooks]
+        rest, rest_params = where_clause(replace(where, statuses=(), webhook_id=None))
+        if before is not None:
+            rest = f"{rest} AND d.id < ?" if rest else "d.id < ?"
+            rest_params.append(before)
+        if len(pairs) > 64 or not pairs:
+            clause, params = where_clause(where)
+            if before is not None:
+                clause = f"{clause} AND d.id < ?" if clause else "d.id < ?"
+                params.append(before)
+            sql = DELIVERY_SELECT + (f" WHERE {clause}" if clause else "")
+        else:
+            join = " JOIN events e ON e.id = d.event_id" if where.event_type is not None else ""
+            cond = f" AND {rest}" if rest else ""
+            parts: list[str] = []
+            params = []
+            for status, webhook_id in pairs:
+                sub = f"SELECT d.id FROM deliveries d{join} WHERE d.status = ? AND d.webhook_id = ?{cond}"  # noqa: S608
+                parts.append(f"SELECT id FROM ({sub} ORDER BY d.id DESC LIMIT ?)")  # noqa: S608
+                params.extend([status, webhook_id, *rest_params, limit])
+            sql = DELIVERY_SELECT + f" WHERE d.id IN ({' UNION ALL '.join(parts)})"
+        return list(conn.execute(sql + " ORDER BY d.id DESC LIMIT ?", [*params, limit]).fetchall())
+    finally:
+        conn.execute("COMMIT")
