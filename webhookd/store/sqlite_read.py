@@ -7,9 +7,9 @@ commit; counts come from the backend's in-memory `Counts`, which move with each 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -29,6 +29,8 @@ from webhookd.store.model import (
 from webhookd.store.sqlite_batch import in_thread
 from webhookd.store.sqlite_rows import DAY, DELIVERY_SELECT, HOUR, Counts, delivery_row, describe, where_clause
 
+T = TypeVar("T")
+
 
 class Reads:
     """Mixed into SqliteStorage, which sets `_reader` and `_counts`."""
@@ -41,20 +43,10 @@ class Reads:
     ) -> list[Delivery]:
         walks = where.message_id is None and where.recipient is None and (
             bool(where.statuses) or where.webhook_id is not None)
-        if not walks:
-            clause, params = where_clause(where)
-            if before is not None:
-                clause = f"{clause} AND d.id < ?" if clause else "d.id < ?"
-                params.append(before)
-            sql = DELIVERY_SELECT + (f" WHERE {clause}" if clause else "")
-            return [delivery_row(r) for r in await self._read(sql + " ORDER BY d.id DESC LIMIT ?", [*params, limit])]
-        reader = self._reader
-        if reader is None:
-            raise StoreError("store is closed", Reason.UNAVAILABLE)
-        try:
-            rows = await in_thread(reader, lambda conn: _walks(conn, where, before, limit))
-        except sqlite3.Error as exc:
-            raise StoreError(describe(exc)) from exc
+        if walks:
+            rows = await self._on_reader(lambda conn: _walks(conn, where, before, limit))
+        else:
+            rows = await self._on_reader(lambda conn: _plain(conn, where, before, limit))
         return [delivery_row(r) for r in rows]
 
     async def count_deliveries(self, where: DeliveryFilter) -> int:
@@ -106,15 +98,26 @@ class Reads:
         )
         return [HourCount(int(h), int(ok), int(bad)) for h, ok, bad in rows]
 
-    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return await self._on_reader(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def _on_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """`fn` on the reader connection's thread, in one hand-off; errors as StoreError."""
         reader = self._reader
         if reader is None:
             raise StoreError("store is closed", Reason.UNAVAILABLE)
         try:
-            async with reader.execute(sql, params) as cur:
-                return list(await cur.fetchall())
+            return await in_thread(reader, fn)
         except sqlite3.Error as exc:
             raise StoreError(describe(exc)) from exc
+
+
+def _plain(conn: sqlite3.Connection, where: DeliveryFilter, before: int | None, limit: int) -> list[Any]:
+    """The filter as one query, newest first (the message-id and recipient searches use their
+    own indexes; no filter walks the table itself)."""
+    clause, params = where_clause(where, before)
+    sql = DELIVERY_SELECT + (f" WHERE {clause}" if clause else "") + " ORDER BY d.id DESC LIMIT ?"
+    return list(conn.execute(sql, [*params, limit]).fetchall())
 
 
 def _walks(conn: sqlite3.Connection, where: DeliveryFilter, before: int | None, limit: int) -> list[Any]:
@@ -131,26 +134,18 @@ def _walks(conn: sqlite3.Connection, where: DeliveryFilter, before: int | None, 
             webhooks = [str(r[0]) for r in conn.execute("SELECT id FROM webhooks ORDER BY id")]
         statuses = where.statuses or DELIVERY_STATUSES  # one webhook's deliveries: all four walks
         pairs = [(s, w) for s in statuses for w in webhooks]
-        rest, rest_params = where_clause(replace(where, statuses=(), webhook_id=None))
-        if before is not None:
-            rest = f"{rest} AND d.id < ?" if rest else "d.id < ?"
-            rest_params.append(before)
         if len(pairs) > 64 or not pairs:
-            clause, params = where_clause(where)
-            if before is not None:
-                clause = f"{clause} AND d.id < ?" if clause else "d.id < ?"
-                params.append(before)
-            sql = DELIVERY_SELECT + (f" WHERE {clause}" if clause else "")
-        else:
-            join = " JOIN events e ON e.id = d.event_id" if where.event_type is not None else ""
-            cond = f" AND {rest}" if rest else ""
-            parts: list[str] = []
-            params = []
-            for status, webhook_id in pairs:
-                sub = f"SELECT d.id FROM deliveries d{join} WHERE d.status = ? AND d.webhook_id = ?{cond}"  # noqa: S608
-                parts.append(f"SELECT id FROM ({sub} ORDER BY d.id DESC LIMIT ?)")  # noqa: S608
-                params.extend([status, webhook_id, *rest_params, limit])
-            sql = DELIVERY_SELECT + f" WHERE d.id IN ({' UNION ALL '.join(parts)})"
+            return _plain(conn, where, before, limit)
+        rest, rest_params = where_clause(replace(where, statuses=(), webhook_id=None), before)
+        join = " JOIN events e ON e.id = d.event_id" if where.event_type is not None else ""
+        cond = f" AND {rest}" if rest else ""
+        parts: list[str] = []
+        params: list[Any] = []
+        for status, webhook_id in pairs:
+            sub = f"SELECT d.id FROM deliveries d{join} WHERE d.status = ? AND d.webhook_id = ?{cond}"  # noqa: S608
+            parts.append(f"SELECT id FROM ({sub} ORDER BY d.id DESC LIMIT ?)")  # noqa: S608
+            params.extend([status, webhook_id, *rest_params, limit])
+        sql = DELIVERY_SELECT + f" WHERE d.id IN ({' UNION ALL '.join(parts)})"
         return list(conn.execute(sql + " ORDER BY d.id DESC LIMIT ?", [*params, limit]).fetchall())
     finally:
         conn.execute("COMMIT")

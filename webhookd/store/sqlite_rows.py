@@ -67,7 +67,9 @@ def due_row(row: Sequence[Any]) -> DueItem:
     return DueItem(int(row[0]), row[1], float(row[2] or 0.0), int(row[3]), row[4], row[5], bytes(row[6]))
 
 
-def where_clause(f: DeliveryFilter) -> tuple[str, list[Any]]:
+def where_clause(f: DeliveryFilter, before: int | None = None) -> tuple[str, list[Any]]:
+    """The filter (and the keyset cursor: ids below `before`) as SQL over `deliveries d` and
+    `events e`, with its parameters."""
     clauses: list[str] = []
     params: list[Any] = []
     if f.webhook_id is not None:
@@ -91,9 +93,10 @@ def where_clause(f: DeliveryFilter) -> tuple[str, list[Any]]:
     if f.until is not None:
         clauses.append("d.created_at < ?")
         params.append(f.until)
+    if before is not None:
+        clauses.append("d.id < ?")
+        params.append(before)
     return " AND ".join(clauses), params
-
-
 
 
 class Counts:
