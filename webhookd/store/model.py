@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from webhookd.reasons import Reason
 
@@ -194,11 +194,3 @@ class HourCount:
     hour: int
     succeeded: int = 0
     failed: int = 0
-
-
-@dataclass(slots=True)
-class Retryable:
-    """A delivery and its event, as `retry` needs them."""
-
-    item: DueItem
-    status: str = field(default=PENDING)

@@ -143,6 +143,3 @@ class Counts:
         for (_webhook_id, status), n in self.by.items():
             out[status] = out.get(status, 0) + n
         return out
-
-    def of(self, webhook_id: str, status: str) -> int:
-        return self.by.get((webhook_id, status), 0)
