@@ -45,6 +45,7 @@ from webhookd.store import (
     Storage,
     StoreError,
     Subscriber,
+    TrackingHit,
     WebhookRecord,
     WebhookState,
     WebhookStats,
@@ -850,6 +851,7 @@ async def test_every_verb_fails_after_close_instead_of_waiting(make_storage: Mak
     internal: list[asyncio.Future[Any]] = [
         storage.set_webhook_state("wh_a", state, pause_pending=True), storage.take_due("wh_a", START, 10),
         storage.delete_webhook("wh_a"), storage.enable_webhook("wh_a", now=T0, drop_backlog=True),
+        storage.track_hits([TrackingHit(b"k" * 16, "<m@a>")], now=T0), storage.prune_tracking(T0),
     ]
     for fut in internal:
         with pytest.raises(StoreError) as failed:
@@ -891,6 +893,71 @@ async def test_ids_are_not_reused_after_the_newest_deliveries_are_gone(make_stor
     storage = await make_storage(clock=clock, on_fresh=fresh.extend)
     [new] = await submit(storage, fresh, ev(4), [("wh_a", True)])
     assert new > deleted[0] > finished[0] > kept[0]  # a dlv_N once shown never names another delivery
+
+
+# -- tracking: first hits, opt-outs, the delivered lookup ----------------------------------------
+def hit(key: str, message_id: str = "<m1@mail.example.com>", *, to: str = "", opt_out: str = "") -> TrackingHit:
+    return TrackingHit(key.encode().ljust(16, b"."), message_id, to, opt_out)
+
+
+async def test_track_hits_marks_the_first_hit_once_per_key_across_batches_and_restarts(
+    make_storage: MakeStorage, clock: FakeClock,
+) -> None:
+    storage = await make_storage(clock=clock)
+    facts = await storage.track_hits([hit("a"), hit("b"), hit("a")], now=T0)
+    assert [f.first for f in facts] == [True, True, False]  # the same key twice in one batch
+    assert not any(f.opted_out for f in facts)
+    assert [f.first for f in await storage.track_hits([hit("a"), hit("c")], now=T0 + 1)] == [False, True]
+    await storage.close()
+    storage = await make_storage(clock=clock)
+    assert [f.first for f in await storage.track_hits([hit("b"), hit("d")], now=T0 + 2)] == [False, True]
+
+
+async def test_track_hits_finds_the_delivered_event_of_the_message_and_recipient(storage: Storage) -> None:
+    def at(ts: str, n: int, **kw: Any) -> Event:
+        event = ev(n, **kw)
+        body = orjson.loads(event.body)
+        body["timestamp"] = ts
+        return replace(event, timestamp=ts, body=orjson.dumps(body))
+
+    await storage.submit(at("2026-02-23T10:00:00Z", 1, message_id="<x@a>", to="Bob@Example.org", kind="complained"), [])
+    await storage.submit(at("2026-02-23T10:00:05Z", 2, message_id="<x@a>", to="carol@example.org"), [])
+    await storage.submit(at("2026-02-23T10:00:09Z", 3, message_id="<x@a>", to="bob@example.org"), [])
+    await storage.submit(at("2026-02-23T10:00:01Z", 4, message_id="<y@a>"), [])
+    facts = await storage.track_hits([
+        hit("1", "<x@a>", to="BOB@example.org"),  # that recipient's, whatever the case
+        hit("2", "<x@a>"),  # no recipient: the message's first delivered
+        hit("3", "<x@a>", to="dave@example.org"),  # not among them: the message's first delivered
+        hit("4", "<y@a>", to="eve@example.org"),
+        hit("5", "<z@a>"),  # never delivered (that webhookd knows)
+    ], now=T0)
+    assert [f.delivered_at for f in facts] == [
+        "2026-02-23T10:00:09Z", "2026-02-23T10:00:05Z", "2026-02-23T10:00:05Z", "2026-02-23T10:00:01Z", None,
+    ]
+
+
+async def test_opted_out_hits_are_neither_marked_nor_looked_up(storage: Storage, clock: FakeClock) -> None:
+    assert await storage.count_opt_outs() == 0
+    assert await storage.set_opt_out("h1", opted_out=True, now=T0) is True
+    assert await storage.set_opt_out("h1", opted_out=True, now=T0) is False  # already
+    assert await storage.count_opt_outs() == 1
+    facts = await storage.track_hits([hit("a", opt_out="h1"), hit("b", opt_out="h2"), hit("c")], now=T0)
+    assert [(f.opted_out, f.first) for f in facts] == [(True, False), (False, True), (False, True)]
+    assert await storage.set_opt_out("h1", opted_out=False, now=T0) is True
+    assert await storage.set_opt_out("h1", opted_out=False, now=T0) is False
+    assert await storage.count_opt_outs() == 0
+    again = await storage.track_hits([hit("a", opt_out="h1")], now=T0 + 1)
+    assert (again[0].opted_out, again[0].first) == (False, True)  # the opted-out hit was not remembered
+
+
+async def test_prune_tracking_forgets_first_hits_older_than_the_cutoff_in_batches(storage: Storage) -> None:
+    await storage.track_hits([hit(f"old{i}") for i in range(5)], now=T0)
+    await storage.track_hits([hit("new")], now=T0 + DAY)
+    assert await storage.prune_tracking(T0 + 1, limit=3) == 3
+    assert await storage.prune_tracking(T0 + 1, limit=3) == 2
+    assert await storage.prune_tracking(T0 + 1, limit=3) == 0
+    facts = await storage.track_hits([hit("old0"), hit("new")], now=T0 + 2 * DAY)
+    assert [f.first for f in facts] == [True, False]
 
 
 __all__ = ["EVERYTHING", "START", "T0", "FakeClock", "MakeStorage", "clock", "ev", "fresh", "outcome", "record",

@@ -118,8 +118,8 @@ async def test_schema_reaches_the_current_version_and_keeps_every_row(
 ) -> None:
     storage, before = migrated
     path = storage.path
-    assert SCHEMA_VERSION == 3
-    assert db_rows(path, "PRAGMA user_version") == [(3,)]
+    assert SCHEMA_VERSION == 4
+    assert db_rows(path, "PRAGMA user_version") == [(4,)]
     assert snapshot(path) == before  # nothing pre-existing is lost or changed
     assert [len(before[t]) for t in ("webhooks", "events", "deliveries", "attempts")] == [3, 4, 6, 5]
     names = {r[0] for r in db_rows(path, "SELECT name FROM sqlite_master WHERE type IN ('index', 'table')")}

@@ -27,6 +27,8 @@ from webhookd.store.model import (
     OutcomeRecord,
     StoreError,
     Subscriber,
+    TrackingFacts,
+    TrackingHit,
     WebhookRecord,
     WebhookState,
     WebhookStats,
@@ -36,6 +38,7 @@ from webhookd.store.sqlite import SqliteStorage
 __all__ = [
     "DELIVERY_STATUSES", "FAILED", "PAUSED", "PENDING", "SUCCEEDED", "Attempt", "Conflict", "Delivery",
     "DeliveryDetail", "DeliveryFilter", "DueItem", "FreshEvent", "FreshSink", "HourCount", "NotFound",
-    "OutcomeRecord", "SqliteStorage", "Storage", "StoreError", "Subscriber", "WebhookRecord", "WebhookState",
+    "OutcomeRecord", "SqliteStorage", "Storage", "StoreError", "Subscriber", "TrackingFacts", "TrackingHit",
+    "WebhookRecord", "WebhookState",
     "WebhookStats",
 ]

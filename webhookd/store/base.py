@@ -30,6 +30,8 @@ from webhookd.store.model import (
     HourCount,
     OutcomeRecord,
     Subscriber,
+    TrackingFacts,
+    TrackingHit,
     WebhookRecord,
     WebhookState,
     WebhookStats,
@@ -222,4 +224,21 @@ class Storage(Protocol):
         """Delete up to `limit` finished deliveries last updated before `cutoff` (with their
         attempts) and up to `limit` older events that no delivery needs; one small
         transaction. Call again while it returns `limit`."""
+        ...
+
+    # -- tracking (opens and clicks) --------------------------------------------------------
+    def track_hits(self, hits: Sequence[TrackingHit], *, now: float) -> asyncio.Future[list[TrackingFacts]]:
+        """For each hit, in one transaction: is its recipient opted out; is it the first
+        with its `first_key` (remembering it from `now` if so, unless opted out); and the
+        timestamp of the message's `delivered` event (for that recipient when given)."""
+        ...
+
+    def set_opt_out(self, opt_out_hash: str, *, opted_out: bool, now: float) -> asyncio.Future[bool]:
+        """Add (or remove) a recipient's hash to the opt-outs; resolves to whether anything changed."""
+        ...
+
+    async def count_opt_outs(self) -> int: ...
+
+    def prune_tracking(self, cutoff: float, limit: int = 1000) -> asyncio.Future[int]:
+        """Forget up to `limit` first-hit marks made before `cutoff`; call again while it returns `limit`."""
         ...

@@ -194,3 +194,21 @@ class HourCount:
     hour: int
     succeeded: int = 0
     failed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingHit:
+    """What storage needs of one tracking hit: who (hashed, for opt-outs), which first-hit
+    key to mark, and which message's `delivered` event to look for."""
+
+    first_key: bytes  # what makes a hit "first": kind, message, recipient (and the link for clicks)
+    message_id: str
+    recipient: str = ""  # the address when the token carries it, for the delivered lookup
+    opt_out_hash: str = ""  # the recipient's keyed hash; "" when the token names no recipient
+
+
+@dataclass(frozen=True, slots=True)
+class TrackingFacts:
+    opted_out: bool  # an opted-out recipient: nothing is marked or recorded
+    first: bool  # no earlier hit with the same first_key is remembered
+    delivered_at: str | None  # the timestamp of webhookd's `delivered` event for the message, if any

@@ -31,10 +31,12 @@ from webhookd.store.model import (
     OutcomeRecord,
     StoreError,
     Subscriber,
+    TrackingFacts,
+    TrackingHit,
     WebhookRecord,
     WebhookState,
 )
-from webhookd.store.sqlite_batch import Conn, Events, EventSink, Ids, Outcomes
+from webhookd.store.sqlite_batch import Conn, Events, EventSink, Ids, Outcomes, in_thread
 from webhookd.store.sqlite_read import Reads
 from webhookd.store.sqlite_rows import (
     DUE_SELECT,
@@ -415,3 +417,60 @@ class SqliteStorage(Reads):
             return max(len(ids), cur2.rowcount)
 
         return await self._writer.run(run)
+
+    # -- tracking -------------------------------------------------------------------------------
+    def track_hits(self, hits: Sequence[TrackingHit], *, now: float) -> asyncio.Future[list[TrackingFacts]]:
+        async def write(db: Conn) -> list[TrackingFacts]:
+            return await in_thread(db, lambda conn: [_track_one(conn, hit, now) for hit in hits])
+
+        return self._writer.run(write)
+
+    def set_opt_out(self, opt_out_hash: str, *, opted_out: bool, now: float) -> asyncio.Future[bool]:
+        async def write(db: Conn) -> bool:
+            if opted_out:
+                cur = await db.execute(
+                    "INSERT OR IGNORE INTO tracking_opt_outs (hash, created_at) VALUES (?, ?)", (opt_out_hash, now)
+                )
+            else:
+                cur = await db.execute("DELETE FROM tracking_opt_outs WHERE hash = ?", (opt_out_hash,))
+            return cur.rowcount > 0
+
+        return self._writer.run(write)
+
+    async def count_opt_outs(self) -> int:
+        rows = await self._read("SELECT count(*) FROM tracking_opt_outs", ())
+        return int(rows[0][0])
+
+    def prune_tracking(self, cutoff: float, limit: int = 1000) -> asyncio.Future[int]:
+        async def write(db: Conn) -> int:
+            cur = await db.execute(
+                "DELETE FROM tracking_firsts WHERE key IN"
+                " (SELECT key FROM tracking_firsts WHERE at < ? ORDER BY at LIMIT ?)",
+                (cutoff, limit),
+            )
+            return cur.rowcount
+
+        return self._writer.run(write)
+
+
+def _track_one(conn: sqlite3.Connection, hit: TrackingHit, now: float) -> TrackingFacts:
+    """One hit, on the writer's thread, inside the writer's transaction."""
+    if hit.opt_out_hash and conn.execute(
+        "SELECT 1 FROM tracking_opt_outs WHERE hash = ?", (hit.opt_out_hash,)
+    ).fetchone():
+        return TrackingFacts(opted_out=True, first=False, delivered_at=None)
+    first = conn.execute(
+        "INSERT OR IGNORE INTO tracking_firsts (key, at) VALUES (?, ?)", (hit.first_key, now)
+    ).rowcount > 0
+    row = None
+    select = (
+        "SELECT json_extract(CAST(body AS TEXT), '$.timestamp') FROM events"
+        " WHERE message_id = ? AND type = 'delivered'"
+    )
+    if hit.recipient:
+        row = conn.execute(
+            select + " AND recipient = ? ORDER BY id LIMIT 1", (hit.message_id, hit.recipient)
+        ).fetchone()
+    if row is None:
+        row = conn.execute(select + " ORDER BY id LIMIT 1", (hit.message_id,)).fetchone()
+    return TrackingFacts(opted_out=False, first=first, delivered_at=str(row[0]) if row and row[0] else None)

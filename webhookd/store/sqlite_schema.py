@@ -93,6 +93,15 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT CAST(a.at / 3600 AS INTEGER) * 3600, d.webhook_id, sum(a.error IS NULL), sum(a.error IS NOT NULL)
         FROM attempts a JOIN deliveries d ON d.id = a.delivery_id GROUP BY 1, 2;
     """,
+    # v4: opens and clicks. Which hits came first (a key per message and recipient, or
+    # link), the opted-out recipients (keyed hashes, never addresses), and `delivered`
+    # events found by message id for seconds_since_delivered.
+    """
+    CREATE TABLE tracking_firsts (key BLOB PRIMARY KEY, at REAL NOT NULL) WITHOUT ROWID;
+    CREATE INDEX tracking_firsts_at ON tracking_firsts (at);
+    CREATE TABLE tracking_opt_outs (hash TEXT PRIMARY KEY, created_at REAL NOT NULL) WITHOUT ROWID;
+    CREATE INDEX events_delivered ON events (message_id, recipient) WHERE type = 'delivered';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
