@@ -15,7 +15,13 @@ def test_example_lists_every_key_and_is_valid() -> None:
     data = tomllib.loads(EXAMPLE.read_text())
     assert set(data) == set(TOP_LEVEL)
     config = parse_config(data, env={})
-    for section in ("storage", "intake", "admin", "delivery", "notify", "log"):
+    for section in ("storage", "intake", "admin", "dashboard", "delivery", "tracking", "notify", "log"):
         fields = {f.name for f in dataclasses.fields(getattr(config, section))}
         assert set(data[section]) == fields, section
+
+
+def test_example_tracking_values_are_the_defaults() -> None:
+    data = tomllib.loads(EXAMPLE.read_text())
+    example = parse_config({"tracking": data["tracking"]}, env={}).tracking
+    assert example == parse_config({}, env={}).tracking
 

@@ -77,6 +77,26 @@ class DashboardConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TrackingConfig:
+    """Opens and clicks (docs/tracking.md); off by default."""
+
+    enabled: bool = False
+    listen: tuple[str, int] | None = ("127.0.0.1", 8027)
+    base_url: str = ""  # what links point at, e.g. https://t.example.com (the TLS proxy)
+    trusted_proxies: tuple[str, ...] = ("127.0.0.1/32", "::1/128")  # whose X-Forwarded-For is believed
+    include_recipient: bool = True
+    emit: Literal["all", "first"] = "all"
+    track_opens: bool = True
+    track_clicks: bool = True
+    queue_size: int = 10000  # hits waiting for the writer; past it they are dropped (counted)
+    bad_tokens_per_minute: int = 60  # per client address; past it /c/ answers 429
+    machine_click_seconds: float = 10.0  # a click this soon after delivery is flagged
+    remember: float = 400 * 86400.0  # how long "first" hits are remembered
+    key_file: Path | None = None  # state_dir/tracking-keys.json unless set
+    milter_socket: str = "inet:8892@127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
 class NotifyConfig:
     command: str = ""
 
@@ -100,6 +120,7 @@ class Config:
     log: LogConfig
     source: Path | None = None
     dashboard: DashboardConfig = DashboardConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def dev(self) -> bool:
@@ -266,7 +287,8 @@ def _under(base: Path, value: str) -> Path:
 
 
 TOP_LEVEL = (
-    "environment", "state_dir", "runtime_dir", "storage", "intake", "admin", "dashboard", "delivery", "notify", "log",
+    "environment", "state_dir", "runtime_dir", "storage", "intake", "admin", "dashboard", "delivery", "tracking",
+    "notify", "log",
 )
 
 
@@ -368,6 +390,7 @@ def parse_config(
         "session_ttl": _positive_duration,
         "login_link_ttl": _positive_duration,
     })
+    tracking = _tracking(data, state_dir, production=environment == "production")
     notify = _section(data, "notify", {"command": _str})
     log = _section(data, "log", {
         "level": lambda v, k: _choice(v, k, ("debug", "info", "warning", "error"), fold=True),
@@ -385,7 +408,67 @@ def parse_config(
         log=LogConfig(**log),
         source=source,
         dashboard=DashboardConfig(**dashboard),
+        tracking=tracking,
     )
+
+
+def _networks(value: object, key: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise ConfigError(key, f"expected a list of IP addresses or CIDRs, got {value!r}")
+    out: list[str] = []
+    for i, item in enumerate(value):
+        text = _str(item, f"{key}[{i}]").strip()
+        try:
+            out.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise ConfigError(f"{key}[{i}]", f"expected an IP address or CIDR, got {text!r}") from None
+    return tuple(out)
+
+
+def _base_url(value: object, key: str) -> str:
+    text = _str(value, key).strip().rstrip("/")
+    if not text:
+        return ""
+    m = re.fullmatch(r"(https?)://([^/?#@\\s]+)(/[^?#\\s]*)?", text, re.IGNORECASE)
+    host = m.group(2).rsplit(":", 1)[0].strip("[]") if m else ""
+    if not m or not (_is_host_name(host) or _is_ip(host, 4) or _is_ip(host, 6)):
+        raise ConfigError(key, f"expected an http(s) URL such as https://t.example.com, got {text!r}")
+    return text
+
+
+def _milter_socket(value: object, key: str) -> str:
+    text = _str(value, key).strip()
+    if not re.fullmatch(r"(inet:[0-9]{1,5}@[^\\s]+|inet6:[0-9]{1,5}@[^\\s]+|unix:/[^\\s]+|local:/[^\\s]+)", text):
+        raise ConfigError(key, f"expected inet:PORT@HOST or unix:/PATH (Postfix's milter syntax), got {text!r}")
+    return text
+
+
+def _tracking(data: Mapping[str, Any], state_dir: Path, *, production: bool) -> TrackingConfig:
+    raw = _section(data, "tracking", {
+        "enabled": _bool,
+        "listen": _listen,
+        "base_url": _base_url,
+        "trusted_proxies": _networks,
+        "include_recipient": _bool,
+        "emit": lambda v, k: _choice(v, k, ("all", "first")),
+        "track_opens": _bool,
+        "track_clicks": _bool,
+        "queue_size": lambda v, k: _int(v, k, 1, 10_000_000),
+        "bad_tokens_per_minute": lambda v, k: _int(v, k, 1),
+        "machine_click_seconds": parse_duration,
+        "remember": _positive_duration,
+        "key_file": lambda v, k: _under(state_dir, _str(v, k) or "tracking-keys.json"),
+        "milter_socket": _milter_socket,
+    })
+    raw.setdefault("key_file", state_dir / "tracking-keys.json")
+    if raw.get("enabled"):
+        if not raw.get("base_url"):
+            raise ConfigError("tracking.base_url", "required when tracking.enabled is true (e.g. https://t.example.com)")
+        if "listen" in raw and raw["listen"] is None:
+            raise ConfigError("tracking.listen", "required when tracking.enabled is true (e.g. 127.0.0.1:8027)")
+    if production and raw.get("base_url", "").lower().startswith("http://"):
+        raise ConfigError("tracking.base_url", "must be https:// in production (links and pixels travel in mail)")
+    return TrackingConfig(**raw)
 
 
 def find_config_path(explicit: str | Path | None, env: Mapping[str, str]) -> Path | None:
