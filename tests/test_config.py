@@ -636,3 +636,59 @@ def test_example_config_is_valid_and_lists_the_defaults(cwd: Path) -> None:
     defaults = parse_config({"state_dir": "/var/lib/webhookd", "runtime_dir": "/run/webhookd"}, env={},
                             source=example)
     assert config == defaults
+
+
+# -- [tracking] --------------------------------------------------------------------------------
+@pytest.mark.parametrize("url", [
+    "https://t.example.com", "https://t.shop.example/", "https://t.example.com:8443/track",
+    "https://[2001:db8::1]", "https://192.0.2.1",
+])
+def test_tracking_base_url_accepts_https_urls_and_drops_a_trailing_slash(cwd: Path, url: str) -> None:
+    assert parse({"tracking": {"base_url": url}}).tracking.base_url == url.rstrip("/")
+
+
+@pytest.mark.parametrize("url", [
+    "ftp://t.example.com", "t.example.com", "https://", "https://a@t.example.com", "https://t.ex ample.com",
+    "https://t.example.com/?q=1", "https://t.example.com/#x", "https://-bad-.example",
+])
+def test_tracking_base_url_refuses_what_is_not_a_plain_http_url(cwd: Path, url: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse({"tracking": {"base_url": url}})
+    assert exc.value.key == "tracking.base_url"
+
+
+def test_tracking_needs_https_in_production_and_a_base_url_when_enabled(cwd: Path) -> None:
+    with pytest.raises(ConfigError, match="https:// in production") as exc:
+        parse({"tracking": {"base_url": "http://t.example.com"}})
+    assert exc.value.key == "tracking.base_url"
+    assert parse({"environment": "development", "tracking": {"base_url": "http://127.0.0.1:8027"}}).tracking.base_url
+    with pytest.raises(ConfigError, match="required when tracking.enabled") as exc:
+        parse({"tracking": {"enabled": True}})
+    with pytest.raises(ConfigError, match="required when tracking.enabled"):
+        parse({"tracking": {"enabled": True, "base_url": "https://t.example.com", "listen": ""}})
+
+
+@pytest.mark.parametrize("spec", [
+    "inet:8892@127.0.0.1", "inet:8892@localhost", "inet6:8892@[::1]", "unix:/run/webhookd/milter.sock",
+    "unix:webhookd/milter.sock", "local:/var/spool/postfix/webhookd/milter.sock",
+])
+def test_tracking_milter_socket_takes_libmilter_specs(cwd: Path, spec: str) -> None:
+    assert parse({"tracking": {"milter_socket": spec}}).tracking.milter_socket == spec
+
+
+@pytest.mark.parametrize("spec", ["8892", "inet:127.0.0.1:8892", "tcp:8892@x", "unix:", "inet:8892@"])
+def test_tracking_milter_socket_refuses_other_spellings(cwd: Path, spec: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse({"tracking": {"milter_socket": spec}})
+    assert exc.value.key == "tracking.milter_socket"
+
+
+def test_tracking_trusted_proxies_and_key_file(cwd: Path) -> None:
+    config = parse({"state_dir": "/var/lib/webhookd",
+                    "tracking": {"trusted_proxies": ["10.0.0.1", "192.0.2.0/24", "::1"], "key_file": "keys.json"}})
+    assert config.tracking.trusted_proxies == ("10.0.0.1/32", "192.0.2.0/24", "::1/128")
+    assert config.tracking.key_file == Path("/var/lib/webhookd/keys.json")
+    assert parse({"state_dir": "/var/lib/webhookd"}).tracking.key_file == Path("/var/lib/webhookd/tracking-keys.json")
+    with pytest.raises(ConfigError) as exc:
+        parse({"tracking": {"trusted_proxies": ["10.0.0.1", "proxy.example"]}})
+    assert exc.value.key == "tracking.trusted_proxies[1]"

@@ -429,8 +429,14 @@ def _base_url(value: object, key: str) -> str:
     text = _str(value, key).strip().rstrip("/")
     if not text:
         return ""
-    m = re.fullmatch(r"(https?)://([^/?#@\\s]+)(/[^?#\\s]*)?", text, re.IGNORECASE)
-    host = m.group(2).rsplit(":", 1)[0].strip("[]") if m else ""
+    m = re.fullmatch(r"(https?)://([^/?#@\s]+)(/[^?#\s]*)?", text, re.IGNORECASE)
+    authority = m.group(2) if m else ""
+    if authority.startswith("["):  # [IPv6] or [IPv6]:port
+        host, _, port = authority[1:].partition("]")
+        host = host if not port or re.fullmatch(r":[0-9]{1,5}", port) else ""
+    else:
+        host, _, port = authority.partition(":")
+        host = host if not port or port.isdigit() else ""
     if not m or not (_is_host_name(host) or _is_ip(host, 4) or _is_ip(host, 6)):
         raise ConfigError(key, f"expected an http(s) URL such as https://t.example.com, got {text!r}")
     return text
@@ -438,7 +444,7 @@ def _base_url(value: object, key: str) -> str:
 
 def _milter_socket(value: object, key: str) -> str:
     text = _str(value, key).strip()
-    if not re.fullmatch(r"(inet:[0-9]{1,5}@[^\\s]+|inet6:[0-9]{1,5}@[^\\s]+|unix:/[^\\s]+|local:/[^\\s]+)", text):
+    if not re.fullmatch(r"(inet:[0-9]{1,5}@\S+|inet6:[0-9]{1,5}@\S+|unix:\S+|local:\S+)", text):
         raise ConfigError(key, f"expected inet:PORT@HOST or unix:/PATH (Postfix's milter syntax), got {text!r}")
     return text
 
