@@ -55,6 +55,8 @@ class AdminApi:
         # the dashboard (webhookd.ui), mounted under /ui/ when the daemon enables it
         self.ui: Callable[[], web.Application] | None = None
         self.login_link: Callable[[], tuple[str, float]] | None = None
+        # /v1/tracking/... (webhookd.tracking.api), added by the daemon
+        self.tracking: Any = None
 
     def app(self, token: str = "") -> web.Application:
         middlewares = [self._errors]
@@ -87,6 +89,8 @@ class AdminApi:
         r.add_post("/v1/deliveries/retry-failed", self.retry_failed)
         r.add_get("/v1/deliveries/{id}", self.show_delivery)
         r.add_post("/v1/deliveries/{id}/retry", self.retry_delivery)
+        if self.tracking is not None:
+            self.tracking.add_routes(r)
         return app
 
     @web.middleware

@@ -29,6 +29,9 @@ from webhookd.metrics import Metrics
 from webhookd.netguard import TargetGuard
 from webhookd.scheduler import Scheduler
 from webhookd.store import SqliteStorage, StoreError
+from webhookd.tracking.api import TrackingApi
+from webhookd.tracking.listener import Recorder, TrackingListener, TrackingStats
+from webhookd.tracking.tokens import KeyFileError, KeyRing
 from webhookd.ui import Dashboard
 from webhookd.webhooks import Webhook
 
@@ -40,7 +43,7 @@ PRUNE_BATCH = 1000  # rows per retention transaction
 # What a reload does not change: the connector, the TLS context, the target guard, the
 # global slots, the database and the sockets are made at start.
 RESTART_ONLY_DELIVERY = ("concurrency", "ca_file", "allow_targets")
-RESTART_ONLY = ("storage", "intake", "admin", "dashboard", "environment", "state_dir", "runtime_dir")
+RESTART_ONLY = ("storage", "intake", "admin", "dashboard", "tracking", "environment", "state_dir", "runtime_dir")
 
 
 class StartupError(Exception):
@@ -133,6 +136,14 @@ class Daemon:
             self.admin.login_link = self.dashboard.create_login_link
         else:
             self.dashboard = None
+        self.tracking_stats = TrackingStats()
+        self.metrics.tracking = lambda: self.tracking_stats.counts
+        self.admin.tracking = TrackingApi(
+            self.store, lambda: self.config.tracking, self.key_ring, stats=self.tracking_stats, clock=clock
+        )
+        self._ring: KeyRing | None = None
+        self.recorder: Recorder | None = None
+        self._tracking_runner: web.AppRunner | None = None
         self._servers: list[asyncio.AbstractServer] = []
         self._protocols: set[LineProtocol] = set()
         self._runners: list[web.AppRunner] = []
@@ -164,6 +175,7 @@ class Daemon:
         await self.dispatcher.start()
         await self._start_intake()
         await self._start_admin()
+        await self._start_tracking()
         self._pruner = asyncio.create_task(self._prune_forever(), name="retention")
         log.info(
             "webhookd started",
@@ -222,14 +234,43 @@ class Daemon:
         if cfg.http_listen is not None:
             await self._serve_tcp(self.admin.app(token=cfg.token), cfg.http_listen, "admin.http_listen")
 
-    async def _serve_tcp(self, app: web.Application, listen: tuple[str, int], key: str) -> None:
+    def key_ring(self) -> KeyRing:
+        """The tracking key ring, created in state_dir on first use; re-read when rotated."""
+        if self._ring is None:
+            self._ring = KeyRing.load(self.config.tracking.key_file or self.config.state_dir / "tracking-keys.json",
+                                      create=True)
+        else:
+            self._ring.refresh()
+        return self._ring
+
+    async def _start_tracking(self) -> None:
+        cfg = self.config.tracking
+        if not cfg.enabled or cfg.listen is None:
+            return
+        try:
+            ring = self.key_ring()
+        except KeyFileError as exc:
+            raise StartupError(f"tracking: {exc}") from exc
+        self.recorder = Recorder(self.store, self.submit, ring, cfg, clock=self.clock, stats=self.tracking_stats)
+        self.recorder.start()
+        listener = TrackingListener(ring, self.recorder, cfg, clock=self.clock)
+        self._tracking_runner = await self._serve_tcp(listener.app(), cfg.listen, "tracking.listen", keep=False)
+        log.info("tracking listener started", listen=_fmt_listen(cfg.listen), base_url=cfg.base_url,
+                 key_ids=sorted(ring.keys))
+
+    async def _serve_tcp(
+        self, app: web.Application, listen: tuple[str, int], key: str, *, keep: bool = True
+    ) -> web.AppRunner:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        self._runners.append(runner)
         try:
             await web.TCPSite(runner, listen[0], listen[1], backlog=1024).start()
         except OSError as exc:
+            await runner.cleanup()
             raise StartupError(f"{key}: cannot listen on {_fmt_listen(listen)}: {exc.strerror}") from exc
+        if keep:
+            self._runners.append(runner)
+        return runner
 
     def submit(self, event: Event) -> asyncio.Future[str]:
         """Intake's way in: the event with its subscribers, to storage."""
@@ -368,8 +409,14 @@ class Daemon:
             n = await self.store.prune(cutoff, PRUNE_BATCH)
             total += n
             if n < PRUNE_BATCH:
-                return total
+                break
             await asyncio.sleep(0.01)  # let intake commits in between
+        remembered = self.clock() - self.config.tracking.remember
+        for _ in range(1000):  # at most a million marks a pass
+            if await self.store.prune_tracking(remembered, PRUNE_BATCH) < PRUNE_BATCH:
+                break
+            await asyncio.sleep(0.01)
+        return total
 
     async def _prune_forever(self) -> None:
         while True:
@@ -436,6 +483,10 @@ class Daemon:
         for proto in list(self._protocols):
             if proto.transport is not None:
                 proto.transport.close()
+        if self._tracking_runner is not None:  # no new hits; record the queued ones
+            await self._tracking_runner.cleanup()
+        if self.recorder is not None:
+            await self.recorder.stop()
         grace = 0.0 if self._force_exit else self.config.delivery.shutdown_grace
         abandoned = await self.scheduler.drain(grace)
         await self.store.close()

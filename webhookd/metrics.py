@@ -44,6 +44,7 @@ class Metrics(Collector):
         self.received: Callable[[], Mapping[str, int]] = dict
         self.rejected: Callable[[], Mapping[Reason, int]] = dict
         self.gauges: dict[str, Any] = {}
+        self.tracking: Callable[[], Mapping[tuple[str, str], int]] = dict
         self.registry.register(self)
         self._attempt_children: dict[str, Any] = {}
 
@@ -70,6 +71,12 @@ class Metrics(Collector):
         for reason, n in sorted(self.rejected().items()):
             rejected.add_metric([reason.value], n)
         yield rejected
+        hits = CounterMetricFamily(
+            "webhookd_tracking_hits", "Tracking hits by kind (open, click) and outcome.", labels=["kind", "outcome"]
+        )
+        for (kind, outcome), n in sorted(self.tracking().items()):
+            hits.add_metric([kind, outcome], n)
+        yield hits
         deliveries = GaugeMetricFamily("webhookd_deliveries", "Deliveries by status.", labels=["status"])
         for status, n in self.gauges.get("deliveries", {}).items():
             deliveries.add_metric([status], n)

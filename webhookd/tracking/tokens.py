@@ -190,7 +190,7 @@ class KeyRing:
             pass
         except OSError as exc:
             raise KeyFileError(f"cannot read tracking key file {path}: {exc.strerror}") from None
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -268,7 +268,7 @@ class KeyRing:
         now: float | None = None,
     ) -> Claims:
         """Claims for a new token, checked: a message id, an http(s) URL for clicks."""
-        if not message_id or len(message_id) > MAX_MESSAGE_ID_CHARS:
+        if not message_id.strip() or len(message_id) > MAX_MESSAGE_ID_CHARS:
             raise ValueError(f"message id must be 1 to {MAX_MESSAGE_ID_CHARS} characters")
         if kind == "click":
             url = check_url(ascii_url(url.strip()))
@@ -288,7 +288,7 @@ class KeyRing:
             raise TokenError(f"unknown version {raw[0]}")
         key_id = int.from_bytes(raw[1:3], "big")
         key = self.keys.get(key_id)
-        if key is None and self.refresh(every=1.0):
+        if key is None and self.refresh(every=0.0):  # a rotation by another process: look now
             key = self.keys.get(key_id)
         if key is None:
             raise TokenError(f"unknown key id {key_id}")
