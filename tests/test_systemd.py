@@ -38,7 +38,7 @@ def test_unit_declares_what_the_daemon_relies_on() -> None:
 
 
 @needs_analyze
-@pytest.mark.parametrize("name", ["webhookd.service", "webhookd-follow-postfix.service"])
+@pytest.mark.parametrize("name", ["webhookd.service", "webhookd-follow-postfix.service", "webhookd-milter.service"])
 def test_units_verify(tmp_path: Path, name: str) -> None:
     exe = Path(sys.executable).parent / "webhookd"
     copy = tmp_path / name

@@ -425,6 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--before", metavar="DLV_ID", help="the page after this delivery (keyset pagination)")
             p.add_argument("--limit", type=int, metavar="N", help="at most N (the daemon's default otherwise)")
 
+    from webhookd.cli_tracking import add_commands as tracking_commands
+
+    tracking_commands(sub, common, leaf)
     filters(leaf(dl, "list", cmd_deliveries, "list deliveries, newest first"))
     filters(leaf(dl, "count", cmd_deliveries, "count the deliveries that match"), pages=False)
     filters(leaf(dl, "retry-failed", cmd_deliveries, "queue again every failed delivery that matches"),
