@@ -192,8 +192,9 @@ async def test_timeouts_response_size_and_shutdown_grace_follow_a_reload(
     await eventually(lambda: asyncio.sleep(0, arrivals(receiver, 3)), what="the first attempt after the reload")
     receiver.delay = 0  # the retry is answered at once
     shown = await delivery(d, answering, slow, lambda x: x["status"] == "succeeded")
-    timed_out, answered = shown["attempt_log"]
-    assert timed_out["error"] == "timeout after 0.2s" and timed_out["status_code"] is None
+    # on a loaded machine a retry may come before the delay is lifted and time out too
+    *timed_out, answered = shown["attempt_log"]
+    assert timed_out and all(a["error"] == "timeout after 0.2s" and a["status_code"] is None for a in timed_out)
     assert answered["status_code"] == 200 and answered["response_body"] == "x" * 100
     shown = await delivery(d, hanging, unreachable, lambda x: x["attempts"] >= 1)
     assert shown["attempt_log"][0]["error"] == "connect timeout after 0.1s"
