@@ -468,9 +468,13 @@ def _run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, dev=getattr(args, "dev", False))
     except ConfigError as exc:
+        fallback = getattr(args, "on_config_error", None)
+        if fallback is not None:  # `tracking rewrite` fails open, whatever the config says
+            status: int = fallback(args, exc)
+            return status
         return _fail(f"config error: {exc}", EX_CONFIG)
     try:
-        status: int = args.func(args, config)
+        status = args.func(args, config)
     except CliError as exc:
         return _fail(str(exc), exc.status)
     except (DaemonUnreachable, ConnectionBroken) as exc:

@@ -49,6 +49,7 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, leaf: Leaf) -> None:
                           "from the output: Exim's `headers_add = X-Webhookd-To: $local_part@$domain`, since "
                           "Exim refuses tainted values in a filter's command line")
     p.add_argument("--message-id", default=None, metavar="ID", help="default: the message's Message-ID header")
+    p.set_defaults(on_config_error=rewrite_despite_config)
     p = leaf(tr, "milter", cmd_milter, "run the Postfix milter that rewrites outgoing HTML mail for tracking")
     p.add_argument("--socket", default=None, metavar="SPEC",
                    help="inet:PORT@HOST or unix:/PATH (default: tracking.milter_socket)")
@@ -137,22 +138,25 @@ def cmd_sign(args: argparse.Namespace, config: Config) -> int:
     return EX_OK
 
 
-def cmd_rewrite(args: argparse.Namespace, config: Config) -> int:
-    """Fail open: whatever goes wrong, the message goes out as it came in (exit 0)."""
+def cmd_rewrite(args: argparse.Namespace, config: Config | None, problem: str = "") -> int:
+    """Fail open: whatever goes wrong (a bad config included), the message goes out as it
+    came in, less the --to-header header, and the exit status is 0."""
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     raw = stdin.read(MAX_REWRITE_BYTES + 1)
+    big = len(raw) > MAX_REWRITE_BYTES
+    to = args.to
+    if args.to_header:
+        try:
+            raw, to = take_header(raw, args.to_header)
+        except Exception as exc:  # never lose the message over the header
+            print(f"webhookd: tracking rewrite: cannot read {args.to_header}: {type(exc).__name__}",
+                  file=sys.stderr)
     out = raw
-    if len(raw) > MAX_REWRITE_BYTES:
+    if config is None:
+        print(f"webhookd: tracking rewrite: {problem}; message passed unchanged", file=sys.stderr)
+    elif big:
         print("webhookd: tracking rewrite: message over 50 MiB, passed unchanged", file=sys.stderr)
     else:
-        to = args.to
-        if args.to_header:
-            try:
-                raw, to = take_header(raw, args.to_header)
-            except Exception as exc:  # never lose the message over the header
-                print(f"webhookd: tracking rewrite: cannot read {args.to_header}: {type(exc).__name__}",
-                      file=sys.stderr)
-            out = raw
         try:
             from webhookd.tracking.rewrite import rewrite_message
 
@@ -166,11 +170,16 @@ def cmd_rewrite(args: argparse.Namespace, config: Config) -> int:
             print(f"webhookd: tracking rewrite: {type(exc).__name__}: {exc}; message passed unchanged",
                   file=sys.stderr)
     stdout.write(out)
-    if len(raw) > MAX_REWRITE_BYTES:
+    if big:
         while chunk := stdin.read(1 << 20):
             stdout.write(chunk)
     stdout.flush()
     return EX_OK
+
+
+def rewrite_despite_config(args: argparse.Namespace, error: Exception) -> int:
+    """`tracking rewrite` with a config that does not load: pass the message through."""
+    return cmd_rewrite(args, None, f"config error: {error}")
 
 
 def take_header(raw: bytes, name: str) -> tuple[bytes, str]:

@@ -33,7 +33,7 @@ _ORDER: tuple[Bot, ...] = ("head", "prefetch", "apple_mpp", "google_proxy", "sca
 
 _APPLE_NETWORK = ipaddress.ip_network("17.0.0.0/8")
 _SCANNER_UA = re.compile(
-    r"bot\b|crawler|spider|scanner|preview|headless|phantomjs|python-requests|python-urllib|aiohttp|"
+    r"(?<![a-z])bot\b|bot[/;)-]|crawler|spider|scanner|preview|headless|phantomjs|python-requests|python-urllib|aiohttp|"
     r"\bcurl/|\bwget/|go-http-client|libwww-perl|okhttp|java/|apache-httpclient|"
     r"barracuda|mimecast|proofpoint|urldefense|safelinks|trend ?micro|sophos|forcepoint|fortiguard|"
     r"symantec|messagelabs|cisco|ironport|zscaler|paloalto|checkpoint|"
@@ -52,9 +52,12 @@ class Verdict:
 
 def _is_apple(ip: str) -> bool:
     try:
-        return ipaddress.ip_address(ip) in _APPLE_NETWORK
+        address = ipaddress.ip_address(ip)
     except ValueError:
         return False
+    if address.version == 6 and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address in _APPLE_NETWORK
 
 
 def classify(

@@ -98,7 +98,8 @@ class ClientAddress:
         return any(ip in net for net in self.trusted)
 
     def of(self, request: web.BaseRequest) -> str:
-        peer = request.remote or ""
+        """In its usual form: an IPv4-mapped IPv6 address (a dual-stack proxy's) as IPv4."""
+        peer = _plain(request.remote or "")
         if not self._is_trusted(peer):
             return peer
         chain = [p.strip() for p in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if p.strip()]
@@ -108,8 +109,17 @@ class ClientAddress:
             except ValueError:
                 return peer  # a hop we cannot read: believe no more of the chain
             if not self._is_trusted(hop):
-                return hop
-        return chain[0] if chain else peer
+                return _plain(hop)
+        return _plain(chain[0]) if chain else peer
+
+
+def _plain(address: str) -> str:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = ip.ipv4_mapped if ip.version == 6 else None
+    return str(mapped) if mapped is not None else str(ip)
 
 
 class BadTokenLimiter:
@@ -180,6 +190,7 @@ class Recorder:
         self._last_drop_log = -DROP_LOG_INTERVAL
         self._idle = asyncio.Event()
         self._idle.set()
+        self._settled = 0  # hits of the batch being recorded that are counted already
 
     # -- the visitor's side ----------------------------------------------------------------
     def offer(self, hit: Hit) -> None:
@@ -226,8 +237,13 @@ class Recorder:
             batch = [await self.queue.get()]
             while len(batch) < BATCH and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
+            self._settled = 0
             try:
                 await self.record(batch)
+            except asyncio.CancelledError:  # stop() ran out of grace mid-batch: count what is lost
+                if len(batch) > self._settled:
+                    self._drop("any", "shutdown", len(batch) - self._settled)
+                raise
             except Exception as exc:  # a bug here must not stop recording
                 log.exception("tracking recorder failed", hits=len(batch))
                 self._drop("any", "internal", len(batch), error=type(exc).__name__)
@@ -241,22 +257,23 @@ class Recorder:
         except StoreError as exc:
             for kind in {hit.claims.kind for hit in batch}:
                 self._drop(kind, "storage", sum(1 for h in batch if h.claims.kind == kind), error=str(exc))
+            self._settled = len(batch)
             return
         pending: list[tuple[str, asyncio.Future[str]]] = []
         for hit, fact in zip(batch, facts, strict=True):
             kind = hit.claims.kind
             if fact.opted_out:
-                self.stats.add(kind, "opted_out")
+                self._settle(kind, "opted_out")
                 continue
             links_in_second = self._note_click(hit) if kind == "click" else 1
             if self.cfg.emit == "first" and not fact.first:
-                self.stats.add(kind, "not_first")
+                self._settle(kind, "not_first")
                 continue
             try:
                 event = self._event(hit, fact, links_in_second)
             except EventError as exc:  # cannot happen for claims we signed; never crash on it
                 log.error("tracking hit makes no valid event", error=str(exc))
-                self.stats.add(kind, "internal")
+                self._settle(kind, "internal")
                 continue
             pending.append((kind, self.submit(event)))
         for submitted, future in pending:
@@ -268,6 +285,11 @@ class Recorder:
                 self._drop(submitted, "storage", 1, error=type(exc).__name__)
             else:
                 self.stats.add(submitted, "recorded")
+            self._settled += 1
+
+    def _settle(self, kind: str, outcome: str) -> None:
+        self.stats.add(kind, outcome)
+        self._settled += 1
 
     def _storage_key(self, claims: Claims) -> TrackingHit:
         opt_out = claims.to_hash or (self.ring.recipient_hash(claims.to) if claims.to else "")

@@ -168,6 +168,8 @@ class KeyRing:
             raise KeyFileError(f"tracking key file {path} holds a key shorter than 16 bytes")
         if any(not 0 < k < 65536 for k in keys):
             raise KeyFileError(f"tracking key file {path} holds a key id outside 1..65535")
+        if current not in keys:
+            raise KeyFileError(f"tracking key file {path} signs with key {current}, which it does not hold")
         return cls(keys, current, salt, path)
 
     def save(self, *, exclusive: bool = False) -> None:
