@@ -62,7 +62,6 @@ _TAG_NAME = re.compile(r"([a-zA-Z][^\t\n\r\f />\x00]*)(?:\s|/(?!>))*")
 _ATTR = re.compile(
     r"((?<=['\"\s/])[^\s/>][^\s/=>]*)(\s*=+\s*('[^']*'|\"[^\"]*\"|(?!['\"])[^>\s]*))?(?:\s|/(?!>))*"
 )
-_QP_TOKENS = [chr(b) if (33 <= b <= 126 and b != 61) or b in (9, 32) else f"={b:02X}" for b in range(256)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,22 +325,15 @@ def _edit_html(text: str, ctx: _Context, pixel_url: str | None) -> tuple[str, in
 
 # -- transfer encodings -----------------------------------------------------------------------
 def _qp_encode(data: bytes, eol: bytes, width: int = 76) -> bytes:
-    """Quoted-printable: hard line breaks are `eol`, any other CR/LF is escaped, lines ≤ width."""
-    lines = []
-    for line in data.split(eol):
-        tokens = [_QP_TOKENS[b] for b in line]
-        if line[-1:] in (b" ", b"\t"):
-            tokens[-1] = f"={line[-1]:02X}"  # whitespace must not end a line
-        cur: list[str] = []
-        size = 0
-        for n, tok in enumerate(tokens):
-            if size + len(tok) > (width if n == len(tokens) - 1 else width - 1):
-                lines.append("".join([*cur, "="]))  # soft line break
-                cur, size = [], 0
-            cur.append(tok)
-            size += len(tok)
-        lines.append("".join(cur))
-    return eol.join(s.encode("ascii") for s in lines)
+    """Quoted-printable: hard line breaks are `eol`, any other CR/LF is escaped, lines ≤ 76.
+
+    binascii's encoder (C) does each line: with istext=False it escapes CR and LF, the
+    only line breaks it writes are its soft ones ("=\\n", since "=" itself is always
+    escaped), and it escapes whitespace at the end of a line.
+    """
+    if width != 76:
+        raise ValueError("binascii.b2a_qp writes lines of 76 characters")
+    return eol.join(binascii.b2a_qp(line, istext=False).replace(b"=\n", b"=" + eol) for line in data.split(eol))
 
 
 def _b64_encode(data: bytes, original: bytes, eol: bytes) -> bytes:

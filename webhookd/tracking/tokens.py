@@ -27,6 +27,7 @@ import binascii
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import stat
 import time
@@ -74,13 +75,16 @@ class Claims:
         return self.to_hash or self.to.lower()
 
 
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+
+
 def check_url(url: str) -> str:
     """A URL a link may redirect to: absolute http(s) with a host, no control characters."""
     if not isinstance(url, str) or not url:
         raise ValueError("url must be a non-empty string")
     if len(url) > MAX_URL_CHARS:
         raise ValueError(f"url is longer than {MAX_URL_CHARS} characters")
-    if any(ord(ch) < 0x21 or ord(ch) >= 0x7F for ch in url):
+    if not _VISIBLE_ASCII.fullmatch(url):
         raise ValueError("url contains spaces, control or non-ASCII characters (percent-encode them)")
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() not in ("http", "https"):
