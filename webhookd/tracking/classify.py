@@ -50,14 +50,23 @@ class Verdict:
     reasons: tuple[str, ...]
 
 
-def _is_apple(ip: str) -> bool:
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def parse_ip(text: str) -> IPAddress | None:
+    """An address, IPv4-mapped IPv6 ones (a dual-stack proxy's ::ffff:a.b.c.d) as IPv4; None if not one."""
     try:
-        address = ipaddress.ip_address(ip)
+        address = ipaddress.ip_address(text)
     except ValueError:
-        return False
+        return None
     if address.version == 6 and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address in _APPLE_NETWORK
+        return address.ipv4_mapped
+    return address
+
+
+def _is_apple(ip: str) -> bool:
+    address = parse_ip(ip)
+    return address is not None and address in _APPLE_NETWORK
 
 
 def classify(

@@ -41,7 +41,7 @@ from webhookd.config import TrackingConfig
 from webhookd.events import Event, EventError, format_timestamp, validate_event
 from webhookd.store import Storage, StoreError
 from webhookd.store.model import TrackingFacts, TrackingHit
-from webhookd.tracking.classify import classify
+from webhookd.tracking.classify import classify, parse_ip
 from webhookd.tracking.tokens import MAX_TOKEN_CHARS, Claims, KeyRing, Kind, TokenError
 
 log = structlog.get_logger("webhookd.tracking")
@@ -89,13 +89,8 @@ class ClientAddress:
         self.trusted = [ipaddress.ip_network(n, strict=False) for n in trusted]
 
     def _is_trusted(self, text: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(text)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        return any(ip in net for net in self.trusted)
+        ip = parse_ip(text)
+        return ip is not None and any(ip in net for net in self.trusted)
 
     def of(self, request: web.BaseRequest) -> str:
         """In its usual form: an IPv4-mapped IPv6 address (a dual-stack proxy's) as IPv4."""
@@ -104,9 +99,7 @@ class ClientAddress:
             return peer
         chain = [p.strip() for p in ",".join(request.headers.getall("X-Forwarded-For", [])).split(",") if p.strip()]
         for hop in reversed(chain):
-            try:
-                ipaddress.ip_address(hop)
-            except ValueError:
+            if parse_ip(hop) is None:
                 return peer  # a hop we cannot read: believe no more of the chain
             if not self._is_trusted(hop):
                 return _plain(hop)
@@ -114,12 +107,8 @@ class ClientAddress:
 
 
 def _plain(address: str) -> str:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return address
-    mapped = ip.ipv4_mapped if ip.version == 6 else None
-    return str(mapped) if mapped is not None else str(ip)
+    ip = parse_ip(address)
+    return address if ip is None else str(ip)
 
 
 class BadTokenLimiter:
