@@ -13,6 +13,7 @@ libmilter's main loop runs once per process.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -433,6 +434,9 @@ def test_milter_serves_a_group_socket_and_stops_on_sigterm(
     assert sock.is_socket() and (sock.stat().st_mode & 0o777) == 0o660
     key_file = tmp_path / "state" / "tracking-keys.json"
     assert key_file.exists() and (key_file.stat().st_mode & 0o777) == 0o600  # created at start
+    # libmilter takes SIGTERM in a signal thread of its own, started as its main loop
+    # begins: a SIGTERM sent before that thread exists would end the loop as a failure
+    wait_until(lambda: len(os.listdir(f"/proc/{p.pid}/task")) >= 2, timeout=30, what="libmilter's threads")
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 0, out.read_text()
     assert b"tracking milter stopped" in out.read_bytes()
