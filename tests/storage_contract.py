@@ -719,6 +719,38 @@ async def test_count_by_status_includes_zeros(storage: Storage, fresh: list[Fres
     assert await storage.count_by_status() == {PENDING: 1, PAUSED: 1, SUCCEEDED: 1, FAILED: 0}
 
 
+async def test_oldest_pending_is_the_first_created_pending_delivery(storage: Storage, fresh: list[FreshEvent],
+                                                                   clock: FakeClock) -> None:
+    assert await storage.oldest_pending() is None
+    a1, p1 = await submit(storage, fresh, ev(1), [("wh_a", True), ("wh_p", False)])
+    clock.advance(10)
+    a2, b2 = await submit(storage, fresh, ev(2), [("wh_a", True), ("wh_b", True)])
+    clock.advance(10)
+    [b3] = await submit(storage, fresh, ev(3), [("wh_b", True)])
+    assert await storage.oldest_pending() == T0
+
+    await record(storage, outcome(a1, "wh_a", ok=True, at=T0 + 30))
+    assert await storage.oldest_pending() == T0 + 10  # the paused one (T0) does not count
+    await record(storage, outcome(a2, "wh_a", ok=False, at=T0 + 31))  # retried later: still pending
+    assert await storage.oldest_pending() == T0 + 10
+    await record(storage, outcome(a2, "wh_a", ok=True, at=T0 + 32, attempts=2),
+                 outcome(b2, "wh_b", ok=False, at=T0 + 33, status=FAILED))
+    assert await storage.oldest_pending() == T0 + 20
+    await record(storage, outcome(b3, "wh_b", ok=True, at=T0 + 34))
+    assert await storage.oldest_pending() is None
+
+    # a manual retry makes an old delivery pending again: its age is its event's
+    await storage.reschedule(b2, status=PENDING, next_attempt_at=T0 + 40, now=T0 + 40)
+    assert await storage.oldest_pending() == T0 + 10
+    await storage.enable_webhook("wh_p", now=T0 + 50, drop_backlog=False)  # resumes p1, created at T0
+    assert await storage.oldest_pending() == T0
+    off = WebhookState(False, "consecutive_failures", 10, T0 + 60, T0 + 60)
+    await storage.set_webhook_state("wh_p", off, pause_pending=True)
+    await storage.set_webhook_state("wh_b", off, pause_pending=True)
+    assert await storage.oldest_pending() is None
+    assert await statuses(storage) == {a1: SUCCEEDED, p1: PAUSED, a2: SUCCEEDED, b2: PAUSED, b3: SUCCEEDED}
+
+
 # -- retention ----------------------------------------------------------------------------------------
 async def test_prune_removes_only_what_is_finished_and_old(storage: Storage, fresh: list[FreshEvent],
                                                          clock: FakeClock) -> None:

@@ -82,6 +82,7 @@ async def test_failed_commit_fails_intake_and_retries_internal_ops(sqlite_storag
     assert await internal == "done"
     await state
     assert committed == ["done"] and paused == [None] and calls == 2
+    assert s.failed_commits == 1  # webhookd_store_commit_failures_total
     path = db_path(tmp_path)
     assert db_rows(path, "SELECT count(*) FROM events") == [(0,)]  # the failed batch left nothing behind
     assert db_rows(path, "SELECT value FROM meta WHERE key = 'probe'") == [("x",)]

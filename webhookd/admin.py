@@ -180,11 +180,13 @@ class AdminApi:
         if self.metrics is None:
             raise ApiError(404, "metrics are not enabled")
         deliveries, webhooks = await self._counts()
+        oldest = await self.store.oldest_pending()
         self.metrics.gauges = {
             "deliveries": deliveries,
             "webhooks": webhooks,
             "in_flight": self.scheduler.in_flight,
             "store_queue": self.store.queued,
+            "oldest_pending_age_seconds": 0.0 if oldest is None else max(0.0, self.scheduler.clock() - oldest),
             **self.gauges(),
         }
         return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -123,6 +123,7 @@ class Daemon:
         self.stats = IntakeStats()
         self.metrics.received = self.store.received
         self.metrics.rejected = lambda: self.stats.rejected
+        self.metrics.failed_commits = lambda: self.store.failed_commits
         self.admin = AdminApi(self.scheduler, self.store, production=not config.dev)
         self.admin.metrics = self.metrics
         self.admin.gauges = lambda: {"intake_connections": self.stats.connections}

@@ -45,6 +45,7 @@ class Metrics(Collector):
         self.rejected: Callable[[], Mapping[Reason, int]] = dict
         self.gauges: dict[str, Any] = {}
         self.tracking: Callable[[], Mapping[tuple[str, str], int]] = dict
+        self.failed_commits: Callable[[], int] = int
         self.registry.register(self)
         self._attempt_children: dict[str, Any] = {}
 
@@ -77,6 +78,11 @@ class Metrics(Collector):
         for (kind, outcome), n in sorted(self.tracking().items()):
             hits.add_metric([kind, outcome], n)
         yield hits
+        yield CounterMetricFamily(
+            "webhookd_store_commit_failures",
+            "Store transactions that failed to commit (intake and admin writes refused, internal ones retried).",
+            value=self.failed_commits(),
+        )
         deliveries = GaugeMetricFamily("webhookd_deliveries", "Deliveries by status.", labels=["status"])
         for status, n in self.gauges.get("deliveries", {}).items():
             deliveries.add_metric([status], n)
@@ -89,6 +95,7 @@ class Metrics(Collector):
             ("intake_connections", "Open intake socket connections."),
             ("in_flight", "Delivery attempts in flight."),
             ("store_queue", "Operations waiting for the next commit."),
+            ("oldest_pending_age_seconds", "Seconds since the oldest pending delivery was created; 0 if none."),
         ):
             yield GaugeMetricFamily(f"webhookd_{name}", help_text, value=self.gauges.get(name, 0))
 

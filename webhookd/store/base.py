@@ -52,6 +52,12 @@ class Storage(Protocol):
         """Writes waiting for the next transaction."""
         ...
 
+    @property
+    def failed_commits(self) -> int:
+        """Transactions that failed to commit so far (their intake and admin writes failed with
+        StoreError, their internal ones were retried)."""
+        ...
+
     def received(self) -> dict[str, int]:
         """New events committed since open, by type (idempotent repeats not counted)."""
         ...
@@ -208,6 +214,12 @@ class Storage(Protocol):
 
     async def count_by_status(self) -> dict[str, int]:
         """Every status, zeros included."""
+        ...
+
+    async def oldest_pending(self) -> float | None:
+        """The `created_at` of the oldest pending delivery (paused ones do not count), or None
+        when nothing is pending. Cheap enough to ask at every metrics scrape: no scan of
+        the backlog."""
         ...
 
     async def webhook_stats(self, now: float) -> dict[str, WebhookStats]:

@@ -110,6 +110,10 @@ class SqliteStorage(Reads):
         return self._writer.queued
 
     @property
+    def failed_commits(self) -> int:
+        return self._writer.failed_commits
+
+    @property
     def retry_delay(self) -> float:
         return self._writer.retry_delay
 

@@ -74,6 +74,12 @@ class Reads:
     async def count_by_status(self) -> dict[str, int]:
         return self._counts.by_status()  # kept in step with every commit: no scan of a large table
 
+    async def oldest_pending(self) -> float | None:
+        webhooks = sorted({w for (w, status), n in self._counts.by.items() if status == PENDING and n > 0})
+        if not webhooks:
+            return None
+        return await self._on_reader(lambda conn: _oldest_pending(conn, webhooks))
+
     async def webhook_stats(self, now: float) -> dict[str, WebhookStats]:
         fields: dict[str, dict[str, Any]] = {}
         for wid, at, code, error in await self._read(
@@ -118,6 +124,26 @@ def _plain(conn: sqlite3.Connection, where: DeliveryFilter, before: int | None, 
     clause, params = where_clause(where, before)
     sql = DELIVERY_SELECT + (f" WHERE {clause}" if clause else "") + " ORDER BY d.id DESC LIMIT ?"
     return list(conn.execute(sql, [*params, limit]).fetchall())
+
+
+def _oldest_pending(conn: sqlite3.Connection, webhooks: Sequence[str]) -> float | None:
+    """The created_at of the first pending delivery of each webhook that has some (ids are
+    allocated in creation order: the lowest id is the oldest), each one seek of the
+    (status, webhook_id, id) index instead of a scan of the whole backlog; in one read
+    transaction."""
+    conn.execute("BEGIN")
+    try:
+        oldest: float | None = None
+        for webhook_id in webhooks:
+            row = conn.execute(
+                "SELECT created_at FROM deliveries WHERE status = ? AND webhook_id = ? ORDER BY id LIMIT 1",
+                (PENDING, webhook_id),
+            ).fetchone()
+            if row is not None and (oldest is None or row[0] < oldest):
+                oldest = float(row[0])
+        return oldest
+    finally:
+        conn.execute("COMMIT")
 
 
 def _walks(conn: sqlite3.Connection, where: DeliveryFilter, before: int | None, limit: int) -> list[Any]:

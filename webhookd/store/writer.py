@@ -94,6 +94,7 @@ class Writer(Generic[C]):
         self._closing = False
         self.retry_delay = retry_delay
         self.commits = 0
+        self.failed_commits = 0  # transactions that raised instead of committing
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="webhookd-writer")
@@ -219,6 +220,7 @@ class Writer(Generic[C]):
 
     def _fail(self, ops: Sequence[_Queued], exc: Exception) -> list[_Queued]:
         """Fail intake and admin operations; return internal ones to retry."""
+        self.failed_commits += 1
         reason = self._tx.describe(exc)
         retry: list[_Queued] = []
         failed = 0
