@@ -273,8 +273,8 @@ class Daemon:
         return runner
 
     def submit(self, event: Event) -> asyncio.Future[str]:
-        """Intake's way in: the event with its subscribers, to storage."""
-        return self.store.submit(event, self.scheduler.subscribers(event.type))
+        """Intake's way in: the event with the webhooks it fans out to (type and filters), to storage."""
+        return self.store.submit(event, self.scheduler.fan_out(event))
 
     def _notify_disabled(self, wh: Webhook) -> None:
         """Run `[notify] command` for an automatically disabled webhook."""
