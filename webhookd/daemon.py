@@ -169,9 +169,9 @@ class Daemon:
             raise StartupError(f"cannot create state_dir {cfg.state_dir}: {exc.strerror}") from exc
         try:
             await self.store.open()
+            await self.scheduler.load()  # a stored filter it cannot read, say
         except StoreError as exc:
             raise StartupError(str(exc)) from exc
-        await self.scheduler.load()
         await self.dispatcher.start()
         await self._start_intake()
         await self._start_admin()
