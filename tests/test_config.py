@@ -662,9 +662,9 @@ def test_tracking_needs_https_in_production_and_a_base_url_when_enabled(cwd: Pat
         parse({"tracking": {"base_url": "http://t.example.com"}})
     assert exc.value.key == "tracking.base_url"
     assert parse({"environment": "development", "tracking": {"base_url": "http://127.0.0.1:8027"}}).tracking.base_url
-    with pytest.raises(ConfigError, match="required when tracking.enabled") as exc:
+    with pytest.raises(ConfigError, match=r"required when tracking\.enabled") as exc:
         parse({"tracking": {"enabled": True}})
-    with pytest.raises(ConfigError, match="required when tracking.enabled"):
+    with pytest.raises(ConfigError, match=r"required when tracking\.enabled"):
         parse({"tracking": {"enabled": True, "base_url": "https://t.example.com", "listen": ""}})
 
 
