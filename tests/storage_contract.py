@@ -27,6 +27,7 @@ import orjson
 import pytest
 
 from webhookd.events import Event, parse_event
+from webhookd.filters import EMPTY_FILTER, WebhookFilter
 from webhookd.reasons import Reason
 from webhookd.store import (
     DELIVERY_STATUSES,
@@ -114,12 +115,12 @@ def ev(n: int, *, kind: str = "delivered", key: str | None = None, to: str | Non
 
 
 def webhook(wid: str, *, enabled: bool = True, created_at: float = T0,
-            events: tuple[str, ...] = ("*",)) -> WebhookRecord:
+            events: tuple[str, ...] = ("*",), filter: WebhookFilter = EMPTY_FILTER) -> WebhookRecord:
     return WebhookRecord(
         id=wid, url=f"https://{wid}.example/hook", events=events, description=f"the {wid} hook", enabled=enabled,
         disabled_reason=None if enabled else "disabled by hand", consecutive_failures=0, backoff_until=0.0,
         secret=f"whsec_{wid}", previous_secret=None, previous_secret_expires_at=None, created_at=created_at,
-        updated_at=created_at,
+        updated_at=created_at, filter=filter,
     )
 
 
@@ -443,7 +444,8 @@ async def test_create_update_and_rotate_are_visible_in_load_webhooks(storage: St
     assert await storage.load_webhooks() == [older, newer]  # oldest first
 
     await storage.update_webhook("wh_old", url="https://elsewhere.example/h", events=("delivered", "opened"),
-                                 description="moved", updated_at=T0 + 200, on_commit=lambda _: log.append("updated"))
+                                 description="moved", filter=EMPTY_FILTER, updated_at=T0 + 200,
+                                 on_commit=lambda _: log.append("updated"))
     await storage.rotate_secret("wh_new", secret="whsec_new", previous_secret="whsec_wh_new",
                                 previous_expires_at=T0 + 86_400, now=T0 + 300,
                                 on_commit=lambda _: log.append("rotated"))
@@ -454,6 +456,52 @@ async def test_create_update_and_rotate_are_visible_in_load_webhooks(storage: St
         replace(newer, secret="whsec_new", previous_secret="whsec_wh_new", previous_secret_expires_at=T0 + 86_400,
                 updated_at=T0 + 300),
     ]
+
+
+# every field at its bounds' kind: IDN and wildcard domains, non-ASCII and markup in tags and metadata
+FULL_FILTER = WebhookFilter.parse({
+    "from_domains": ["shop.example", "*.shop.example", "bücher.example"],
+    "to_domains": ["gmail.example"],
+    "tags": ["vip", "<script>alert(1)</script>", "ünïcode", 'quote"d'],
+    "metadata": {"plan": "gold", "région": "eu-west", "empty": "", "json": '{"a": [1]}'},
+})
+
+
+async def test_filters_round_trip_through_create_update_and_reopen(make_storage: MakeStorage,
+                                                                   clock: FakeClock) -> None:
+    storage = await make_storage(clock=clock)
+    only_tags = WebhookFilter.parse({"tags": ["eu"]})
+    await storage.create_webhook(webhook("wh_full", filter=FULL_FILTER))
+    await storage.create_webhook(webhook("wh_none", created_at=T0 + 1))
+    await storage.create_webhook(webhook("wh_tags", created_at=T0 + 2, filter=only_tags))
+    loaded = {w.id: w.filter for w in await storage.load_webhooks()}
+    assert loaded == {"wh_full": FULL_FILTER, "wh_none": EMPTY_FILTER, "wh_tags": only_tags}
+    assert loaded["wh_none"].empty and loaded["wh_full"].to_json() == FULL_FILTER.to_json()
+
+    log: list[str] = []
+    await storage.update_webhook("wh_none", url="https://wh_none.example/hook", events=("*",),
+                                 description="the wh_none hook", filter=FULL_FILTER, updated_at=T0 + 10,
+                                 on_commit=lambda _: log.append("set"))
+    await storage.update_webhook("wh_full", url="https://wh_full.example/hook", events=("*",),
+                                 description="the wh_full hook", filter=EMPTY_FILTER, updated_at=T0 + 10)
+    assert log == ["set"]
+    await storage.close()
+
+    again = await make_storage(clock=clock)  # what a restart reads
+    by_id = {w.id: w for w in await again.load_webhooks()}
+    assert by_id["wh_none"] == replace(webhook("wh_none", created_at=T0 + 1, filter=FULL_FILTER), updated_at=T0 + 10)
+    assert by_id["wh_full"] == replace(webhook("wh_full"), updated_at=T0 + 10)  # cleared: the empty filter
+    assert by_id["wh_tags"].filter == only_tags
+
+
+async def test_a_filter_does_not_change_what_submit_stores(storage: Storage, fresh: list[FreshEvent]) -> None:
+    """Filters are applied by the caller of submit (the fan-out): the storage stores one delivery
+    per subscriber it is given, filtered webhook or not, and none for an empty list."""
+    await storage.create_webhook(webhook("wh_f", filter=WebhookFilter.parse({"tags": ["never"]})))
+    uid = await storage.submit(ev(1), [("wh_f", True)])
+    assert [(d.event_uid, d.webhook_id) for d in await storage.list_deliveries(EVERYTHING)] == [(uid, "wh_f")]
+    await storage.submit(ev(2), [])
+    assert len(await storage.list_deliveries(EVERYTHING)) == 1
 
 
 async def test_delete_webhook_removes_its_deliveries_and_attempts(storage: Storage, fresh: list[FreshEvent],

@@ -156,3 +156,58 @@ def test_cli_since_accepts_a_duration_ago() -> None:
     assert _since("2026-02-23T10:00:00Z") == "2026-02-23T10:00:00Z"
     two_hours_ago = time.strftime("%Y-%m-%dT%H", time.gmtime(time.time() - 7200))
     assert _since("2h").startswith(two_hours_ago)
+
+
+EMPTY = {"from_domains": [], "to_domains": [], "tags": [], "metadata": {}}
+
+
+async def test_webhook_filters_through_the_api(start_daemon: Any) -> None:
+    h = await start_daemon()
+    status, plain = await h.api("POST", "/v1/webhooks", {"url": "https://hooks.example.com/plain"})
+    assert status == 201 and plain["filter"] == EMPTY  # every webhook shows its filter, empty or not
+    wanted = {"from_domains": ["Shop.Example", "*.shop.example"], "tags": ["vip"], "metadata": {"plan": "gold"}}
+    status, made = await h.api("POST", "/v1/webhooks", {"url": "https://hooks.example.com/f", "filter": wanted})
+    assert status == 201, made
+    stored = {"from_domains": ["shop.example", "*.shop.example"], "to_domains": [], "tags": ["vip"],
+              "metadata": {"plan": "gold"}}
+    assert made["filter"] == stored  # normalised
+    wid = made["id"]
+    status, listed = await h.api("GET", "/v1/webhooks")
+    assert [w["filter"] for w in listed["webhooks"]] == [EMPTY, stored]
+    assert (await h.webhook(wid))["filter"] == stored
+
+    # PATCH replaces the whole filter; other fields leave it alone
+    status, updated = await h.api("PATCH", f"/v1/webhooks/{wid}", {"filter": {"to_domains": ["gmail.example"]}})
+    assert status == 200 and updated["filter"] == {**EMPTY, "to_domains": ["gmail.example"]}
+    status, updated = await h.api("PATCH", f"/v1/webhooks/{wid}", {"description": "renamed"})
+    assert updated["filter"] == {**EMPTY, "to_domains": ["gmail.example"]}
+    for clear in (None, {}):
+        await h.api("PATCH", f"/v1/webhooks/{wid}", {"filter": {"tags": ["x"]}})
+        status, cleared = await h.api("PATCH", f"/v1/webhooks/{wid}", {"filter": clear})
+        assert status == 200 and cleared["filter"] == EMPTY
+    await h.api("PATCH", f"/v1/webhooks/{wid}", {"filter": wanted})
+    await h.close()
+    h2 = await start_daemon()  # stored
+    assert (await h2.webhook(wid))["filter"] == stored
+
+
+async def test_filter_validation_errors_name_the_field(start_daemon: Any) -> None:
+    h = await start_daemon()
+    cases = [
+        ({"from_domains": ["not a domain"]}, "filter.from_domains[0]: 'not a domain' is not a domain name"),
+        ({"from_domains": "shop.example"}, "filter.from_domains must be a list of domain names"),
+        ({"from_domains": [f"d{i}.example" for i in range(101)]}, "filter.from_domains: at most 100 domains, got 101"),
+        ({"tags": ["ok", ""]}, "filter.tags[1] must be a non-empty string"),
+        ({"metadata": {"order_id": 12345}}, "filter.metadata.order_id: the value must be a string"),
+        ({"sender": ["shop.example"]}, "filter: unknown field 'sender'"),
+        (["shop.example"], "filter must be an object"),
+    ]
+    status, hook = await h.api("POST", "/v1/webhooks", {"url": "https://hooks.example.com/x"})
+    for bad, message in cases:
+        status, body = await h.api("POST", "/v1/webhooks", {"url": "https://hooks.example.com/x", "filter": bad})
+        assert (status, body["error"][:len(message)]) == (400, message), bad
+        status, body = await h.api("PATCH", f"/v1/webhooks/{hook['id']}", {"filter": bad})
+        assert (status, body["error"][:len(message)]) == (400, message), bad
+    assert (await h.webhook(hook["id"]))["filter"] == EMPTY  # nothing half-applied
+    status, listed = await h.api("GET", "/v1/webhooks")
+    assert len(listed["webhooks"]) == 1

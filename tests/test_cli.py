@@ -164,6 +164,15 @@ CASES = [
      "POST", "/v1/webhooks", {"url": "https://h.example/x", "events": ["*"]}),
     (["webhooks", "create", "--url", "https://h.example/x", "--events", "all"],
      "POST", "/v1/webhooks", {"url": "https://h.example/x", "events": ["*"]}),
+    (["webhooks", "create", "--url", "https://h.example/x", "--from-domain", "shop.example,*.shop.example",
+      "--from-domain", "eu.example", "--to-domain", "gmail.example", "--tag", "vip", "--tag", "eu,vip",
+      "--metadata", "plan=gold", "--metadata", "note=a=b, c"],
+     "POST", "/v1/webhooks", {"url": "https://h.example/x", "events": ["*"], "filter": {
+         "from_domains": ["shop.example", "*.shop.example", "eu.example"], "to_domains": ["gmail.example"],
+         "tags": ["vip", "eu"], "metadata": {"plan": "gold", "note": "a=b, c"}}}),
+    (["webhooks", "update", "wh_abc", "--clear-filter"], "PATCH", "/v1/webhooks/wh_abc", {"filter": {}}),
+    (["webhooks", "update", "wh_abc", "--clear-filter", "--tag", "vip"],
+     "PATCH", "/v1/webhooks/wh_abc", {"filter": {"tags": ["vip"]}}),
     (["webhooks", "list"], "GET", "/v1/webhooks", None),
     (["webhooks", "show", "wh_abc"], "GET", "/v1/webhooks/wh_abc", None),
     (["webhooks", "update", "wh_abc", "--events", "opened,clicked"],
@@ -213,6 +222,38 @@ def test_update_without_changes_is_a_usage_error(admin: FakeAdmin, run: Run) -> 
     assert admin.requests == []
 
 
+def test_update_with_filter_flags_replaces_only_those_fields(admin: FakeAdmin, run: Run) -> None:
+    current = {"from_domains": ["shop.example"], "to_domains": [], "tags": ["vip"], "metadata": {"plan": "gold"}}
+    admin.reply("GET", "/v1/webhooks/wh_abc", {**HOOK, "filter": current})
+    admin.reply("PATCH", "/v1/webhooks/wh_abc", HOOK)
+    status, _, err = run("webhooks", "update", "wh_abc", "--from-domain", "a.example, b.example", "--tag", "")
+    assert (status, err) == (0, "")
+    assert [(r.method, r.path) for r in admin.requests] == [("GET", "/v1/webhooks/wh_abc"),
+                                                            ("PATCH", "/v1/webhooks/wh_abc")]
+    assert admin.last.body == {"filter": {"from_domains": ["a.example", "b.example"], "to_domains": [], "tags": [],
+                                          "metadata": {"plan": "gold"}}}
+
+
+@pytest.mark.parametrize("bad", ["plan", "=gold", " =x"])
+def test_metadata_flags_must_be_key_value(admin: FakeAdmin, run: Run, bad: str) -> None:
+    status, _, err = run("webhooks", "create", "--url", "https://h.example/x", "--metadata", bad)
+    assert status == 2 and "--metadata takes KEY=VALUE" in err
+    assert admin.requests == []
+
+
+def test_the_filter_is_shown_short_in_lists_and_whole_in_show(admin: FakeAdmin, run: Run) -> None:
+    domains = [f"tenant{i}.example" for i in range(8)]
+    f = {"from_domains": domains, "to_domains": [], "tags": ["vip"], "metadata": {"plan": "gold"}}
+    admin.reply("GET", "/v1/webhooks", {"webhooks": [{**HOOK, "filter": f}]})
+    admin.reply("GET", "/v1/webhooks/wh_abc", {**HOOK, "filter": f})
+    _, out, _ = run("webhooks", "list")
+    header, row = out.splitlines()
+    cell = row[header.index("FILTER"):header.index("URL")].strip()
+    assert cell.startswith("from tenant0.example,tenant1.example") and cell.endswith("…") and len(cell) == 40
+    _, out, _ = run("webhooks", "show", "wh_abc")
+    assert f"filter:               from {','.join(domains)}; tags vip; metadata plan=gold\n" in out
+
+
 def test_options_go_before_or_after_the_command(admin: FakeAdmin, config_file: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     admin.reply("GET", "/v1/webhooks/wh_abc", HOOK)
@@ -251,8 +292,8 @@ def test_webhooks_list_is_a_table(admin: FakeAdmin, run: Run) -> None:
     status, out, _ = run("webhooks", "list")
     assert status == 0
     header, first, second = out.splitlines()
-    assert header.split() == ["ID", "STATE", "FAILS", "EVENTS", "URL"]
-    assert first.split() == ["wh_abc", "enabled", "0", "delivered,bounced", HOOK["url"]]
+    assert header.split() == ["ID", "STATE", "FAILS", "EVENTS", "FILTER", "URL"]
+    assert first.split() == ["wh_abc", "enabled", "0", "delivered,bounced", "-", HOOK["url"]]
     assert "wh_def" in second and "disabled (consecutive_failures)" in second and "10" in second
     assert "all" in second and "https://down.example/h" in second
     assert header.index("URL") == first.index(HOOK["url"]) == second.index("https://down.example/h")

@@ -166,7 +166,7 @@ async def test_list_is_a_table_and_json(cli: Cli, h: Harness) -> None:
     await api(h, "POST", f"/v1/webhooks/{b['id']}/disable")
     r = await cli.ok("webhooks", "list")
     header, *rows = r.lines
-    assert header.split() == ["ID", "STATE", "FAILS", "EVENTS", "URL"]
+    assert header.split() == ["ID", "STATE", "FAILS", "EVENTS", "FILTER", "URL"]
     assert len(rows) == 2
     row_a = next(row for row in rows if row.startswith(a["id"]))
     row_b = next(row for row in rows if row.startswith(b["id"]))
@@ -190,6 +190,29 @@ async def test_show(cli: Cli, h: Harness) -> None:
     shown = (await cli.ok("webhooks", "show", hook["id"], "--json")).json
     assert shown == await api(h, "GET", f"/v1/webhooks/{hook['id']}")
     assert "secret" not in shown
+
+
+async def test_filters_from_the_command_line(cli: Cli, h: Harness) -> None:
+    made = (await cli.ok("webhooks", "create", "--url", URL, "--from-domain", "Shop.Example,*.shop.example",
+                         "--tag", "vip", "--metadata", "plan=gold", "--json")).json
+    assert made["filter"] == {"from_domains": ["shop.example", "*.shop.example"], "to_domains": [], "tags": ["vip"],
+                              "metadata": {"plan": "gold"}}
+    wid = made["id"]
+    r = await cli.ok("webhooks", "list")
+    assert " from shop.example,*.shop.example; tags …  http://" in r.out  # short: at most 40 characters
+    r = await cli.ok("webhooks", "show", wid)
+    assert re.search(r"^filter:\s+from shop.example,\*.shop.example; tags vip; metadata plan=gold$", r.out, re.M)
+    # each flag given replaces its field; the others stay
+    updated = (await cli.ok("webhooks", "update", wid, "--to-domain", "gmail.example", "--tag", "", "--json")).json
+    assert updated["filter"] == {"from_domains": ["shop.example", "*.shop.example"], "to_domains": ["gmail.example"],
+                                 "tags": [], "metadata": {"plan": "gold"}}
+    cleared = (await cli.ok("webhooks", "update", wid, "--clear-filter", "--json")).json
+    assert cleared["filter"] == {"from_domains": [], "to_domains": [], "tags": [], "metadata": {}}
+    assert re.search(r"^filter:\s+-$", (await cli.ok("webhooks", "show", wid)).out, re.M)
+    r = await cli("webhooks", "update", wid, "--from-domain", "not a domain")
+    assert r.code == 1 and r.err.startswith("webhookd: filter.from_domains[0]: 'not a domain' is not a domain name")
+    r = await cli("webhooks", "update", "wh_nope", "--tag", "x")
+    assert r.code == 1 and "wh_nope" in r.err
 
 
 async def test_update(cli: Cli, h: Harness) -> None:

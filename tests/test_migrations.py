@@ -1,6 +1,6 @@
 """Schema migrations on databases that hold data: v2 (and v1) → v3 backfills the message id and
 recipient columns, each webhook's last attempt and the attempts per hour, adds the search
-indexes, and loses nothing."""
+indexes, and loses nothing; v4 → v5 gives every webhook the empty filter."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import db_rows
 from webhookd.events import parse_event
+from webhookd.filters import EMPTY_FILTER
 from webhookd.store import (
     FAILED,
     PAUSED,
@@ -78,12 +79,13 @@ BEFORE = {  # what every table held, column by column, to compare after the migr
 
 
 def build(path: Path, version: int) -> None:
-    """A database at schema `version`, as an older webhookd left it, with data in every table."""
+    """A database at schema `version`, as an older webhookd left it, with data in every table:
+    the data is written at v2 (or v1), and the migrations up to `version` ran on it then."""
+    written_at = min(version, 2)
     with sqlite3.connect(path) as conn:
-        for script in MIGRATIONS[:version]:
+        for script in MIGRATIONS[:written_at]:
             for statement in split_sql(script):
                 conn.execute(statement)
-        conn.execute(f"PRAGMA user_version = {version}")
         conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', ?)", (str(T - 100 * HOUR),))
         for wid, created in WEBHOOKS:
             conn.execute(
@@ -94,6 +96,10 @@ def build(path: Path, version: int) -> None:
         conn.executemany("INSERT INTO events VALUES (?,?,?,?,?,?)", EVENTS)
         conn.executemany("INSERT INTO deliveries VALUES (?,?,?,?,?,?,?,?,?,?)", DELIVERIES)
         conn.executemany("INSERT INTO attempts VALUES (?,?,?,?,?,?,?)", ATTEMPTS)
+        for script in MIGRATIONS[written_at:version]:
+            for statement in split_sql(script):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
     conn.close()
 
 
@@ -101,7 +107,7 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     return {table: db_rows(path, sql) for table, sql in BEFORE.items()}
 
 
-@pytest.fixture(params=[2, 1], ids=["from-v2", "from-v1"])
+@pytest.fixture(params=[4, 2, 1], ids=["from-v4", "from-v2", "from-v1"])
 async def migrated(request: pytest.FixtureRequest,
                    tmp_path: Path) -> AsyncIterator[tuple[SqliteStorage, dict[str, Any]]]:
     path = tmp_path / "old.db"
@@ -118,8 +124,8 @@ async def test_schema_reaches_the_current_version_and_keeps_every_row(
 ) -> None:
     storage, before = migrated
     path = storage.path
-    assert SCHEMA_VERSION == 4
-    assert db_rows(path, "PRAGMA user_version") == [(4,)]
+    assert SCHEMA_VERSION == 5
+    assert db_rows(path, "PRAGMA user_version") == [(5,)]
     assert snapshot(path) == before  # nothing pre-existing is lost or changed
     assert [len(before[t]) for t in ("webhooks", "events", "deliveries", "attempts")] == [3, 4, 6, 5]
     names = {r[0] for r in db_rows(path, "SELECT name FROM sqlite_master WHERE type IN ('index', 'table')")}
@@ -184,6 +190,20 @@ async def test_stats_and_hourly_counts_are_backfilled_from_old_attempts(
         HourCount(int(H - HOUR), failed=2), HourCount(int(H), failed=1),
     ]
     assert await storage.count_by_status() == {PENDING: 3, PAUSED: 1, SUCCEEDED: 1, FAILED: 1}
+
+
+async def test_every_old_webhook_gets_the_empty_filter(migrated: tuple[SqliteStorage, dict[str, Any]]) -> None:
+    storage, _ = migrated
+    assert db_rows(storage.path, "SELECT id, filter FROM webhooks ORDER BY id") == [
+        ("wh_1", "{}"), ("wh_2", "{}"), ("wh_3", "{}"),
+    ]
+    loaded = await storage.load_webhooks()
+    assert [(w.id, w.filter) for w in loaded] == [("wh_1", EMPTY_FILTER), ("wh_2", EMPTY_FILTER),
+                                                  ("wh_3", EMPTY_FILTER)]
+    assert [(w.url, w.events, w.enabled, w.secret) for w in loaded] == [
+        ("https://wh_1.example/h", ("*",), True, "whsec_wh_1"), ("https://wh_2.example/h", ("*",), False, "whsec_wh_2"),
+        ("https://wh_3.example/h", ("*",), True, "whsec_wh_3"),
+    ]
 
 
 async def test_the_migrated_database_keeps_working(migrated: tuple[SqliteStorage, dict[str, Any]]) -> None:

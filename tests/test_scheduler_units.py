@@ -4,7 +4,7 @@ The clock and the monotonic clock are fakes the tests move by hand (and then cal
 `Scheduler.wake_all()`), the dispatcher is a fake Poster answering from a handler (like
 httpx's MockTransport) that records every call and can hold attempts open, and the storage
 is the real SqliteStorage on a tmp_path file, wired as webhookd.daemon wires it (on_fresh
-→ push_fresh; events submitted with `scheduler.subscribers(type)`).
+→ push_fresh; events submitted with `scheduler.fan_out(event)`).
 
 Tests run "burst" style: `Rig.settle()` turns the event loop (asyncio.sleep(0) only) until
 nothing moves any more: no write queued or committing, no attempt in flight that is not held
@@ -21,12 +21,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import db_rows
+from webhookd import scheduler as scheduler_module
 from webhookd.config import DeliveryConfig
 from webhookd.dispatcher import Outcome
-from webhookd.events import validate_event
+from webhookd.events import Event, validate_event
+from webhookd.filters import EMPTY_FILTER, WebhookFilter
 from webhookd.metrics import Metrics
 from webhookd.operations import Operations
 from webhookd.policy import CONSECUTIVE_FAILURES, SLOW_START
@@ -154,7 +157,7 @@ class Rig:
             self.seq += 1
             ev = validate_event({"event": "delivered", "data": {"message_id": f"<m{self.seq}@example.com>"}},
                                 now=self.clock())
-            futures.append(self.storage.submit(ev, self.scheduler.subscribers(ev.type)))
+            futures.append(self.storage.submit(ev, self.scheduler.fan_out(ev)))
         return futures
 
     async def send(self, n: int = 1) -> list[str]:
@@ -582,3 +585,142 @@ async def test_an_attempt_that_fails_inside_webhookd_is_a_recorded_failure(make_
     assert d.status == PENDING and d.attempts == 1
     assert d.last_error is not None and d.last_error.startswith("internal error: ValueError: signing secret")
     assert wh.consecutive_failures == 1
+
+
+# -- fan-out with filters ------------------------------------------------------------------------
+def event(kind: str = "delivered", **data: Any) -> Event:
+    return validate_event({"event": kind, "data": {"message_id": "<m@example.com>", **data}}, now=T0)
+
+
+class CountingLoads:
+    """Stands in for the scheduler's orjson: counts the bodies fan-out decodes."""
+
+    JSONDecodeError = orjson.JSONDecodeError
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def loads(self, raw: bytes) -> Any:
+        self.calls += 1
+        return orjson.loads(raw)
+
+
+async def test_without_filters_fan_out_is_the_cached_list_and_reads_no_body(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = await make_rig()
+    a, b = await rig.hook("a"), await rig.hook("b")
+    counting = CountingLoads()
+    monkeypatch.setattr(scheduler_module, "orjson", counting)
+    cached = rig.scheduler.subscribers("delivered")
+    assert list(cached) == [(a.id, True), (b.id, True)]
+    garbage = Event("delivered", "2027-01-15T08:00:00Z", None, b"\xff not even JSON")
+    assert rig.scheduler.fan_out(garbage) is cached  # the body is never looked at
+    assert rig.scheduler.fan_out(event(**{"from": "x@shop.example"})) is cached
+    # a filtered webhook of another type costs this type nothing either
+    await rig.ops.update(a, url=None, events=None, description=None)
+    bounces = await rig.ops.create(url="https://c.example.com/hook", events=("bounced",), description="c",
+                                   filter=WebhookFilter.parse({"tags": ["x"]}))
+    cached = rig.scheduler.subscribers("delivered")
+    assert rig.scheduler.fan_out(event()) is cached and bounces.id not in {s[0] for s in cached}
+    assert counting.calls == 0
+
+
+async def test_fan_out_runs_only_the_filters_of_the_type_and_decodes_once(
+    make_rig: MakeRig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = await make_rig()
+    everything = await rig.hook("all")
+    ops = rig.ops
+    shop = await ops.create(url="https://shop.example.com/h", events=("*",), description="shop",
+                            filter=WebhookFilter.parse({"from_domains": ["shop.example", "*.shop.example"]}))
+    other = await ops.create(url="https://other.example.com/h", events=("delivered",), description="other",
+                             filter=WebhookFilter.parse({"from_domains": ["other.example"]}))
+    vip = await ops.create(url="https://vip.example.com/h", events=("delivered",), description="vip",
+                           filter=WebhookFilter.parse({"tags": ["vip"], "metadata": {"plan": "gold"}}))
+    assert shop.matcher is not None and everything.matcher is None
+    counting = CountingLoads()
+    monkeypatch.setattr(scheduler_module, "orjson", counting)
+
+    def ids(ev: Event) -> list[str]:
+        return [wid for wid, _enabled in rig.scheduler.fan_out(ev)]
+
+    assert ids(event(**{"from": "Shop <a@eu.shop.example>"})) == [everything.id, shop.id]
+    assert ids(event(**{"from": "a@other.example"})) == [everything.id, other.id]
+    assert ids(event(**{"from": "a@other.example", "tags": ["vip"], "metadata": {"plan": "gold"}})) == [
+        everything.id, other.id, vip.id]
+    assert ids(event(**{"from": "a@nobody.example", "tags": ["vip"], "metadata": {"plan": 1}})) == [everything.id]
+    assert ids(event()) == [everything.id]  # no data.from: no sender filter matches
+    assert ids(event("bounced", bounce_type="hard", **{"from": "a@shop.example"})) == [everything.id, shop.id]
+    assert counting.calls == 6  # one decode per event, however many filters
+    # events with the same outcome share one list (push_fresh takes them together)
+    first = rig.scheduler.fan_out(event(**{"from": "a@shop.example"}))
+    assert rig.scheduler.fan_out(event(**{"from": "b@shop.example", "subject": "x"})) is first
+    # and the storage makes exactly those deliveries
+    for sender in ("a@shop.example", "a@other.example", "a@nobody.example"):
+        ev = event(**{"from": sender})
+        await rig.storage.submit(ev, rig.scheduler.fan_out(ev))
+    await rig.settle()
+    counts = Counter(d.webhook_id for d in await rig.storage.list_deliveries(DeliveryFilter(), limit=100))
+    assert counts == {everything.id: 3, shop.id: 1, other.id: 1}
+    assert len(rig.poster.calls) == 5
+
+
+async def test_a_filter_change_applies_to_events_submitted_after_its_commit(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    wh = await rig.ops.create(url="https://t.example.com/h", events=("*",), description="t",
+                              filter=WebhookFilter.parse({"from_domains": ["shop.example"]}))
+    from_shop, from_other = event(**{"from": "a@shop.example"}), event(**{"from": "a@other.example"})
+    assert list(rig.scheduler.fan_out(from_shop)) == [(wh.id, True)] and list(rig.scheduler.fan_out(from_other)) == []
+    commits = rig.storage.commits
+    updating = asyncio.create_task(rig.ops.update(wh, url=None, events=None, description=None,
+                                                  filter=WebhookFilter.parse({"from_domains": ["other.example"]})))
+    await asyncio.sleep(0)
+    assert rig.storage.commits == commits  # queued, not committed: the old filter still holds
+    assert list(rig.scheduler.fan_out(from_shop)) == [(wh.id, True)]
+    await updating
+    assert wh.filter.from_domains == ("other.example",)
+    assert list(rig.scheduler.fan_out(from_shop)) == [] and list(rig.scheduler.fan_out(from_other)) == [(wh.id, True)]
+    [stored] = await rig.storage.load_webhooks()
+    assert stored.filter == wh.filter
+    await rig.ops.update(wh, url=None, events=None, description=None, filter=EMPTY_FILTER)  # cleared
+    assert wh.matcher is None and rig.scheduler.fan_out(from_shop) is rig.scheduler.subscribers("delivered")
+    # a filter is kept when an update does not name it
+    await rig.ops.update(wh, url="https://moved.example.com/h", events=None, description=None,
+                         filter=WebhookFilter.parse({"tags": ["a"]}))
+    await rig.ops.update(wh, url=None, events=None, description="renamed")
+    assert wh.filter.tags == ("a",) and wh.description == "renamed"
+
+
+async def test_a_disabled_filtered_webhook_still_gets_its_matching_events_paused(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    wh = await rig.ops.create(url="https://t.example.com/h", events=("*",), description="t",
+                              filter=WebhookFilter.parse({"from_domains": ["shop.example"]}))
+    await rig.ops.disable(wh)
+    assert list(rig.scheduler.fan_out(event(**{"from": "a@shop.example"}))) == [(wh.id, False)]
+    assert list(rig.scheduler.fan_out(event(**{"from": "a@other.example"}))) == []
+
+
+FILTERS = [None, {"from_domains": ["shop.example"]}, {"from_domains": ["*.shop.example"]},
+           {"from_domains": ["shop.example", "*.shop.example"], "tags": ["vip"]},
+           {"from_domains": ["other.example", "*.eu.shop.example"], "metadata": {"plan": "gold"}},
+           {"from_domains": ["other.example"], "to_domains": ["*.gmail.example"]},
+           {"tags": ["vip", "eu"]}, {"to_domains": ["gmail.example"]}, {"metadata": {"plan": "gold", "x": "1"}},
+           {"from_domains": ["shop.example"]}]  # the same filter twice: both are in the index
+SENDERS = [None, "a@shop.example", "Shop <a@EU.shop.example>", "a@x.eu.shop.example", "a@other.example",
+           "a@nobody.example", "garbage", "a@evil.example <a@shop.example>"]
+EXTRAS: list[dict[str, Any]] = [{}, {"tags": ["vip"]}, {"tags": ["eu"], "metadata": {"plan": "gold"}},
+                                {"to": "u@mail.gmail.example", "metadata": {"plan": "gold", "x": "1"}},
+                                {"to": "U@gmail.example", "tags": ["vip"]}]
+
+
+async def test_the_indexed_fan_out_picks_what_each_filter_alone_picks(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    hooks = [await rig.ops.create(url=f"https://h{i}.example.com/h", events=("*",), description=str(i),
+                                  filter=WebhookFilter.parse(f)) for i, f in enumerate(FILTERS)]
+    for sender in SENDERS:
+        for extra in EXTRAS:
+            data = {**extra, **({"from": sender} if sender is not None else {})}
+            expected = [wh.id for wh in hooks if wh.matcher is None or wh.matcher.matches(data)]
+            got = [wid for wid, _enabled in rig.scheduler.fan_out(event(**data))]
+            assert got == expected, data

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import db_rows
 from webhookd.events import parse_event
+from webhookd.filters import WebhookFilter
 from webhookd.reasons import Reason
 from webhookd.store import FreshEvent, FreshSink, SqliteStorage, Storage, StoreError, WebhookState
 from webhookd.store.sqlite_schema import SCHEMA_VERSION
@@ -136,6 +137,26 @@ async def test_corrupt_database_is_a_clear_error(tmp_path: Path) -> None:
     path.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError, match="cannot open database"):
         await SqliteStorage(path).open()
+
+
+async def test_filters_are_stored_as_json_and_an_unreadable_one_is_refused(tmp_path: Path) -> None:
+    """The column holds the API's JSON object ('{}' for none). A filter this webhookd cannot
+    read (edited by hand, or written by a newer one) must not widen to every event: loading
+    the webhooks fails, naming the webhook."""
+    path = db_path(tmp_path)
+    s = await open_sqlite(path)
+    await s.create_webhook(webhook("wh_a", filter=WebhookFilter.parse({"from_domains": ["Shop.Example"]})))
+    await s.create_webhook(webhook("wh_b", created_at=2.0))
+    assert db_rows(path, "SELECT id, filter FROM webhooks ORDER BY id") == [
+        ("wh_a", '{"from_domains":["shop.example"],"to_domains":[],"tags":[],"metadata":{}}'), ("wh_b", "{}"),
+    ]
+    for stored in ('{"from_domain": ["shop.example"]}', '{"tags": "vip"}', "not json"):
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE webhooks SET filter = ? WHERE id = 'wh_a'", (stored,))
+        conn.close()
+        with pytest.raises(StoreError, match="webhook wh_a: its stored filter cannot be read"):
+            await s.load_webhooks()
+    await s.close()
 
 
 async def test_close_gives_up_on_ops_that_can_never_commit(tmp_path: Path) -> None:

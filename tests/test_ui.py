@@ -869,3 +869,63 @@ async def test_the_dashboard_shares_its_state_between_listeners(make_ui: UIFacto
     finally:
         await runner.cleanup()
     await asyncio.sleep(0)
+
+
+async def test_filters_in_the_forms_the_list_and_the_detail_page(make_ui: UIFactory) -> None:
+    ui = await ui_logged_in(make_ui)
+    form = await ui.page("/ui/webhooks/new")
+    for name in ("from_domains", "to_domains", "tags", "metadata"):
+        assert f'name="{name}"' in form
+    reply = await ui.post("/ui/webhooks/new", [
+        ("url", "http://127.0.0.1:9/shop"), ("events", "*"), ("from_domains", "Shop.Example, *.shop.example"),
+        ("to_domains", ""), ("tags", "vip,eu"), ("metadata", "plan=gold\r\n\r\nregion = eu\r\n"),
+    ])
+    assert reply.status == 303, reply.text
+    wid = reply.location.rsplit("/", 1)[1]
+    wh = ui.h.daemon.scheduler.webhooks[wid]
+    assert wh.filter.to_json() == {"from_domains": ["shop.example", "*.shop.example"], "to_domains": [],
+                                   "tags": ["vip", "eu"], "metadata": {"plan": "gold", "region": "eu"}}
+    plain = await ui.create("http://127.0.0.1:9/plain")
+    listed = await ui.page("/ui/webhooks")
+    assert "Filter: from shop.example, *.shop.example; tag vip, eu; metadata plan=gold, region=eu" in listed
+    assert listed.count("Filter: ") == 1  # not for the unfiltered one
+    detail = await ui.page(f"/ui/webhooks/{wid}")
+    assert "Sender domain: <code>shop.example</code>, <code>*.shop.example</code>" in detail
+    assert "Metadata (all of): <code>plan=gold</code>, <code>region=eu</code>" in detail
+    assert 'name="from_domains" value="shop.example, *.shop.example"' in detail  # the edit form, filled in
+    assert ">plan=gold\nregion=eu</textarea>" in detail
+    assert "None: every event of its types" in await ui.page(f"/ui/webhooks/{plain}")
+
+    # edit: replace, then clear by emptying every field
+    reply = await ui.post(f"/ui/webhooks/{wid}", [("url", "http://127.0.0.1:9/shop"), ("events", "*"),
+                                                  ("to_domains", "gmail.example")])
+    assert reply.status == 303 and wh.filter.to_json()["to_domains"] == ["gmail.example"] and not wh.filter.tags
+    reply = await ui.post(f"/ui/webhooks/{wid}", [("url", "http://127.0.0.1:9/shop"), ("events", "*"),
+                                                  ("from_domains", " "), ("metadata", "\n")])
+    assert reply.status == 303 and wh.filter.empty and wh.matcher is None
+
+    # errors are shown in the form, with what was typed kept
+    for fields, message in [([("from_domains", "shop example")], "filter.from_domains[0]: &#39;shop example&#39;"),
+                            ([("metadata", "plan")], "filter.metadata line 1: expected key=value"),
+                            ([("metadata", "n=1")] * 1 + [("tags", ",".join(f"t{i}" for i in range(51)))],
+                             "filter.tags: at most 50 tags")]:
+        bad = await ui.post(f"/ui/webhooks/{wid}", [("url", "http://127.0.0.1:9/shop"), ("events", "*"), *fields])
+        assert bad.status == 400 and message in bad.text, bad.text[:3000]
+    assert 'value="shop example"' in (await ui.post("/ui/webhooks/new", [
+        ("url", "http://127.0.0.1:9/x"), ("events", "*"), ("from_domains", "shop example")])).text
+    assert wh.filter.empty
+
+
+async def test_hostile_filter_text_is_escaped_everywhere(make_ui: UIFactory) -> None:
+    ui = await ui_logged_in(make_ui)
+    status, made = await ui.h.api("POST", "/v1/webhooks", {"url": "http://127.0.0.1:9/x", "filter": {
+        "tags": ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>'],
+        "metadata": {"<b>k</b>": "</textarea><script>alert(3)</script>"}}})
+    assert status == 201, made
+    for path in ("/ui/webhooks", f"/ui/webhooks/{made['id']}"):
+        page = await ui.page(path)
+        assert "<script>alert" not in page and "<img src=x" not in page and "<b>k</b>" not in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+        assert "</textarea><script>" not in page
+    detail = await ui.page(f"/ui/webhooks/{made['id']}")
+    assert "&lt;/textarea&gt;&lt;script&gt;alert(3)&lt;/script&gt;</textarea>" in detail  # kept, as text

@@ -20,6 +20,7 @@ from webhookd.apimodel import (
     reply,
     validate_description,
     validate_events,
+    validate_filter,
     validate_url,
     webhook_stats_json,
 )
@@ -32,12 +33,13 @@ from webhookd.webhooks import Webhook
 
 __all__ = [  # re-exported: the dashboard and the tests import them from here
     "AdminApi", "ApiError", "delivery_filter", "delivery_json", "delivery_number", "parse_rfc3339", "reply",
-    "validate_description", "validate_events", "validate_url", "webhook_stats_json",
+    "validate_description", "validate_events", "validate_filter", "validate_url", "webhook_stats_json",
 ]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LIST = 1000
+WEBHOOK_FIELDS = frozenset({"url", "events", "description", "filter"})
 
 
 class AdminApi:
@@ -193,13 +195,14 @@ class AdminApi:
 
     async def create_webhook(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        unknown = set(body) - {"url", "events", "description"}
+        unknown = set(body) - WEBHOOK_FIELDS
         if unknown:
             raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
         wh = await self.ops.create(
             url=validate_url(body.get("url"), production=self.production),
             events=validate_events(body.get("events", ["*"])),
             description=validate_description(body.get("description")),
+            filter=validate_filter(body.get("filter")),
         )
         return reply({**wh.public(), "secret": wh.secret}, 201)
 
@@ -212,13 +215,14 @@ class AdminApi:
     async def update_webhook(self, request: web.Request) -> web.Response:
         wh = self._webhook(request)
         body = await self._body(request)
-        unknown = set(body) - {"url", "events", "description"}
+        unknown = set(body) - WEBHOOK_FIELDS
         if unknown:
             raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
         url = validate_url(body["url"], production=self.production) if "url" in body else None
         events = validate_events(body["events"]) if "events" in body else None
         description = validate_description(body["description"]) if "description" in body else None
-        await self.ops.update(wh, url=url, events=events, description=description)
+        filter_ = validate_filter(body["filter"]) if "filter" in body else None  # replaced whole; null/{} clears
+        await self.ops.update(wh, url=url, events=events, description=description, filter=filter_)
         return reply(wh.public())
 
     async def delete_webhook(self, request: web.Request) -> web.Response:

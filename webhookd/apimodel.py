@@ -10,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from webhookd.events import EVENT_TYPES, EventError, format_timestamp, normalise_timestamp
+from webhookd.filters import FilterError, WebhookFilter
 from webhookd.store import DELIVERY_STATUSES, Delivery, DeliveryFilter, WebhookStats
 from webhookd.webhooks import Webhook
 
@@ -68,6 +69,14 @@ def validate_description(value: object) -> str:
     if not isinstance(value, str) or len(value) > 1000:
         raise ApiError(400, "description must be a string of at most 1000 characters")
     return value
+
+
+def validate_filter(value: object) -> WebhookFilter:
+    """A webhook's `filter` object; null or {} is the empty filter (every event of its types)."""
+    try:
+        return WebhookFilter.parse(value)
+    except FilterError as exc:
+        raise ApiError(400, str(exc)) from None
 
 
 def delivery_json(d: Delivery) -> dict[str, Any]:

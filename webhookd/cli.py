@@ -98,12 +98,48 @@ def _event_list(value: str) -> list[str]:
     return ["*"] if "all" in names or "*" in names else names
 
 
+def _comma_values(values: list[str] | None) -> list[str] | None:
+    """Repeated and/or comma-separated flag values; None when the flag was not given
+    (`--tag ''` gives [], which clears that field)."""
+    if values is None:
+        return None
+    return list(dict.fromkeys(v.strip() for value in values for v in value.split(",") if v.strip()))
+
+
+def _metadata_pairs(values: list[str] | None) -> dict[str, str] | None:
+    if values is None:
+        return None
+    pairs: dict[str, str] = {}
+    for value in values:
+        if value == "":
+            continue  # --metadata '' clears the field
+        key, eq, val = value.partition("=")
+        if not eq or not key.strip():
+            raise CliError(f"--metadata takes KEY=VALUE, got {value!r}", EX_USAGE)
+        pairs[key.strip()] = val
+    return pairs
+
+
+def _filter_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The filter fields given on the command line (only those)."""
+    given = {
+        "from_domains": _comma_values(args.from_domain),
+        "to_domains": _comma_values(args.to_domain),
+        "tags": _comma_values(args.tag),
+        "metadata": _metadata_pairs(args.metadata),
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
     action: str = args.action
     if action == "create":
         body: dict[str, Any] = {"url": args.url, "events": _event_list(args.events)}
         if args.description is not None:
             body["description"] = args.description
+        fields = _filter_flags(args)
+        if fields:
+            body["filter"] = fields
         return _call(args, config, "POST", "/v1/webhooks", body, show_webhook)
     if action == "list":
         return _call(args, config, "GET", "/v1/webhooks", None, show_webhooks)
@@ -118,8 +154,18 @@ def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
             body["events"] = _event_list(args.events)
         if args.description is not None:
             body["description"] = args.description
+        fields = _filter_flags(args)
+        if args.clear_filter:
+            body["filter"] = fields  # only what is given along with it
+        elif fields:  # the fields given replace theirs; the others are kept (the API replaces the whole filter)
+            status, current = _client(config).request("GET", base, None)
+            if status >= 400:
+                message = current.get("error") if isinstance(current, dict) else None
+                raise CliError(_one_line(str(message)) if message else f"the daemon answered HTTP {status}")
+            body["filter"] = {**(current.get("filter") or {}), **fields}
         if not body:
-            raise CliError("nothing to update: give --url, --events or --description", EX_USAGE)
+            raise CliError("nothing to update: give --url, --events, --description, a filter flag or --clear-filter",
+                           EX_USAGE)
         return _call(args, config, "PATCH", base, body, show_webhook)
     if action == "delete":
         return _call(args, config, "DELETE", base, None, show_deleted)
@@ -384,16 +430,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     wh_parser = sub.add_parser("webhooks", parents=[common], help="manage webhooks")
     wh = wh_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    def filter_flags(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("filter (an event must match every field given; see docs/behaviour.md)")
+        g.add_argument("--from-domain", action="append", metavar="DOMAIN",
+                       help="only events whose data.from is at DOMAIN; *.DOMAIN for its subdomains "
+                            "(repeatable, or comma-separated)")
+        g.add_argument("--to-domain", action="append", metavar="DOMAIN",
+                       help="only events whose data.to is at DOMAIN (same forms)")
+        g.add_argument("--tag", action="append", metavar="TAG",
+                       help="only events with at least one of these tags (repeatable, or comma-separated)")
+        g.add_argument("--metadata", action="append", metavar="KEY=VALUE",
+                       help="only events whose data.metadata has KEY set to the string VALUE (repeatable: all)")
+
     p = leaf(wh, "create", cmd_webhooks, "create a webhook; prints its signing secret")
     p.add_argument("--url", required=True, help="https:// endpoint (http:// only in development)")
     p.add_argument("--events", default="all", help="comma-separated event names, or all (default)")
     p.add_argument("--description", help="free text for operators")
+    filter_flags(p)
     leaf(wh, "list", cmd_webhooks, "list webhooks")
     leaf(wh, "show", cmd_webhooks, "show one webhook", with_id=True)
-    p = leaf(wh, "update", cmd_webhooks, "change a webhook's url, events or description", with_id=True)
+    p = leaf(wh, "update", cmd_webhooks, "change a webhook's url, events, description or filter", with_id=True)
     p.add_argument("--url")
     p.add_argument("--events", help="comma-separated event names, or all")
     p.add_argument("--description")
+    filter_flags(p)
+    p.add_argument("--clear-filter", action="store_true",
+                   help="remove the filter (every event of its types); filter flags given with it make the new one. "
+                        "Without it, each filter flag given replaces that field only ('' empties it)")
     leaf(wh, "delete", cmd_webhooks, "delete a webhook and its deliveries", with_id=True)
     p = leaf(wh, "enable", cmd_webhooks, "enable a webhook; its paused deliveries resume", with_id=True)
     p.add_argument("--drop-backlog", action="store_true", help="mark its paused deliveries failed instead")

@@ -36,11 +36,28 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+_FILTER_LABELS = (("from_domains", "from"), ("to_domains", "to"), ("tags", "tags"), ("metadata", "metadata"))
+
+
+def _filter_text(value: Any, limit: int = 0) -> str:
+    """A webhook's filter on one line: ``from shop.example,*.shop.example; tags vip``."""
+    if not isinstance(value, dict):
+        return _text(value, limit)
+    parts = []
+    for key, label in _FILTER_LABELS:
+        items = value.get(key)
+        if isinstance(items, dict):
+            items = [f"{k}={v}" for k, v in items.items()]
+        if items:
+            parts.append(f"{label} {','.join(str(i) for i in items)}")
+    return _one_line("; ".join(parts), limit) if parts else "-"
+
+
 def _fields(obj: dict[str, Any], skip: Sequence[str] = ()) -> None:
     items = [(k, v) for k, v in obj.items() if k not in skip]
     width = max((len(k) for k, _ in items), default=0) + 1
     for key, value in items:
-        text = _events(value) if key == "events" else _text(value)
+        text = _events(value) if key == "events" else _filter_text(value) if key == "filter" else _text(value)
         print(f"{key + ':':<{width}} {text}")
 
 
@@ -57,10 +74,10 @@ def show_webhooks(data: Any) -> None:
         return
     rows = [
         [_text(h.get("id")), _state(h), _text(h.get("consecutive_failures")), _events(h.get("events")),
-         _text(h.get("url"))]
+         _filter_text(h.get("filter"), 40), _text(h.get("url"))]
         for h in hooks
     ]
-    _table(["ID", "STATE", "FAILS", "EVENTS", "URL"], rows)
+    _table(["ID", "STATE", "FAILS", "EVENTS", "FILTER", "URL"], rows)
 
 
 def show_webhook(data: Any) -> None:

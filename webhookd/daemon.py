@@ -170,9 +170,9 @@ class Daemon:
             raise StartupError(f"cannot create state_dir {cfg.state_dir}: {exc.strerror}") from exc
         try:
             await self.store.open()
+            await self.scheduler.load()  # a stored filter it cannot read, say
         except StoreError as exc:
             raise StartupError(str(exc)) from exc
-        await self.scheduler.load()
         await self.dispatcher.start()
         await self._start_intake()
         await self._start_admin()
@@ -274,8 +274,8 @@ class Daemon:
         return runner
 
     def submit(self, event: Event) -> asyncio.Future[str]:
-        """Intake's way in: the event with its subscribers, to storage."""
-        return self.store.submit(event, self.scheduler.subscribers(event.type))
+        """Intake's way in: the event with the webhooks it fans out to (type and filters), to storage."""
+        return self.store.submit(event, self.scheduler.fan_out(event))
 
     def _notify_disabled(self, wh: Webhook) -> None:
         """Run `[notify] command` for an automatically disabled webhook."""

@@ -16,6 +16,7 @@ import structlog
 from webhookd import policy
 from webhookd.dispatcher import Outcome
 from webhookd.events import synthetic_event
+from webhookd.filters import EMPTY_FILTER, WebhookFilter
 from webhookd.ids import new_id
 from webhookd.scheduler import USER_AGENT, Scheduler
 from webhookd.signing import generate_secret
@@ -43,30 +44,39 @@ class Operations:
             raise NotFound(f"no webhook with id {webhook_id!r}")
         return wh
 
-    async def create(self, *, url: str, events: tuple[str, ...], description: str) -> Webhook:
+    async def create(
+        self, *, url: str, events: tuple[str, ...], description: str, filter: WebhookFilter = EMPTY_FILTER
+    ) -> Webhook:
         now = self.clock
         wh = Webhook(
             id=new_id("wh"), url=url, events=events, description=description, secret=generate_secret(),
-            previous_secret=None, previous_secret_expires_at=None, created_at=now, updated_at=now,
+            previous_secret=None, previous_secret_expires_at=None, created_at=now, updated_at=now, filter=filter,
         )
         wh.boundary = None  # a new webhook has nothing pending
         await self.storage.create_webhook(wh.record(), on_commit=lambda _: self.scheduler.add(wh))
         return wh
 
     async def update(
-        self, wh: Webhook, *, url: str | None, events: tuple[str, ...] | None, description: str | None
+        self, wh: Webhook, *, url: str | None, events: tuple[str, ...] | None, description: str | None,
+        filter: WebhookFilter | None = None,
     ) -> Webhook:
+        """Change what is given (None: keep it). Like a create, it applies to the events
+        submitted after its commit: memory (the fan-out included) changes then."""
         now = self.clock
         new_url = wh.url if url is None else url
         new_events = wh.events if events is None else events
         new_description = wh.description if description is None else description
+        new_filter = wh.filter if filter is None else filter
 
         def committed(_: None) -> None:
             wh.url, wh.events, wh.description, wh.updated_at = new_url, new_events, new_description, now
+            if new_filter != wh.filter:
+                wh.set_filter(new_filter)
             self.scheduler.changed_subscriptions()
 
         await self.storage.update_webhook(
-            wh.id, url=new_url, events=new_events, description=new_description, updated_at=now, on_commit=committed
+            wh.id, url=new_url, events=new_events, description=new_description, filter=new_filter, updated_at=now,
+            on_commit=committed,
         )
         return wh
 

@@ -21,11 +21,14 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import orjson
 import structlog
 
 from webhookd import __version__, policy
 from webhookd.config import DeliveryConfig
 from webhookd.dispatcher import Outcome
+from webhookd.events import Event
+from webhookd.filters import EventFacts, Matcher, parents_of
 from webhookd.metrics import Metrics
 from webhookd.reasons import Lead, Reason
 from webhookd.store.base import Storage
@@ -51,6 +54,82 @@ def window_size(cfg: DeliveryConfig, smallest: int = MIN_WINDOW) -> int:
     return max(smallest, 4 * cfg.per_webhook_concurrency)
 
 
+MAX_VARIANTS = 256
+
+
+class _Fanout:
+    """The webhooks subscribed to one event type, and the filters among them, compiled for
+    many tenants: the sender domains of every filter are indexed (domain → the bits of the
+    webhooks that name it), so an event costs one lookup per label of its sender's domain,
+    not one test per webhook; only the webhooks whose sender matched and whose filter has
+    more fields, and those without a sender field, run a matcher.
+
+    Events whose filters pass and fail alike share one list (as events of an unfiltered
+    type share the whole one), so push_fresh still takes them together."""
+
+    __slots__ = ("by_from", "by_parent", "filtered", "from_bits", "others", "rest", "rest_bits", "subs", "variants")
+
+    def __init__(self, subs: list[Subscriber], filtered: tuple[tuple[int, Matcher], ...]) -> None:
+        self.subs = subs
+        self.filtered = bool(filtered)
+        self.variants: dict[int, list[Subscriber]] = {}  # by the bits of the filters that failed
+        self.by_from: dict[str, int] = {}
+        self.by_parent: dict[str, int] = {}
+        self.from_bits = 0  # the webhooks with sender domains
+        self.rest: dict[int, Matcher] = {}  # ... and more fields to test when the sender matched, by bit
+        self.rest_bits = 0
+        self.others: list[tuple[int, Matcher]] = []  # filters without sender domains
+        for bit, m in filtered:
+            if m.from_exact is None:
+                self.others.append((bit, m))
+                continue
+            self.from_bits |= bit
+            for d in m.from_exact:
+                self.by_from[d] = self.by_from.get(d, 0) | bit
+            for p in m.from_parents:
+                self.by_parent[p] = self.by_parent.get(p, 0) | bit
+            if m.rest:
+                self.rest[bit] = m
+                self.rest_bits |= bit
+
+    def select(self, body: bytes) -> list[Subscriber]:
+        if not self.filtered:
+            return self.subs
+        try:
+            data = orjson.loads(body).get("data")
+        except (orjson.JSONDecodeError, AttributeError):  # intake built it: cannot happen
+            data = None
+        facts = EventFacts(data)  # each address is read once, for every filter
+        failed = 0
+        if self.from_bits:
+            domain = facts.from_domain
+            passed = 0
+            if domain is not None:
+                passed = self.by_from.get(domain, 0)
+                if self.by_parent:
+                    for parent in parents_of(domain):
+                        passed |= self.by_parent.get(parent, 0)
+            failed = self.from_bits & ~passed
+            todo = passed & self.rest_bits
+            while todo:  # only the webhooks whose sender matched
+                bit = todo & -todo
+                todo ^= bit
+                if not self.rest[bit].test_rest(facts):
+                    failed |= bit
+        for bit, matcher in self.others:
+            if not matcher.test(facts):
+                failed |= bit
+        if not failed:
+            return self.subs
+        subs = self.variants.get(failed)
+        if subs is None:
+            if len(self.variants) >= MAX_VARIANTS:
+                self.variants.clear()
+            subs = [s for i, s in enumerate(self.subs) if not (failed >> i) & 1]
+            self.variants[failed] = subs
+        return subs
+
+
 class Scheduler:
     """Owns the webhooks in memory and drives their deliveries."""
 
@@ -73,7 +152,7 @@ class Scheduler:
         self.on_disabled = on_disabled
         self.metrics = metrics
         self.webhooks: dict[str, Webhook] = {}
-        self._subscribers: dict[str, list[Subscriber]] = {}
+        self._fanouts: dict[str, _Fanout] = {}  # by event type; cleared when a webhook changes
         self._used = 0  # global slots in use
         self._slot_waiters: deque[Webhook] = deque()
         self._attempts: set[asyncio.Task[None]] = set()
@@ -136,28 +215,40 @@ class Scheduler:
     # -- the registry --------------------------------------------------------------------
     def add(self, wh: Webhook) -> None:
         self.webhooks[wh.id] = wh
-        self._subscribers.clear()
+        self._fanouts.clear()
         wh.task = asyncio.create_task(self._pump(wh), name=f"pump-{wh.id}")
 
     def remove(self, wh: Webhook) -> None:
         """Forget a webhook (deleted): no more deliveries, its outcomes no longer count."""
         self.webhooks.pop(wh.id, None)
-        self._subscribers.clear()
+        self._fanouts.clear()
         wh.gate = policy.disabled_by_hand(wh.gate)
         wh.forget_queue()
         if wh.task is not None:
             wh.task.cancel()
 
     def changed_subscriptions(self) -> None:
-        self._subscribers.clear()
+        self._fanouts.clear()
+
+    def _fanout(self, event_type: str) -> _Fanout:
+        fanout = self._fanouts.get(event_type)
+        if fanout is None:
+            hooks = [wh for wh in self.webhooks.values() if wh.subscribes(event_type)]
+            fanout = _Fanout([(wh.id, wh.enabled) for wh in hooks],
+                             tuple((1 << i, wh.matcher) for i, wh in enumerate(hooks) if wh.matcher is not None))
+            self._fanouts[event_type] = fanout
+        return fanout
 
     def subscribers(self, event_type: str) -> Sequence[Subscriber]:
-        """Who an event of this type fans out to, as intake submits it (cached per type)."""
-        subs = self._subscribers.get(event_type)
-        if subs is None:
-            subs = [(wh.id, wh.enabled) for wh in self.webhooks.values() if wh.subscribes(event_type)]
-            self._subscribers[event_type] = subs
-        return subs
+        """Every webhook subscribed to this type, before filters (cached per type)."""
+        return self._fanout(event_type).subs
+
+    def fan_out(self, event: Event) -> Sequence[Subscriber]:
+        """Who this event goes to, as intake submits it: the webhooks subscribed to its type
+        whose filter matches its data. When none of them has a filter, that is the cached
+        list of the type, and the body is not even read."""
+        fanout = self._fanouts.get(event.type) or self._fanout(event.type)
+        return fanout.select(event.body) if fanout.filtered else fanout.subs
 
     def set_gate(self, wh: Webhook, gate: policy.Gate, now: float) -> None:
         """Apply a gate change made by hand (disable, enable): the window restarts from
@@ -165,7 +256,7 @@ class Scheduler:
         wh.gate = gate
         wh.updated_at = now
         wh.forget_queue()
-        self._subscribers.clear()
+        self._fanouts.clear()
         wh.wake.set()
 
     def requeue(self, wh: Webhook, item: DueItem, next_at: float) -> None:
@@ -318,7 +409,7 @@ class Scheduler:
             wh.updated_at = now
         if d.disabled:
             wh.forget_queue()
-            self._subscribers.clear()
+            self._fanouts.clear()
             wh.wake.set()
         if self.metrics is not None:
             self.metrics.observe_attempt(outcome.reason, outcome.duration_ms / 1000)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from webhookd.events import format_timestamp
+from webhookd.filters import EMPTY_FILTER, Matcher, WebhookFilter
 from webhookd.policy import Gate
 from webhookd.signing import Signer
 from webhookd.store.model import DueItem, WebhookRecord, WebhookState
@@ -34,6 +35,7 @@ class Webhook:
     previous_secret_expires_at: float | None
     created_at: float
     updated_at: float
+    filter: WebhookFilter = EMPTY_FILTER  # change it with set_filter: fan-out runs `matcher`
     gate: Gate = field(default_factory=Gate)
     # runtime
     heap: list[tuple[float, int]] = field(default_factory=list)
@@ -45,13 +47,23 @@ class Webhook:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     _signer: tuple[tuple[str, ...], Signer] | None = None  # (the secrets it signs with, the signer)
+    matcher: Matcher | None = field(init=False, repr=False, default=None)  # the compiled filter; None: all
+
+    def __post_init__(self) -> None:
+        self.matcher = self.filter.compile()
+
+    def set_filter(self, f: WebhookFilter) -> None:
+        """Replace the filter and its compiled matcher (the scheduler's fan-out cache must be
+        cleared after: `Scheduler.changed_subscriptions`)."""
+        self.filter = f
+        self.matcher = f.compile()
 
     @classmethod
     def from_record(cls, r: WebhookRecord) -> Webhook:
         return cls(
             id=r.id, url=r.url, events=r.events, description=r.description, secret=r.secret,
             previous_secret=r.previous_secret, previous_secret_expires_at=r.previous_secret_expires_at,
-            created_at=r.created_at, updated_at=r.updated_at,
+            created_at=r.created_at, updated_at=r.updated_at, filter=r.filter,
             gate=Gate(enabled=r.enabled, consecutive_failures=r.consecutive_failures,
                       backoff_until=r.backoff_until, disabled_reason=r.disabled_reason),
         )
@@ -63,7 +75,7 @@ class Webhook:
             disabled_reason=g.disabled_reason, consecutive_failures=g.consecutive_failures,
             backoff_until=g.backoff_until, secret=self.secret, previous_secret=self.previous_secret,
             previous_secret_expires_at=self.previous_secret_expires_at, created_at=self.created_at,
-            updated_at=self.updated_at,
+            updated_at=self.updated_at, filter=self.filter,
         )
 
     def state(self) -> WebhookState:
@@ -107,6 +119,7 @@ class Webhook:
             "enabled": self.enabled,
             "disabled_reason": self.disabled_reason,
             "consecutive_failures": self.consecutive_failures,
+            "filter": self.filter.to_json(),
             "created_at": format_timestamp(self.created_at),
             "updated_at": format_timestamp(self.updated_at),
         }

@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from webhookd.events import Event
+from webhookd.filters import WebhookFilter
 from webhookd.store.model import (
     Delivery,
     DeliveryDetail,
@@ -114,7 +115,9 @@ class Storage(Protocol):
     # -- webhook administration ------------------------------------------------------
     def create_webhook(
         self, webhook: WebhookRecord, *, on_commit: Callable[[None], None] | None = None
-    ) -> asyncio.Future[None]: ...
+    ) -> asyncio.Future[None]:
+        """Store a new webhook, its `filter` included (`load_webhooks` returns it equal)."""
+        ...
 
     def update_webhook(
         self,
@@ -123,9 +126,14 @@ class Storage(Protocol):
         url: str,
         events: tuple[str, ...],
         description: str,
+        filter: WebhookFilter,
         updated_at: float,
         on_commit: Callable[[None], None] | None = None,
-    ) -> asyncio.Future[None]: ...
+    ) -> asyncio.Future[None]:
+        """Replace the webhook's url, events, description and filter. A backend keeps the
+        filter as `WebhookFilter.to_json()` (JSON) and reads it back with `WebhookFilter.parse`,
+        refusing (StoreError) one it cannot read rather than widening it to every event."""
+        ...
 
     def delete_webhook(
         self, webhook_id: str, *, on_commit: Callable[[None], None] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from webhookd.filters import EMPTY_FILTER, WebhookFilter
 from webhookd.reasons import Reason
 
 PENDING = "pending"
@@ -50,6 +51,7 @@ class WebhookRecord:
     previous_secret_expires_at: float | None
     created_at: float
     updated_at: float
+    filter: WebhookFilter = EMPTY_FILTER  # which of its types' events it gets (webhookd.filters)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,7 @@ import orjson
 import structlog
 
 from webhookd.events import Event
+from webhookd.filters import WebhookFilter
 from webhookd.store.base import FreshSink
 from webhookd.store.model import (
     FAILED,
@@ -45,6 +46,7 @@ from webhookd.store.sqlite_rows import (
     Counts,
     describe,
     due_row,
+    filter_text,
     webhook_row,
     where_clause,
 )
@@ -258,22 +260,22 @@ class SqliteStorage(Reads):
 
         async def write(db: Conn) -> None:
             await db.execute(
-                f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
                 (w.id, w.url, orjson.dumps(list(w.events)).decode(), w.description, int(w.enabled),
                  w.disabled_reason, w.consecutive_failures, w.backoff_until, w.secret, w.previous_secret,
-                 w.previous_secret_expires_at, w.created_at, w.updated_at),
+                 w.previous_secret_expires_at, w.created_at, w.updated_at, filter_text(w.filter)),
             )
 
         return self._writer.run(write, on_commit=on_commit)
 
     def update_webhook(
-        self, webhook_id: str, *, url: str, events: tuple[str, ...], description: str, updated_at: float,
-        on_commit: Callable[[None], None] | None = None,
+        self, webhook_id: str, *, url: str, events: tuple[str, ...], description: str, filter: WebhookFilter,
+        updated_at: float, on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
         async def write(db: Conn) -> None:
             await db.execute(
-                "UPDATE webhooks SET url = ?, events = ?, description = ?, updated_at = ? WHERE id = ?",
-                (url, orjson.dumps(list(events)).decode(), description, updated_at, webhook_id),
+                "UPDATE webhooks SET url = ?, events = ?, description = ?, filter = ?, updated_at = ? WHERE id = ?",
+                (url, orjson.dumps(list(events)).decode(), description, filter_text(filter), updated_at, webhook_id),
             )
 
         return self._writer.run(write, on_commit=on_commit)

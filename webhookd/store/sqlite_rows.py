@@ -10,12 +10,14 @@ from typing import Any
 
 import orjson
 
+from webhookd.filters import FilterError, WebhookFilter
 from webhookd.reasons import Lead
 from webhookd.store.model import (
     DELIVERY_STATUSES,
     Delivery,
     DeliveryFilter,
     DueItem,
+    StoreError,
     WebhookRecord,
 )
 
@@ -24,7 +26,7 @@ DAY = 24 * HOUR
 
 WEBHOOK_COLUMNS = (
     "id, url, events, description, enabled, disabled_reason, consecutive_failures, backoff_until,"
-    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at"
+    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at, filter"
 )
 DELIVERY_SELECT = (
     "SELECT d.id, e.uid, d.webhook_id, e.type, d.status, d.attempts, d.next_attempt_at,"
@@ -51,8 +53,22 @@ def webhook_row(row: Sequence[Any]) -> WebhookRecord:
         id=row[0], url=row[1], events=tuple(orjson.loads(row[2])), description=row[3], enabled=bool(row[4]),
         disabled_reason=row[5], consecutive_failures=int(row[6]), backoff_until=float(row[7]), secret=row[8],
         previous_secret=row[9], previous_secret_expires_at=row[10], created_at=float(row[11]),
-        updated_at=float(row[12]),
+        updated_at=float(row[12]), filter=stored_filter(row[0], row[13]),
     )
+
+
+def stored_filter(webhook_id: str, text: str) -> WebhookFilter:
+    """A stored filter, read back as strictly as the API reads one: a filter this webhookd
+    cannot read must not widen into "every event" (the database was edited by hand)."""
+    try:
+        return WebhookFilter.parse(orjson.loads(text))
+    except (orjson.JSONDecodeError, FilterError) as exc:
+        raise StoreError(f"webhook {webhook_id}: its stored filter cannot be read ({exc})") from None
+
+
+def filter_text(f: WebhookFilter) -> str:
+    """A filter as stored: its JSON object, '{}' for the empty one."""
+    return "{}" if f.empty else orjson.dumps(f.to_json()).decode()
 
 
 def delivery_row(row: Sequence[Any]) -> Delivery:

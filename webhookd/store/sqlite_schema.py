@@ -102,6 +102,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TABLE tracking_opt_outs (hash TEXT PRIMARY KEY, created_at REAL NOT NULL) WITHOUT ROWID;
     CREATE INDEX events_delivered ON events (message_id, recipient) WHERE type = 'delivered';
     """,
+    # v5: a filter per webhook (webhookd/filters.py), its JSON object; '{}' is the empty
+    # filter, which every webhook made before had.
+    """
+    ALTER TABLE webhooks ADD COLUMN filter TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from webhookd.apimodel import ApiError, validate_description, validate_events, validate_url
+from webhookd.apimodel import ApiError, validate_description, validate_events, validate_filter, validate_url
 from webhookd.events import EVENT_TYPES
+from webhookd.filters import MAX_METADATA, WebhookFilter
 from webhookd.store.model import DeliveryFilter, WebhookStats
 from webhookd.ui.auth import SecretFlash
 from webhookd.ui.forms import input_value
@@ -23,18 +24,56 @@ if TYPE_CHECKING:
 RECENT = 20
 
 
-def read_webhook_form(form: MultiDictProxy[str], *, production: bool) -> tuple[str, tuple[str, ...], str]:
+FILTER_INPUTS = ("from_domains", "to_domains", "tags", "metadata")
+
+
+def _split(text: str) -> list[str]:
+    """A comma-separated field (newlines count as commas)."""
+    return [v.strip() for v in text.replace("\n", ",").split(",") if v.strip()]
+
+
+def read_filter_form(form: MultiDictProxy[str]) -> WebhookFilter:
+    """Plain inputs: domains and tags comma-separated, metadata as key=value lines."""
+    metadata: dict[str, str] = {}
+    lines = [line for line in form.get("metadata", "").splitlines() if line.strip()]
+    if len(lines) > MAX_METADATA:
+        raise ApiError(400, f"filter.metadata: at most {MAX_METADATA} pairs, got {len(lines)}")
+    for n, line in enumerate(lines, 1):
+        key, eq, value = line.partition("=")
+        if not eq or not key.strip():
+            raise ApiError(400, f"filter.metadata line {n}: expected key=value")
+        metadata[key.strip()] = value.strip()
+    return validate_filter({
+        "from_domains": _split(form.get("from_domains", "")),
+        "to_domains": _split(form.get("to_domains", "")),
+        "tags": list(dict.fromkeys(_split(form.get("tags", "")))),
+        "metadata": metadata,
+    })
+
+
+def filter_values(f: WebhookFilter) -> dict[str, str]:
+    """A filter as the form's inputs show it."""
+    return {
+        "from_domains": ", ".join(f.from_domains), "to_domains": ", ".join(f.to_domains), "tags": ", ".join(f.tags),
+        "metadata": "\n".join(f"{k}={v}" for k, v in f.metadata),
+    }
+
+
+def read_webhook_form(
+    form: MultiDictProxy[str], *, production: bool
+) -> tuple[str, tuple[str, ...], str, WebhookFilter]:
     events = form.getall("events", [])
     return (
         validate_url(form.get("url", "").strip(), production=production),
         validate_events(["*"] if "*" in events else events),
         validate_description(form.get("description", "")),
+        read_filter_form(form),
     )
 
 
 def form_values(form: MultiDictProxy[str]) -> dict[str, Any]:
     return {"url": form.get("url", ""), "events": form.getall("events", []),
-            "description": form.get("description", "")}
+            "description": form.get("description", ""), **{k: form.get(k, "") for k in FILTER_INPUTS}}
 
 
 class WebhookViews:
@@ -58,7 +97,8 @@ class WebhookViews:
         return dash.page(request, "webhooks.html", {"rows": rows, "events_text": events_text}, nav="webhooks")
 
     async def new(self, request: web.Request) -> web.Response:
-        return self._new_form(request, {"url": "", "events": ["*"], "description": ""})
+        return self._new_form(request, {"url": "", "events": ["*"], "description": "",
+                                        **filter_values(WebhookFilter())})
 
     def _new_form(self, request: web.Request, values: dict[str, Any], error: str | None = None,
                   status: int = 200) -> web.Response:
@@ -69,10 +109,10 @@ class WebhookViews:
     async def create(self, request: web.Request) -> web.Response:
         form = form_of(request)
         try:
-            url, events, description = read_webhook_form(form, production=self.dash.production)
+            url, events, description, filter_ = read_webhook_form(form, production=self.dash.production)
         except ApiError as exc:
             return self._new_form(request, form_values(form), exc.message, status=400)
-        wh = await self.dash.ops.create(url=url, events=events, description=description)
+        wh = await self.dash.ops.create(url=url, events=events, description=description, filter=filter_)
         session = session_of(request)
         assert session is not None
         session.secret = SecretFlash(wh.id, wh.secret, "created")
@@ -100,7 +140,8 @@ class WebhookViews:
             "secret": secret,
             "snippets": verification_snippets(wh.id, secret.secret) if secret is not None else [],
             "test": test,
-            "values": values or {"url": wh.url, "events": list(wh.events), "description": wh.description},
+            "values": values or {"url": wh.url, "events": list(wh.events), "description": wh.description,
+                                 **filter_values(wh.filter)},
             "error": error,
             "event_types": EVENT_TYPES,
             "events_text": events_text,
@@ -112,10 +153,10 @@ class WebhookViews:
         wh = self._webhook(request)
         form = form_of(request)
         try:
-            url, events, description = read_webhook_form(form, production=self.dash.production)
+            url, events, description, filter_ = read_webhook_form(form, production=self.dash.production)
         except ApiError as exc:
             return await self._detail(request, wh, values=form_values(form), error=exc.message, status=400)
-        await self.dash.ops.update(wh, url=url, events=events, description=description)
+        await self.dash.ops.update(wh, url=url, events=events, description=description, filter=filter_)
         session = session_of(request)
         assert session is not None
         session.flash("Changes saved.")
