@@ -177,8 +177,11 @@ class Daemon:
             raise SystemExit(f"screenshots: {method} {path} answered {status}: {raw[:500]!r}")
         return json.loads(raw) if raw else None
 
-    def create(self, url: str, events: list[str], description: str) -> str:
-        hook = self.api("POST", "/v1/webhooks", {"url": url, "events": events, "description": description})
+    def create(self, url: str, events: list[str], description: str, filter: dict[str, Any] | None = None) -> str:
+        body: dict[str, Any] = {"url": url, "events": events, "description": description}
+        if filter:
+            body["filter"] = filter
+        hook = self.api("POST", "/v1/webhooks", body)
         return str(hook["id"])
 
     def submit(self, events: list[dict[str, Any]]) -> None:
@@ -214,7 +217,8 @@ def demo_data(d: Daemon, r: Receivers) -> dict[str, str]:
     """The webhooks and deliveries the screenshots show; their ids by role."""
     ids = {
         "orders": d.create(f"{r.base}/orders", ["delivered", "opened", "clicked"], "Order system: delivery receipts"),
-        "crm": d.create(f"{r.base}/crm", ["bounced", "complained"], "CRM sync: bounces and complaints"),
+        "crm": d.create(f"{r.base}/crm", ["bounced", "complained"], "CRM sync: bounces and complaints",
+                        {"from_domains": ["shop.example.com", "*.shop.example.com"], "tags": ["order"]}),
         "legacy": d.create(f"{r.base}/legacy", ["failed"], "Legacy alerting endpoint"),
     }
     d.submit([event(kind, n, "ord") for n, kind in enumerate(["delivered"] * 9 + ["opened"] * 4 + ["clicked"] * 3)])
