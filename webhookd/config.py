@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from webhookd.declared import DeclaredError, DeclaredWebhook, parse_declared
+
 DEFAULT_CONFIG_PATH = Path("/etc/webhookd/config.toml")
 
 
@@ -121,6 +123,8 @@ class Config:
     source: Path | None = None
     dashboard: DashboardConfig = DashboardConfig()
     tracking: TrackingConfig = TrackingConfig()
+    # [[webhooks]] here and in webhooks.d/*.toml beside the file (webhookd/declared.py)
+    webhooks: tuple[DeclaredWebhook, ...] = ()
 
     @property
     def dev(self) -> bool:
@@ -288,7 +292,7 @@ def _under(base: Path, value: str) -> Path:
 
 TOP_LEVEL = (
     "environment", "state_dir", "runtime_dir", "storage", "intake", "admin", "dashboard", "delivery", "tracking",
-    "notify", "log",
+    "notify", "log", "webhooks",
 )
 
 
@@ -396,6 +400,10 @@ def parse_config(
         "level": lambda v, k: _choice(v, k, ("debug", "info", "warning", "error"), fold=True),
         "format": lambda v, k: _choice(v, k, ("json", "console", "auto")),
     })
+    try:
+        webhooks = parse_declared(data, source, production=environment == "production")
+    except DeclaredError as exc:
+        raise ConfigError(exc.key, exc.message) from None
     return Config(
         environment=cast(Literal["production", "development"], environment),
         state_dir=state_dir,
@@ -409,6 +417,7 @@ def parse_config(
         source=source,
         dashboard=DashboardConfig(**dashboard),
         tracking=tracking,
+        webhooks=webhooks,
     )
 
 
