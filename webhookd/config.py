@@ -302,8 +302,11 @@ def parse_config(
     dev: bool = False,
     env: Mapping[str, str] | None = None,
     source: Path | None = None,
+    declared: bool = True,
 ) -> Config:
-    """Validate a decoded TOML document into a Config."""
+    """Validate a decoded TOML document into a Config. With `declared=False` the declared
+    webhooks are not read (their secret files may be readable only by the daemon's user): the
+    CLI's clients of the admin API need none of them; `webhooks` is then empty."""
     env = os.environ if env is None else env
     for key in data:
         if key not in TOP_LEVEL:
@@ -401,7 +404,7 @@ def parse_config(
         "format": lambda v, k: _choice(v, k, ("json", "console", "auto")),
     })
     try:
-        webhooks = parse_declared(data, source, production=environment == "production")
+        webhooks = parse_declared(data, source, production=environment == "production") if declared else ()
     except DeclaredError as exc:
         raise ConfigError(exc.key, exc.message) from None
     return Config(
@@ -498,7 +501,8 @@ def find_config_path(explicit: str | Path | None, env: Mapping[str, str]) -> Pat
 
 
 def load_config(
-    path: str | Path | None = None, *, dev: bool = False, env: Mapping[str, str] | None = None
+    path: str | Path | None = None, *, dev: bool = False, env: Mapping[str, str] | None = None,
+    declared: bool = True,
 ) -> Config:
     env = os.environ if env is None else env
     found = find_config_path(path, env)
@@ -513,4 +517,4 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{found}: {exc}") from exc
-    return parse_config(data, dev=dev, env=env, source=_under(Path.cwd(), str(found)))
+    return parse_config(data, dev=dev, env=env, source=_under(Path.cwd(), str(found)), declared=declared)
