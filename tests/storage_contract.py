@@ -494,6 +494,35 @@ async def test_filters_round_trip_through_create_update_and_reopen(make_storage:
     assert by_id["wh_tags"].filter == only_tags
 
 
+async def test_declared_name_and_file_round_trip_and_names_are_unique(make_storage: MakeStorage,
+                                                                       clock: FakeClock) -> None:
+    """Webhooks as code (webhookd/declared.py): a declared webhook's name and file are stored
+    with it; the file can be cleared (removed from the config) and set again; the name stays,
+    and no second webhook can take it. Webhooks made through the API have neither."""
+    storage = await make_storage(clock=clock)
+    shop = replace(webhook("wh_shop"), name="shop", declared_in="/etc/webhookd/webhooks.d/shop.toml")
+    await storage.create_webhook(shop)
+    await storage.create_webhook(webhook("wh_api", created_at=T0 + 1))
+    await storage.create_webhook(webhook("wh_api2", created_at=T0 + 2))  # many unnamed ones
+    assert [(w.id, w.name, w.declared_in) for w in await storage.load_webhooks()] == [
+        ("wh_shop", "shop", "/etc/webhookd/webhooks.d/shop.toml"), ("wh_api", None, None), ("wh_api2", None, None),
+    ]
+    with pytest.raises(StoreError):
+        await storage.create_webhook(replace(webhook("wh_dup", created_at=T0 + 3), name="shop"))
+    log: list[str] = []
+    await storage.set_declared_in("wh_shop", None, updated_at=T0 + 10, on_commit=lambda _: log.append("cleared"))
+    assert log == ["cleared"]
+    await storage.close()
+
+    again = await make_storage(clock=clock)
+    [first, *_] = await again.load_webhooks()
+    assert first == replace(shop, declared_in=None, updated_at=T0 + 10)
+    assert len(await again.load_webhooks()) == 3  # the refused duplicate left nothing
+    await again.set_declared_in("wh_shop", "/etc/webhookd/config.toml", updated_at=T0 + 20)
+    [first, *_] = await again.load_webhooks()
+    assert (first.name, first.declared_in, first.updated_at) == ("shop", "/etc/webhookd/config.toml", T0 + 20)
+
+
 async def test_a_filter_does_not_change_what_submit_stores(storage: Storage, fresh: list[FreshEvent]) -> None:
     """Filters are applied by the caller of submit (the fan-out): the storage stores one delivery
     per subscriber it is given, filtered webhook or not, and none for an empty list."""

@@ -1,6 +1,7 @@
 """Schema migrations on databases that hold data: v2 (and v1) → v3 backfills the message id and
 recipient columns, each webhook's last attempt and the attempts per hour, adds the search
-indexes, and loses nothing; v4 → v5 gives every webhook the empty filter."""
+indexes, and loses nothing; v4 → v5 gives every webhook the empty filter; v5 → v6 leaves every
+webhook undeclared (no name, no file) and makes names unique."""
 
 from __future__ import annotations
 
@@ -107,7 +108,7 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     return {table: db_rows(path, sql) for table, sql in BEFORE.items()}
 
 
-@pytest.fixture(params=[4, 2, 1], ids=["from-v4", "from-v2", "from-v1"])
+@pytest.fixture(params=[5, 4, 2, 1], ids=["from-v5", "from-v4", "from-v2", "from-v1"])
 async def migrated(request: pytest.FixtureRequest,
                    tmp_path: Path) -> AsyncIterator[tuple[SqliteStorage, dict[str, Any]]]:
     path = tmp_path / "old.db"
@@ -124,8 +125,8 @@ async def test_schema_reaches_the_current_version_and_keeps_every_row(
 ) -> None:
     storage, before = migrated
     path = storage.path
-    assert SCHEMA_VERSION == 5
-    assert db_rows(path, "PRAGMA user_version") == [(5,)]
+    assert SCHEMA_VERSION == 6
+    assert db_rows(path, "PRAGMA user_version") == [(6,)]
     assert snapshot(path) == before  # nothing pre-existing is lost or changed
     assert [len(before[t]) for t in ("webhooks", "events", "deliveries", "attempts")] == [3, 4, 6, 5]
     names = {r[0] for r in db_rows(path, "SELECT name FROM sqlite_master WHERE type IN ('index', 'table')")}
@@ -204,6 +205,21 @@ async def test_every_old_webhook_gets_the_empty_filter(migrated: tuple[SqliteSto
         ("https://wh_1.example/h", ("*",), True, "whsec_wh_1"), ("https://wh_2.example/h", ("*",), False, "whsec_wh_2"),
         ("https://wh_3.example/h", ("*",), True, "whsec_wh_3"),
     ]
+
+
+async def test_every_old_webhook_is_undeclared_and_names_are_unique(
+    migrated: tuple[SqliteStorage, dict[str, Any]],
+) -> None:
+    storage, _ = migrated
+    loaded = await storage.load_webhooks()
+    assert [(w.id, w.name, w.declared_in) for w in loaded] == [("wh_1", None, None), ("wh_2", None, None),
+                                                               ("wh_3", None, None)]
+    with sqlite3.connect(storage.path) as conn:
+        conn.execute("UPDATE webhooks SET name = 'shop' WHERE id = 'wh_1'")
+        conn.execute("UPDATE webhooks SET name = NULL WHERE id = 'wh_2'")  # many unnamed ones are fine
+        with pytest.raises(sqlite3.IntegrityError):
+            conn.execute("UPDATE webhooks SET name = 'shop' WHERE id = 'wh_3'")
+    conn.close()
 
 
 async def test_the_migrated_database_keeps_working(migrated: tuple[SqliteStorage, dict[str, Any]]) -> None:

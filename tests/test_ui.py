@@ -929,3 +929,38 @@ async def test_hostile_filter_text_is_escaped_everywhere(make_ui: UIFactory) -> 
         assert "</textarea><script>" not in page
     detail = await ui.page(f"/ui/webhooks/{made['id']}")
     assert "&lt;/textarea&gt;&lt;script&gt;alert(3)&lt;/script&gt;</textarea>" in detail  # kept, as text
+
+
+async def test_a_declared_webhook_is_read_only_in_the_dashboard(make_ui: UIFactory) -> None:
+    """Webhooks as code: the page says which file declares it and offers no edit, rotate or
+    delete; posting them anyway is refused (409) naming the file; disable and enable work."""
+    from webhookd.declared import DeclaredWebhook
+    from webhookd.filters import EMPTY_FILTER
+
+    ui = await ui_logged_in(make_ui)
+    where = "/etc/webhookd/webhooks.d/<shop>.toml"  # escaped where shown
+    await ui.h.daemon.admin.ops.sync([DeclaredWebhook(
+        name="shop", url="http://127.0.0.1:9/shop", events=("delivered",), description="declared",
+        filter=EMPTY_FILTER, source=where)])
+    [wh] = [w for w in ui.h.daemon.scheduler.webhooks.values() if w.name == "shop"]
+    shown = str(escape(where))
+    listing = await ui.page("/ui/webhooks")
+    assert f"declared in <code>{shown}</code> as <code>shop</code>" in listing
+    detail = await ui.page(f"/ui/webhooks/{wh.id}")
+    assert f"Declared in <code>{shown}</code> as <code>shop</code>" in detail and where not in detail
+    buttons = Html(detail).buttons
+    assert "Rotate secret" not in buttons and "Save changes" not in buttons and "Reveal secret" in buttons
+    assert f"/webhooks/{wh.id}/delete" not in detail and 'id="h-edit"' not in detail
+    for path, data in [(f"/ui/webhooks/{wh.id}", [("url", "http://127.0.0.1:9/b"), ("events", "opened")]),
+                       (f"/ui/webhooks/{wh.id}/rotate-secret", None), (f"/ui/webhooks/{wh.id}/delete", None)]:
+        reply = await ui.post(path, data)
+        assert reply.status == 409 and f"is declared in {shown}" in reply.text, (path, reply.text[:300])
+    refused = await ui.get(f"/ui/webhooks/{wh.id}/delete")
+    assert refused.status == 409 and "delete" not in Html(refused.text).buttons
+    assert (wh.url, wh.events) == ("http://127.0.0.1:9/shop", ("delivered",))
+    assert (await ui.post(f"/ui/webhooks/{wh.id}/disable")).status == 303 and not wh.enabled
+    assert (await ui.post(f"/ui/webhooks/{wh.id}/enable")).status == 303 and wh.enabled
+    # an API-made webhook beside it keeps every form
+    other = await ui.create("http://127.0.0.1:9/a")
+    page = await ui.page(f"/ui/webhooks/{other}")
+    assert "Rotate secret" in Html(page).buttons and 'id="declared"' not in page

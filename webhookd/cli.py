@@ -249,10 +249,33 @@ def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
 # -- local commands -------------------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     source = str(config.source) if config.source is not None else None
+    if args.plan:
+        return _plan(args, config, source)
     if args.json:
         print(json.dumps({"ok": True, "config": source}))
     else:
         print(f"config OK: {source or 'built-in defaults'}")
+    return EX_OK
+
+
+def _plan(args: argparse.Namespace, config: Config, source: str | None) -> int:
+    """What a sync of the declared webhooks would change, read from the database file
+    without writing to it (the daemon may be running)."""
+    from webhookd import declared
+    from webhookd.store import StoreError, read_webhooks
+
+    try:
+        stored = read_webhooks(config.storage.path)
+    except StoreError as exc:
+        raise CliError(str(exc), EX_FAIL) from None
+    changes = declared.plan(config.webhooks, stored)
+    if args.json:
+        print(json.dumps({"ok": True, "config": source, "declared": len(config.webhooks),
+                          "changes": declared.to_json(changes)}))
+    else:
+        print(f"config OK: {source or 'built-in defaults'}; {len(config.webhooks)} declared webhooks")
+        for line in declared.render(changes):
+            print(line)
     return EX_OK
 
 
@@ -423,7 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="position and correlation state (default: STATE_DIR/postfix-follow.json)")
     leaf(sub, "submit-arf", cmd_submit_arf, "read a spam-complaint feedback report (RFC 5965) on standard "
          "input, e.g. from an alias pipe, and submit a complained event for the original message")
-    leaf(sub, "check-config", cmd_check_config, "validate the config file and exit (78 if it is bad)")
+    p = leaf(sub, "check-config", cmd_check_config, "validate the config file and exit (78 if it is bad)")
+    p.add_argument("--plan", action="store_true",
+                   help="also print what the next start or reload would change in the declared webhooks "
+                        "([[webhooks]], webhooks.d/), without changing anything")
     leaf(sub, "status", cmd_status, "daemon version, uptime, deliveries by status, webhooks by state")
     leaf(sub, "stats", cmd_stats, "per-webhook health: last attempt, 24 h success rate, backlog")
     leaf(sub, "dashboard", cmd_dashboard, "print a one-time log-in link to the web dashboard")
@@ -529,7 +555,9 @@ def _run(args: argparse.Namespace) -> int:
     from webhookd.client import ConnectionBroken, DaemonUnreachable
 
     try:
-        config = load_config(args.config, dev=getattr(args, "dev", False))
+        # only serve and check-config read the declared webhooks (and their secret files)
+        config = load_config(args.config, dev=getattr(args, "dev", False),
+                             declared=args.command in ("serve", "check-config"))
     except ConfigError as exc:
         fallback = getattr(args, "on_config_error", None)
         if fallback is not None:  # `tracking rewrite` fails open, whatever the config says

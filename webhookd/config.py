@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from webhookd.declared import DeclaredError, DeclaredWebhook, parse_declared
+
 DEFAULT_CONFIG_PATH = Path("/etc/webhookd/config.toml")
 
 
@@ -121,6 +123,8 @@ class Config:
     source: Path | None = None
     dashboard: DashboardConfig = DashboardConfig()
     tracking: TrackingConfig = TrackingConfig()
+    # [[webhooks]] here and in webhooks.d/*.toml beside the file (webhookd/declared.py)
+    webhooks: tuple[DeclaredWebhook, ...] = ()
 
     @property
     def dev(self) -> bool:
@@ -288,7 +292,7 @@ def _under(base: Path, value: str) -> Path:
 
 TOP_LEVEL = (
     "environment", "state_dir", "runtime_dir", "storage", "intake", "admin", "dashboard", "delivery", "tracking",
-    "notify", "log",
+    "notify", "log", "webhooks",
 )
 
 
@@ -298,8 +302,11 @@ def parse_config(
     dev: bool = False,
     env: Mapping[str, str] | None = None,
     source: Path | None = None,
+    declared: bool = True,
 ) -> Config:
-    """Validate a decoded TOML document into a Config."""
+    """Validate a decoded TOML document into a Config. With `declared=False` the declared
+    webhooks are not read (their secret files may be readable only by the daemon's user): the
+    CLI's clients of the admin API need none of them; `webhooks` is then empty."""
     env = os.environ if env is None else env
     for key in data:
         if key not in TOP_LEVEL:
@@ -396,6 +403,10 @@ def parse_config(
         "level": lambda v, k: _choice(v, k, ("debug", "info", "warning", "error"), fold=True),
         "format": lambda v, k: _choice(v, k, ("json", "console", "auto")),
     })
+    try:
+        webhooks = parse_declared(data, source, production=environment == "production") if declared else ()
+    except DeclaredError as exc:
+        raise ConfigError(exc.key, exc.message) from None
     return Config(
         environment=cast(Literal["production", "development"], environment),
         state_dir=state_dir,
@@ -409,6 +420,7 @@ def parse_config(
         source=source,
         dashboard=DashboardConfig(**dashboard),
         tracking=tracking,
+        webhooks=webhooks,
     )
 
 
@@ -489,7 +501,8 @@ def find_config_path(explicit: str | Path | None, env: Mapping[str, str]) -> Pat
 
 
 def load_config(
-    path: str | Path | None = None, *, dev: bool = False, env: Mapping[str, str] | None = None
+    path: str | Path | None = None, *, dev: bool = False, env: Mapping[str, str] | None = None,
+    declared: bool = True,
 ) -> Config:
     env = os.environ if env is None else env
     found = find_config_path(path, env)
@@ -504,4 +517,4 @@ def load_config(
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{found}: {exc}") from exc
-    return parse_config(data, dev=dev, env=env, source=_under(Path.cwd(), str(found)))
+    return parse_config(data, dev=dev, env=env, source=_under(Path.cwd(), str(found)), declared=declared)

@@ -171,6 +171,7 @@ class Daemon:
         try:
             await self.store.open()
             await self.scheduler.load()  # a stored filter it cannot read, say
+            await self.sync_webhooks(cfg)  # [[webhooks]] and webhooks.d/ (webhookd/declared.py)
         except StoreError as exc:
             raise StartupError(str(exc)) from exc
         await self.dispatcher.start()
@@ -347,13 +348,13 @@ class Daemon:
                 return
             if self._reload_requested:
                 self._reload_requested = False
-                self._reload_now()
+                await self._reload_now()
                 continue
             await self._wake.wait()
 
-    def _reload_now(self) -> None:
+    async def _reload_now(self) -> None:
         try:
-            self.reload()
+            await self.reload()
         except Exception:  # a bug in reload must not stop the daemon (as in a signal callback)
             log.exception("config reload raised")
 
@@ -369,7 +370,7 @@ class Daemon:
                     self.scheduler.cancel_attempts()
                 if self._reload_requested:  # as before: a SIGHUP during the drain still reloads
                     self._reload_requested = False
-                    self._reload_now()
+                    await self._reload_now()
                 woken = asyncio.ensure_future(self._wake.wait())
                 await asyncio.wait((stopping, woken), return_when=asyncio.FIRST_COMPLETED)
                 woken.cancel()
@@ -440,14 +441,28 @@ class Daemon:
             f"{len(self.scheduler.webhooks)} webhooks, {self.stats.connections} intake connections"
         )
 
-    def reload(self) -> None:
-        """Re-read the config (SIGHUP, through serve()); apply what can change live, keep
-        and log what needs a restart."""
+    async def sync_webhooks(self, cfg: Config) -> dict[str, int]:
+        """Bring the stored webhooks in line with the declared ones; how many of each change."""
+        changes = await self.admin.ops.sync(cfg.webhooks)
+        counts = {kind: sum(1 for c in changes if c.kind == kind) for kind in ("create", "update", "disable")}
+        if changes:
+            log.info("declared webhooks synced", declared=len(cfg.webhooks), **counts)
+        return counts
+
+    async def reload(self) -> None:
+        """Re-read the config (SIGHUP, through serve()); sync the declared webhooks, apply
+        what can change live, keep and log what needs a restart. A config that does not
+        load changes nothing."""
         try:
             new = load_config(self.config.source, dev=self.config.dev)
         except ConfigError as exc:
             log.error("config reload failed; keeping the running config", error=str(exc))
             return
+        try:
+            synced: dict[str, int] | str = await self.sync_webhooks(new)
+        except StoreError as exc:  # the rest of the reload still applies; the next SIGHUP tries again
+            log.error("declared webhooks sync failed", error=str(exc))
+            synced = f"failed: {exc}"
         old = self.config
         logs.configure(new.log.level, new.log.format)
         restart_only = {name: getattr(old.delivery, name) for name in RESTART_ONLY_DELIVERY}
@@ -460,7 +475,8 @@ class Daemon:
         self.scheduler.reconfigure(delivery)
         # what runs: a later reload names a key that still differs from the file again
         self.config = dataclasses.replace(new, delivery=delivery, **kept)
-        log.info("config reloaded", source=str(new.source) if new.source else None, needs_restart=needs_restart)
+        log.info("config reloaded", source=str(new.source) if new.source else None, needs_restart=needs_restart,
+                 webhooks=synced)
 
     # -- stop --------------------------------------------------------------------------------
     async def stop(self) -> None:

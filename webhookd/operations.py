@@ -9,11 +9,13 @@ until they commit). Domain errors are `NotFound` and `Conflict`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import structlog
 
 from webhookd import policy
+from webhookd.declared import REMOVED_FROM_CONFIG, Change, DeclaredWebhook, plan
 from webhookd.dispatcher import Outcome
 from webhookd.events import synthetic_event
 from webhookd.filters import EMPTY_FILTER, WebhookFilter
@@ -44,13 +46,25 @@ class Operations:
             raise NotFound(f"no webhook with id {webhook_id!r}")
         return wh
 
+    @staticmethod
+    def editable(wh: Webhook) -> None:
+        """Conflict for a webhook declared in a file: its file owns its url, events, filter,
+        description and secret, and deleting it would only bring it back at the next sync."""
+        if wh.declared_in:
+            raise Conflict(
+                f"webhook {wh.name} ({wh.id}) is declared in {wh.declared_in}: change it there and reload"
+                " webhookd (systemctl reload webhookd); enable and disable still work here"
+            )
+
     async def create(
-        self, *, url: str, events: tuple[str, ...], description: str, filter: WebhookFilter = EMPTY_FILTER
+        self, *, url: str, events: tuple[str, ...], description: str, filter: WebhookFilter = EMPTY_FILTER,
+        name: str | None = None, declared_in: str | None = None, secret: str | None = None,
     ) -> Webhook:
         now = self.clock
         wh = Webhook(
-            id=new_id("wh"), url=url, events=events, description=description, secret=generate_secret(),
+            id=new_id("wh"), url=url, events=events, description=description, secret=secret or generate_secret(),
             previous_secret=None, previous_secret_expires_at=None, created_at=now, updated_at=now, filter=filter,
+            name=name, declared_in=declared_in,
         )
         wh.boundary = None  # a new webhook has nothing pending
         await self.storage.create_webhook(wh.record(), on_commit=lambda _: self.scheduler.add(wh))
@@ -61,7 +75,15 @@ class Operations:
         filter: WebhookFilter | None = None,
     ) -> Webhook:
         """Change what is given (None: keep it). Like a create, it applies to the events
-        submitted after its commit: memory (the fan-out included) changes then."""
+        submitted after its commit: memory (the fan-out included) changes then. Conflict for
+        a declared webhook (`editable`)."""
+        self.editable(wh)
+        return await self._update(wh, url=url, events=events, description=description, filter=filter)
+
+    async def _update(
+        self, wh: Webhook, *, url: str | None, events: tuple[str, ...] | None, description: str | None,
+        filter: WebhookFilter | None = None,
+    ) -> Webhook:
         now = self.clock
         new_url = wh.url if url is None else url
         new_events = wh.events if events is None else events
@@ -81,6 +103,7 @@ class Operations:
         return wh
 
     async def delete(self, wh: Webhook) -> None:
+        self.editable(wh)
         self.scheduler.remove(wh)
         await self.storage.delete_webhook(wh.id)
 
@@ -105,8 +128,12 @@ class Operations:
         return count
 
     async def rotate_secret(self, wh: Webhook, grace: float = ROTATION_GRACE) -> Webhook:
+        self.editable(wh)
+        return await self._rotate(wh, generate_secret(), grace)
+
+    async def _rotate(self, wh: Webhook, new: str, grace: float = ROTATION_GRACE) -> Webhook:
         now = self.clock
-        old, new = wh.secret, generate_secret()
+        old = wh.secret
         expires = now + grace
 
         def committed(_: None) -> None:
@@ -117,6 +144,57 @@ class Operations:
             wh.id, secret=new, previous_secret=old, previous_expires_at=expires, now=now, on_commit=committed
         )
         return wh
+
+    # -- webhooks as code (webhookd/declared.py) ----------------------------------------------
+    def plan(self, declared: Sequence[DeclaredWebhook]) -> list[Change]:
+        return plan(declared, [wh.record() for wh in self.scheduler.webhooks.values()])
+
+    async def sync(self, declared: Sequence[DeclaredWebhook]) -> list[Change]:
+        """Make the declared webhooks exist as declared (at start and on SIGHUP): create the
+        missing ones, update the changed ones (a new secret from a secret_file is rotated in
+        with the usual grace), re-enable one declared again after it was removed, and disable
+        (never delete) those whose entry is gone, as removed_from_config. Returns the changes."""
+        changes = self.plan(declared)
+        for change in changes:
+            d = change.declared
+            if change.kind == "create":
+                assert d is not None
+                wh = await self.create(url=d.url, events=d.events, description=d.description, filter=d.filter,
+                                       name=d.name, declared_in=d.source, secret=d.secret)
+                log.info("declared webhook created", webhook_id=wh.id, name=d.name, declared_in=d.source)
+                continue
+            assert change.webhook_id is not None
+            wh = self.webhook(change.webhook_id)
+            if change.kind == "update":
+                assert d is not None
+                names = change.fieldnames()
+                if {"url", "events", "description", "filter"} & set(names):
+                    await self._update(wh, url=d.url, events=d.events, description=d.description, filter=d.filter)
+                if "declared_in" in names:
+                    await self._declare(wh, d.source)
+                if change.secret_changed and d.secret is not None:
+                    await self._rotate(wh, d.secret)
+                if change.enable:
+                    await self.enable(wh)
+                log.info("declared webhook updated", webhook_id=wh.id, name=wh.name, fields=list(names),
+                         secret_changed=change.secret_changed, enabled_again=change.enable)
+            else:
+                if wh.enabled:
+                    now = self.clock
+                    gate = dataclasses.replace(policy.disabled_by_hand(wh.gate), disabled_reason=REMOVED_FROM_CONFIG)
+                    self.scheduler.set_gate(wh, gate, now)
+                    await self.storage.set_webhook_state(wh.id, wh.state(), pause_pending=True)
+                await self._declare(wh, None)
+                log.info("declared webhook disabled", webhook_id=wh.id, name=wh.name, reason=REMOVED_FROM_CONFIG)
+        return changes
+
+    async def _declare(self, wh: Webhook, declared_in: str | None) -> None:
+        now = self.clock
+
+        def committed(_: None) -> None:
+            wh.declared_in, wh.updated_at = declared_in, now
+
+        await self.storage.set_declared_in(wh.id, declared_in, updated_at=now, on_commit=committed)
 
     async def retry_delivery(self, delivery_id: int) -> str:
         """Queue a delivery for an attempt now; returns its new status."""

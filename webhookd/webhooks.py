@@ -36,6 +36,8 @@ class Webhook:
     created_at: float
     updated_at: float
     filter: WebhookFilter = EMPTY_FILTER  # change it with set_filter: fan-out runs `matcher`
+    name: str | None = None  # a declared webhook's stable name (webhookd/declared.py)
+    declared_in: str | None = None  # the file declaring it: url, events, filter, description, secret are its
     gate: Gate = field(default_factory=Gate)
     # runtime
     heap: list[tuple[float, int]] = field(default_factory=list)
@@ -63,8 +65,8 @@ class Webhook:
         return cls(
             id=r.id, url=r.url, events=r.events, description=r.description, secret=r.secret,
             previous_secret=r.previous_secret, previous_secret_expires_at=r.previous_secret_expires_at,
-            created_at=r.created_at, updated_at=r.updated_at, filter=r.filter,
-            gate=Gate(enabled=r.enabled, consecutive_failures=r.consecutive_failures,
+            created_at=r.created_at, updated_at=r.updated_at, filter=r.filter, name=r.name,
+            declared_in=r.declared_in, gate=Gate(enabled=r.enabled, consecutive_failures=r.consecutive_failures,
                       backoff_until=r.backoff_until, disabled_reason=r.disabled_reason),
         )
 
@@ -75,7 +77,7 @@ class Webhook:
             disabled_reason=g.disabled_reason, consecutive_failures=g.consecutive_failures,
             backoff_until=g.backoff_until, secret=self.secret, previous_secret=self.previous_secret,
             previous_secret_expires_at=self.previous_secret_expires_at, created_at=self.created_at,
-            updated_at=self.updated_at, filter=self.filter,
+            updated_at=self.updated_at, filter=self.filter, name=self.name, declared_in=self.declared_in,
         )
 
     def state(self) -> WebhookState:
@@ -120,6 +122,8 @@ class Webhook:
             "disabled_reason": self.disabled_reason,
             "consecutive_failures": self.consecutive_failures,
             "filter": self.filter.to_json(),
+            "name": self.name,
+            "declared_in": self.declared_in,
             "created_at": format_timestamp(self.created_at),
             "updated_at": format_timestamp(self.updated_at),
         }

@@ -33,12 +33,11 @@ from webhookd.store.model import (
     WebhookState,
     WebhookStats,
 )
-from webhookd.store.sqlite import SqliteStorage
+from webhookd.store.sqlite import SqliteStorage, read_webhooks
 
 __all__ = [
     "DELIVERY_STATUSES", "FAILED", "PAUSED", "PENDING", "SUCCEEDED", "Attempt", "Conflict", "Delivery",
     "DeliveryDetail", "DeliveryFilter", "DueItem", "FreshEvent", "FreshSink", "HourCount", "NotFound",
     "OutcomeRecord", "SqliteStorage", "Storage", "StoreError", "Subscriber", "TrackingFacts", "TrackingHit",
-    "WebhookRecord", "WebhookState",
-    "WebhookStats",
+    "WebhookRecord", "WebhookState", "WebhookStats", "read_webhooks",
 ]

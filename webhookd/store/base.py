@@ -116,7 +116,8 @@ class Storage(Protocol):
     def create_webhook(
         self, webhook: WebhookRecord, *, on_commit: Callable[[None], None] | None = None
     ) -> asyncio.Future[None]:
-        """Store a new webhook, its `filter` included (`load_webhooks` returns it equal)."""
+        """Store a new webhook, its `filter`, `name` and `declared_in` included (`load_webhooks`
+        returns it equal). A `name` already taken is refused (StoreError)."""
         ...
 
     def update_webhook(
@@ -133,6 +134,18 @@ class Storage(Protocol):
         """Replace the webhook's url, events, description and filter. A backend keeps the
         filter as `WebhookFilter.to_json()` (JSON) and reads it back with `WebhookFilter.parse`,
         refusing (StoreError) one it cannot read rather than widening it to every event."""
+        ...
+
+    def set_declared_in(
+        self,
+        webhook_id: str,
+        declared_in: str | None,
+        *,
+        updated_at: float,
+        on_commit: Callable[[None], None] | None = None,
+    ) -> asyncio.Future[None]:
+        """Set (or clear, None) the file a webhook is declared in; its `name` is set at create
+        and never changes (internal)."""
         ...
 
     def delete_webhook(

@@ -52,6 +52,8 @@ class WebhookRecord:
     created_at: float
     updated_at: float
     filter: WebhookFilter = EMPTY_FILTER  # which of its types' events it gets (webhookd.filters)
+    name: str | None = None  # a declared webhook's stable name (webhookd.declared); unique when set
+    declared_in: str | None = None  # the file that declares it (then read-only through the API)
 
 
 @dataclass(frozen=True, slots=True)

@@ -260,10 +260,11 @@ class SqliteStorage(Reads):
 
         async def write(db: Conn) -> None:
             await db.execute(
-                f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
                 (w.id, w.url, orjson.dumps(list(w.events)).decode(), w.description, int(w.enabled),
                  w.disabled_reason, w.consecutive_failures, w.backoff_until, w.secret, w.previous_secret,
-                 w.previous_secret_expires_at, w.created_at, w.updated_at, filter_text(w.filter)),
+                 w.previous_secret_expires_at, w.created_at, w.updated_at, filter_text(w.filter), w.name,
+                 w.declared_in),
             )
 
         return self._writer.run(write, on_commit=on_commit)
@@ -279,6 +280,16 @@ class SqliteStorage(Reads):
             )
 
         return self._writer.run(write, on_commit=on_commit)
+
+    def set_declared_in(
+        self, webhook_id: str, declared_in: str | None, *, updated_at: float,
+        on_commit: Callable[[None], None] | None = None,
+    ) -> asyncio.Future[None]:
+        async def write(db: Conn) -> None:
+            await db.execute("UPDATE webhooks SET declared_in = ?, updated_at = ? WHERE id = ?",
+                             (declared_in, updated_at, webhook_id))
+
+        return self._writer.run(write, on_commit=on_commit, internal=True)
 
     def delete_webhook(
         self, webhook_id: str, *, on_commit: Callable[[None], None] | None = None
@@ -480,3 +491,28 @@ def _track_one(conn: sqlite3.Connection, hit: TrackingHit, now: float) -> Tracki
     if row is None:
         row = conn.execute(select + " ORDER BY id LIMIT 1", (hit.message_id,)).fetchone()
     return TrackingFacts(opted_out=False, first=first, delivered_at=str(row[0]) if row and row[0] else None)
+
+
+def read_webhooks(path: Path) -> list[WebhookRecord]:
+    """Every stored webhook, read from the database file without writing to it (no migration,
+    no writer): what `webhookd check-config --plan` compares the config with, while the daemon
+    may be running (WAL: a reader never blocks it). A missing database holds none; one older
+    than v6 holds no declared webhook, so it counts as none too. Raises StoreError."""
+    if not path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.execute("PRAGMA busy_timeout = 5000")
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"database {path} has schema version {version}, newer than this webhookd "
+                                 f"({SCHEMA_VERSION}); upgrade webhookd")
+            if version < 6:
+                return []
+            rows = conn.execute(f"SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id").fetchall()  # noqa: S608
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from None
+    return [webhook_row(r) for r in rows]

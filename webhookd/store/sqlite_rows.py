@@ -26,7 +26,7 @@ DAY = 24 * HOUR
 
 WEBHOOK_COLUMNS = (
     "id, url, events, description, enabled, disabled_reason, consecutive_failures, backoff_until,"
-    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at, filter"
+    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at, filter, name, declared_in"
 )
 DELIVERY_SELECT = (
     "SELECT d.id, e.uid, d.webhook_id, e.type, d.status, d.attempts, d.next_attempt_at,"
@@ -53,7 +53,7 @@ def webhook_row(row: Sequence[Any]) -> WebhookRecord:
         id=row[0], url=row[1], events=tuple(orjson.loads(row[2])), description=row[3], enabled=bool(row[4]),
         disabled_reason=row[5], consecutive_failures=int(row[6]), backoff_until=float(row[7]), secret=row[8],
         previous_secret=row[9], previous_secret_expires_at=row[10], created_at=float(row[11]),
-        updated_at=float(row[12]), filter=stored_filter(row[0], row[13]),
+        updated_at=float(row[12]), filter=stored_filter(row[0], row[13]), name=row[14], declared_in=row[15],
     )
 
 

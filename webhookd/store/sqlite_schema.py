@@ -107,6 +107,14 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE webhooks ADD COLUMN filter TEXT NOT NULL DEFAULT '{}';
     """,
+    # v6: webhooks as code (webhookd/declared.py): a declared webhook's stable name, unique
+    # when set, and the file declaring it (NULL once removed from the config: it is then
+    # disabled as removed_from_config and keeps its name, so declaring it again finds it).
+    """
+    ALTER TABLE webhooks ADD COLUMN name TEXT;
+    ALTER TABLE webhooks ADD COLUMN declared_in TEXT;
+    CREATE UNIQUE INDEX webhooks_name ON webhooks (name) WHERE name IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -138,6 +138,7 @@ class ActionViews:
     # -- delete -----------------------------------------------------------------------------
     async def delete_confirm(self, request: web.Request) -> web.Response:
         wh = self._webhook(request)
+        self.dash.ops.editable(wh)  # a declared one: 409 naming its file, no form
         return self.dash.page(request, "webhook_delete.html", {
             "wh": wh, "waiting": await self._count(wh, PENDING, PAUSED),
         }, nav="webhooks")
