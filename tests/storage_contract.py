@@ -30,12 +30,12 @@ from webhookd.events import Event, parse_event
 from webhookd.filters import EMPTY_FILTER, WebhookFilter
 from webhookd.reasons import Reason
 from webhookd.store import (
-    ApiToken,
     DELIVERY_STATUSES,
     FAILED,
     PAUSED,
     PENDING,
     SUCCEEDED,
+    ApiToken,
     Attempt,
     Delivery,
     DeliveryFilter,
