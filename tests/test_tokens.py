@@ -1,7 +1,8 @@
-"""Scoped API tokens on the admin HTTP listener: hashing, revocation, last use, and the key
-test: every route of the admin app, called with tenant B's token against tenant A's webhook
-and delivery, answers exactly what it answers for an id that does not exist, and no list
-holds A's data (the contract tests for the storage verbs are in tests/storage_contract.py)."""
+"""Scoped API tokens on the admin HTTP listener and the dashboard: hashing, revocation, last
+use, and the key tests: every route of the admin app (and of the dashboard, with a session
+of the token), called by tenant B against tenant A's webhook and delivery, answers exactly
+what it answers for an id that does not exist, and no list holds A's data (the contract
+tests for the storage verbs are in tests/storage_contract.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ import orjson
 import pytest
 
 from tests.conftest import Harness, event, eventually, free_port
+from tests.test_ui import UI, Clock, login_csrf
 from webhookd.admin import ROUTES
 from webhookd.tokens import PREFIX, TokenAuth, new_token, token_hash
+from webhookd.ui.security import UI_ROUTES
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 StartDaemon = Callable[..., Awaitable[Harness]]
@@ -345,3 +348,157 @@ async def test_the_admin_token_and_the_unix_socket_keep_full_rights(tenants: Ten
         assert (await who("GET", "/v1/stats"))[0] == 200
         assert (await who("GET", "/v1/deliveries"))[0] == 200
         assert (await who("GET", f"/v1/webhooks/{plain['id']}/secret"))[0] == 200
+
+
+# -- the dashboard with a scoped token's session ------------------------------------------------------
+UI_PUBLIC = {("GET", "/login"), ("POST", "/login"), ("GET", "/login/{token}"), ("POST", "/logout"),
+             ("GET", "/static/{version}/{name}"), ("GET", "")}
+UI_ATTACKS: dict[tuple[str, str], list[tuple[str, str]] | None] = {
+    ("GET", "/"): None, ("GET", "/chart.svg"): None,
+    ("GET", "/webhooks"): None, ("GET", "/webhooks/new"): None,
+    ("POST", "/webhooks/new"): [("url", "http://127.0.0.1:9/x"), ("events", "*"), ("from_domains", "shop.example")],
+    ("GET", "/webhooks/{id}"): None,
+    ("POST", "/webhooks/{id}"): [("url", "http://127.0.0.1:9/x"), ("events", "*"), ("description", "taken"),
+                                 ("from_domains", "other.example")],
+    ("POST", "/webhooks/{id}/disable"): [], ("GET", "/webhooks/{id}/enable"): None,
+    ("POST", "/webhooks/{id}/enable"): [("drop_backlog", "1")],
+    ("POST", "/webhooks/{id}/test"): [("event", "delivered")],
+    ("POST", "/webhooks/{id}/secret"): [], ("POST", "/webhooks/{id}/rotate-secret"): [],
+    ("GET", "/webhooks/{id}/replay"): None,
+    ("POST", "/webhooks/{id}/replay"): [("since", "2020-01-01T00:00"), ("status", "succeeded")],
+    ("GET", "/webhooks/{id}/delete"): None, ("POST", "/webhooks/{id}/delete"): [],
+    ("GET", "/deliveries"): None, ("GET", "/deliveries/rows"): None,
+    ("GET", "/deliveries/retry-failed"): None, ("POST", "/deliveries/retry-failed"): [],
+    ("GET", "/deliveries/{id}"): None, ("POST", "/deliveries/{id}/retry"): [],
+}
+
+
+def _ui_routes(tenants: Tenants) -> list[tuple[str, str]]:
+    dash = tenants.h.daemon.dashboard
+    assert dash is not None
+    return [(route.method, resource.canonical) for resource in dash.app().router.resources()
+            for route in resource if route.method != "HEAD"]
+
+
+async def ui_login(tenants: Tenants, token: str) -> UI:
+    dash = tenants.h.daemon.dashboard
+    assert dash is not None
+    ui = UI(tenants.h, dash, tenants.admin.base, Clock())
+    page = await ui.get("/ui/login")
+    reply = await ui.post("/ui/login", {"token": token}, csrf=login_csrf(page.text))
+    assert reply.status == 303 and reply.location == "/ui/", reply
+    return ui
+
+
+def main_of(html: str) -> str:
+    """The page's <main>, where the content is (the header carries the session's own bits)."""
+    m = re.search(r"<main.*?</main>", html, re.S)
+    return m.group(0) if m else html
+
+
+async def test_every_dashboard_route_is_classified(tenants: Tenants) -> None:
+    routes = _ui_routes(tenants)
+    assert ("GET", "/webhooks/{id}") in routes
+    missing = [r for r in routes if r not in UI_ROUTES]
+    assert not missing, f"dashboard routes without a scope in webhookd.ui.security.UI_ROUTES: {missing}"
+    untested = [r for r in routes if r not in UI_ATTACKS and r not in UI_PUBLIC]
+    assert not untested, f"dashboard routes not exercised by the tenant test: {untested}"
+
+
+async def test_tenant_b_in_the_dashboard_cannot_reach_anything_of_tenant_a(tenants: Tenants) -> None:
+    h = tenants.h
+    a_hook, b_hook = await tenants.webhook("shop.example"), await tenants.webhook("other.example")
+    await h.submit(event(n=1, **{"from": "orders@shop.example"}), event(n=3, **{"from": "orders@shop.example"}),
+                   event(n=2, **{"from": "news@other.example"}))
+    a_dlv, b_dlv = await delivery_of(h, a_hook["id"]), await delivery_of(h, b_hook["id"])
+    b_http, _ = await tenants.token(["other.example"])
+    ui = await ui_login(tenants, str(b_http.token))
+    try:
+        a_marks = [a_hook["id"], a_dlv, a_hook["url"], "tenant shop.example"]  # (forms show example domains)
+        unknown = {m: main_of((await (ui.get("/ui/no-such-page") if m == "GET" else ui.post("/ui/no-such-page"))).text)
+                   for m in ("GET", "POST")}
+
+        async def call(method: str, path: str, fields: Any) -> Any:
+            return await (ui.get("/ui" + path) if method == "GET" else ui.post("/ui" + path, fields or []))
+
+        def concrete(path: str, wid: str, did: str) -> str:
+            return path.replace("{id}", did if path.startswith("/deliveries/") else wid)
+
+        for (method, path), fields in UI_ATTACKS.items():
+            kind = UI_ROUTES[(method, path)]
+            reply = await call(method, concrete(path, a_hook["id"], a_dlv), fields)
+            text = main_of(reply.text)
+            if kind == "admin":
+                assert (reply.status, text) == (404, unknown[method]), (method, path, reply.status)
+                continue
+            if "{id}" in path:
+                ghost = await call(method, concrete(path, GHOST_WH, GHOST_DLV), fields)
+                assert reply.status == ghost.status == 404, (method, path, reply.status, text[:300])
+                assert (same_but_ids(text.encode(), a_hook["id"], a_dlv)
+                        == same_but_ids(main_of(ghost.text).encode(), GHOST_WH, GHOST_DLV)), (method, path)
+                text = same_but_ids(text.encode(), a_hook["id"], a_dlv).decode()
+            assert not any(m in text for m in a_marks), (method, path, text[:500])
+        for path in ("/deliveries", "/deliveries/rows", "/deliveries/retry-failed"):
+            got, ghost = await ui.get(f"/ui{path}?webhook_id={a_hook['id']}"), await ui.get(
+                f"/ui{path}?webhook_id={GHOST_WH}")
+            assert got.status == ghost.status == 404, path
+            assert same_but_ids(main_of(got.text).encode(), a_hook["id"], a_dlv) == same_but_ids(
+                main_of(ghost.text).encode(), GHOST_WH, GHOST_DLV)
+        got = await ui.post("/ui/deliveries/retry-failed", [("webhook_id", a_hook["id"])])
+        assert got.status == 404
+
+        # B's own: its webhook, its deliveries, the overview counts only its one delivery
+        page = await ui.page("/ui/webhooks")
+        assert b_hook["id"] in page and a_hook["id"] not in page
+        overview = await ui.page("/ui/")
+        assert "1 in all (finished" in overview and "chart.svg" not in overview
+        assert b_dlv in await ui.page(f"/ui/deliveries?webhook_id={b_hook['id']}")
+        assert (await ui.get(f"/ui/deliveries/{b_dlv}")).status == 200
+        assert (await ui.get(f"/ui/webhooks/{b_hook['id']}")).status == 200
+    finally:
+        await ui.close()
+    shown = await h.webhook(a_hook["id"])
+    assert shown["description"] == "tenant shop.example" and shown["enabled"] is True
+    assert len(await h.deliveries(webhook_id=a_hook["id"])) == 2
+    assert len((await h.api("GET", "/v1/webhooks"))[1]["webhooks"]) == 2
+
+
+async def test_the_dashboard_scopes_creates_refuses_read_only_writes_and_ends_revoked_sessions(
+    tenants: Tenants,
+) -> None:
+    b_http, b_made = await tenants.token(["other.example"])
+    ui = await ui_login(tenants, str(b_http.token))
+    ro_http, _ = await tenants.token(["other.example"], read_only=True)
+    ro = await ui_login(tenants, str(ro_http.token))
+    try:
+        base = [("url", "http://127.0.0.1:9/b"), ("events", "*")]
+        refused = await ui.post("/ui/webhooks/new", base)
+        assert refused.status == 403 and "other.example" in refused.text
+        refused = await ui.post("/ui/webhooks/new", [*base, ("from_domains", "shop.example")])
+        assert refused.status == 403
+        made = await ui.post("/ui/webhooks/new", [*base, ("from_domains", "other.example")])
+        assert made.status == 303
+        wid = made.location.rsplit("/", 1)[1]
+        moved = await ui.post(f"/ui/webhooks/{wid}", [*base, ("from_domains", "shop.example")])
+        assert moved.status == 403
+        assert (await tenants.h.webhook(wid))["filter"]["from_domains"] == ["other.example"]
+
+        for method, path in UI_ATTACKS:
+            if UI_ROUTES[(method, path)] != "write":
+                continue
+            real = "/ui" + path.replace("{id}", wid)
+            reply = await (ro.get(real) if method == "GET" else ro.post(real, UI_ATTACKS[(method, path)] or []))
+            assert reply.status == 403 and "read-only" in reply.text, (method, path)
+        assert wid in await ro.page("/ui/webhooks")
+        assert (await tenants.h.webhook(wid))["enabled"] is True
+
+        assert (await tenants.admin.call("DELETE", f"/v1/tokens/{b_made['id']}"))[0] == 200
+        gone = await ui.get("/ui/webhooks")
+        assert gone.status == 303 and gone.location == "/ui/login"
+        assert (await ui.get(f"/ui/webhooks/{wid}")).location == "/ui/login"
+        bad = await ui.get("/ui/login")
+        wrong = await ui.post("/ui/login", {"token": str(b_http.token)}, csrf=login_csrf(bad.text))
+        assert wrong.status == 403 and "not a valid API token" in wrong.text
+    finally:
+        await ui.close()
+        await ro.close()

@@ -1,8 +1,8 @@
 """Scoped API tokens through the real `webhookd serve` process: the CLI makes a token per
 tenant (printed once), two tenants' filtered webhooks get events, and over admin.http_listen
-each token sees only its own webhooks and deliveries; the other tenant's ids answer exactly
-as ids that do not exist; tokens list shows the last use; a revoked token is refused; and a
-scoped token cannot log in to the dashboard (which is the admin's only)."""
+each token sees only its own webhooks and deliveries, over the API and in the dashboard;
+the other tenant's ids answer exactly as ids that do not exist; tokens list shows the last
+use; a revoked token is refused."""
 
 from __future__ import annotations
 
@@ -92,13 +92,27 @@ async def test_two_tenants_each_see_only_their_own_through_the_real_process(
     table = await asyncio.to_thread(d.cli, "tokens", "list")
     assert b"shop panel" in table.stdout and b"LAST USED" in table.stdout and shop_token.encode() not in table.stdout
 
-    # the dashboard is the admin's: a scoped token does not log in
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://127.0.0.1:{port}/ui/login") as r:
-            page = await r.text()
-        async with s.post(f"http://127.0.0.1:{port}/ui/login", allow_redirects=False,
-                          data={"token": shop_token, "csrf": login_csrf(page)}) as r:
-            assert r.status == 403 and "webhookd_session" not in r.cookies
+    # the dashboard: each token's session sees only its own
+    ui = f"http://127.0.0.1:{port}/ui"
+    form_headers = {"Origin": "null", "Sec-Fetch-Site": "same-origin"}
+    for http, wid, their, their_dlv in ((a, shop["id"], other["id"], dlv["b"][0]),
+                                        (b, other["id"], shop["id"], dlv["a"][0])):
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+            async with s.get(f"{ui}/login") as r:
+                page = await r.text()
+            async with s.post(f"{ui}/login", allow_redirects=False, headers=form_headers,
+                              data={"token": str(http.token), "csrf": login_csrf(page)}) as r:
+                assert r.status == 303, await r.text()
+            async with s.get(f"{ui}/webhooks", allow_redirects=False) as r:
+                text = await r.text()
+                assert r.status == 200 and wid in text and their not in text
+            async with s.get(f"{ui}/webhooks/{wid}", allow_redirects=False) as r:
+                assert r.status == 200
+            for path in (f"/webhooks/{their}", f"/deliveries/{their_dlv}", f"/deliveries?webhook_id={their}"):
+                async with s.get(ui + path, allow_redirects=False) as r:
+                    assert r.status == 404, path
+            async with s.get(f"{ui}/deliveries?webhook_id={wid}", allow_redirects=False) as r:
+                assert r.status == 200 and dlv["a" if http is a else "b"][0] in await r.text()
 
     revoked = await asyncio.to_thread(d.cli, "tokens", "revoke", other_made["id"])
     assert revoked.returncode == 0 and f"revoked {other_made['id']}".encode() in revoked.stdout

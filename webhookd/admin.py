@@ -128,7 +128,7 @@ class AdminApi:
     def app(self, token: str = "") -> web.Application:
         """The admin API; with `token` (admin.http_listen), every request must bear it or a
         scoped token; without (the admin Unix socket), every request is the admin."""
-        middlewares = [_token_middleware(token, self.tokens) if token else _admin_middleware, self._errors]
+        middlewares = [self._errors, _token_middleware(token, self.tokens) if token else _admin_middleware]
         app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
         if self.ui is not None:
             ui = self.ui()

@@ -62,6 +62,7 @@ class Principal:
 
 
 ADMIN = Principal(admin=True)
+NOBODY = Principal(admin=False)  # sees nothing (no domains)
 
 
 class TokenAuth:
@@ -79,7 +80,11 @@ class TokenAuth:
         """The principal of a presented token, or None (unknown, malformed or revoked)."""
         if not presented.startswith(PREFIX) or len(presented) > 256:
             return None
-        digest = token_hash(presented)
+        return await self.principal_by_hash(token_hash(presented))
+
+    async def principal_by_hash(self, digest: str) -> Principal | None:
+        """The same, from the token's SHA-256 (what a dashboard session keeps, to see a
+        revocation at its next request)."""
         found = await self.storage.token_by_hash(digest)
         if found is None or not hmac.compare_digest(found.hash.encode(), digest.encode()):
             return None
