@@ -35,6 +35,7 @@ from webhookd.store import (
     PAUSED,
     PENDING,
     SUCCEEDED,
+    ApiToken,
     Attempt,
     Delivery,
     DeliveryFilter,
@@ -1069,5 +1070,54 @@ async def test_prune_tracking_forgets_first_hits_older_than_the_cutoff_in_batche
     assert [f.first for f in facts] == [True, False]
 
 
+
+# -- scoped API tokens ------------------------------------------------------------------------------
+def api_token(n: int, **kw: Any) -> ApiToken:
+    base: dict[str, Any] = {"id": f"tok_{n}", "hash": f"{n:064x}", "domains": ("shop.example", "*.shop.example"),
+                            "read_only": False, "description": f"panel {n}", "created_at": T0 + n}
+    return ApiToken(**{**base, **kw})
+
+
+async def test_tokens_round_trip_and_are_found_by_hash_only(make_storage: MakeStorage, clock: FakeClock) -> None:
+    storage = await make_storage(clock=clock)
+    first, second = api_token(1), api_token(2, read_only=True, domains=("other.example",), description="")
+    await storage.create_token(first)
+    await storage.create_token(second)
+    assert await storage.list_tokens() == [first, second]
+    assert await storage.token_by_hash(second.hash) == second
+    assert await storage.token_by_hash("f" * 64) is None
+    assert await storage.token_by_hash(second.id) is None  # never by id
+    await storage.close()
+    again = await make_storage(clock=clock)  # a restart reads them back equal
+    assert await again.list_tokens() == [first, second]
+
+
+async def test_a_token_hash_is_unique(storage: Storage) -> None:
+    await storage.create_token(api_token(1))
+    with pytest.raises(StoreError):
+        await storage.create_token(api_token(2, hash=api_token(1).hash))
+    assert [t.id for t in await storage.list_tokens()] == ["tok_1"]
+
+
+async def test_revoking_a_token_keeps_it_listed_and_its_first_revocation_time(storage: Storage) -> None:
+    await storage.create_token(api_token(1))
+    assert await storage.revoke_token("tok_1", now=T0 + 10) is True
+    assert await storage.revoke_token("tok_1", now=T0 + 20) is False  # already
+    assert await storage.revoke_token("tok_nope", now=T0 + 20) is False
+    found = await storage.token_by_hash(api_token(1).hash)
+    assert found is not None and found.revoked_at == T0 + 10
+    assert [t.revoked_at for t in await storage.list_tokens()] == [T0 + 10]
+
+
+async def test_touch_tokens_sets_last_use_in_one_write_and_never_moves_it_back(storage: Storage) -> None:
+    for n in (1, 2, 3):
+        await storage.create_token(api_token(n))
+    before = storage.commits
+    await storage.touch_tokens([("tok_1", T0 + 100), ("tok_2", T0 + 200)])
+    assert storage.commits == before + 1
+    await storage.touch_tokens([("tok_1", T0 + 50), ("tok_nope", T0 + 300)])  # older: kept; unknown: ignored
+    assert [t.last_used_at for t in await storage.list_tokens()] == [T0 + 100, T0 + 200, None]
+
+
 __all__ = ["EVERYTHING", "START", "T0", "FakeClock", "MakeStorage", "clock", "ev", "fresh", "outcome", "record",
-           "storage", "webhook", *(name for name in list(globals()) if name.startswith("test_"))]
+           "storage", "webhook", "api_token", *(name for name in list(globals()) if name.startswith("test_"))]

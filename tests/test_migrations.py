@@ -1,7 +1,8 @@
 """Schema migrations on databases that hold data: v2 (and v1) → v3 backfills the message id and
 recipient columns, each webhook's last attempt and the attempts per hour, adds the search
 indexes, and loses nothing; v4 → v5 gives every webhook the empty filter; v5 → v6 leaves every
-webhook undeclared (no name, no file) and makes names unique."""
+webhook undeclared (no name, no file) and makes names unique; v6 → v7 adds the (empty) table
+of scoped API tokens."""
 
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     return {table: db_rows(path, sql) for table, sql in BEFORE.items()}
 
 
-@pytest.fixture(params=[5, 4, 2, 1], ids=["from-v5", "from-v4", "from-v2", "from-v1"])
+@pytest.fixture(params=[6, 5, 4, 2, 1], ids=["from-v6", "from-v5", "from-v4", "from-v2", "from-v1"])
 async def migrated(request: pytest.FixtureRequest,
                    tmp_path: Path) -> AsyncIterator[tuple[SqliteStorage, dict[str, Any]]]:
     path = tmp_path / "old.db"
@@ -125,13 +126,15 @@ async def test_schema_reaches_the_current_version_and_keeps_every_row(
 ) -> None:
     storage, before = migrated
     path = storage.path
-    assert SCHEMA_VERSION == 6
-    assert db_rows(path, "PRAGMA user_version") == [(6,)]
+    assert SCHEMA_VERSION == 7
+    assert db_rows(path, "PRAGMA user_version") == [(7,)]
     assert snapshot(path) == before  # nothing pre-existing is lost or changed
     assert [len(before[t]) for t in ("webhooks", "events", "deliveries", "attempts")] == [3, 4, 6, 5]
     names = {r[0] for r in db_rows(path, "SELECT name FROM sqlite_master WHERE type IN ('index', 'table')")}
     assert {"deliveries_finished", "deliveries_event", "events_message_id", "events_recipient",
-            "attempt_hours"} <= names
+            "attempt_hours", "api_tokens"} <= names
+    assert db_rows(path, "SELECT count(*) FROM api_tokens") == [(0,)]
+    assert await storage.list_tokens() == []
     assert db_rows(path, "PRAGMA integrity_check") == [("ok",)]
 
 

@@ -25,10 +25,23 @@ from webhookd.apimodel import (
     webhook_stats_json,
 )
 from webhookd.events import EVENT_TYPES, EventError, format_timestamp
+from webhookd.filters import FilterError, parse_domains
+from webhookd.ids import new_id
 from webhookd.metrics import CONTENT_TYPE, Metrics
 from webhookd.operations import Operations
 from webhookd.scheduler import Scheduler
-from webhookd.store import FAILED, PAUSED, SUCCEEDED, Conflict, DeliveryFilter, NotFound, Storage, StoreError
+from webhookd.store import (
+    FAILED,
+    PAUSED,
+    SUCCEEDED,
+    ApiToken,
+    Conflict,
+    DeliveryFilter,
+    NotFound,
+    Storage,
+    StoreError,
+)
+from webhookd.tokens import ADMIN, Principal, TokenAuth, new_token, token_hash, token_json
 from webhookd.webhooks import Webhook
 
 __all__ = [  # re-exported: the dashboard and the tests import them from here
@@ -40,6 +53,57 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LIST = 1000
 WEBHOOK_FIELDS = frozenset({"url", "events", "description", "filter"})
+TOKEN_FIELDS = frozenset({"domains", "read_only", "description"})
+
+# Who may call each route: every route of the admin app is here (tests/test_tokens.py fails
+# for one that is not). "admin": the admin token and the Unix socket only, a scoped token
+# gets the same 404 as an unknown path; "read": a scoped token too, its handler showing only
+# the principal's webhooks and deliveries; "write": the same, and a read-only token gets 403.
+# A route missing here is admin-only (default deny).
+ROUTES: dict[tuple[str, str], str] = {
+    ("GET", "/healthz"): "read",
+    ("GET", "/metrics"): "admin",  # global counts
+    ("GET", "/v1/status"): "admin",  # global counts
+    ("GET", "/v1/stats"): "admin",  # global counts and every webhook
+    ("POST", "/v1/dashboard/links"): "admin",  # a link logs in as the admin
+    ("POST", "/v1/tokens"): "admin",
+    ("GET", "/v1/tokens"): "admin",
+    ("DELETE", "/v1/tokens/{id}"): "admin",
+    ("GET", "/v1/tracking"): "admin",
+    ("POST", "/v1/tracking/sign"): "admin",
+    ("PUT", "/v1/tracking/opt-outs/{address}"): "admin",
+    ("DELETE", "/v1/tracking/opt-outs/{address}"): "admin",
+    ("POST", "/v1/webhooks"): "write",
+    ("GET", "/v1/webhooks"): "read",
+    ("GET", "/v1/webhooks/{id}"): "read",
+    ("PATCH", "/v1/webhooks/{id}"): "write",
+    ("DELETE", "/v1/webhooks/{id}"): "write",
+    ("POST", "/v1/webhooks/{id}/enable"): "write",
+    ("POST", "/v1/webhooks/{id}/disable"): "write",
+    ("POST", "/v1/webhooks/{id}/test"): "write",
+    ("POST", "/v1/webhooks/{id}/rotate-secret"): "write",
+    ("POST", "/v1/webhooks/{id}/replay"): "write",
+    ("GET", "/v1/webhooks/{id}/secret"): "write",  # the signing secret: not for a read-only token
+    ("GET", "/v1/deliveries"): "read",
+    ("GET", "/v1/deliveries/count"): "read",
+    ("POST", "/v1/deliveries/retry-failed"): "write",
+    ("GET", "/v1/deliveries/{id}"): "read",
+    ("POST", "/v1/deliveries/{id}/retry"): "write",
+}
+_PRINCIPAL = web.RequestKey("webhookd_principal", Principal)
+
+
+def principal_of(request: web.Request) -> Principal:
+    """The request's principal, set by the admin app's auth middleware (KeyError if none: fail closed)."""
+    return request[_PRINCIPAL]
+
+
+def route_class(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource
+    if resource is None:
+        return "admin"
+    return ROUTES.get((route.method, resource.canonical), "admin")
 
 
 class AdminApi:
@@ -59,11 +123,12 @@ class AdminApi:
         self.login_link: Callable[[], tuple[str, float]] | None = None
         # /v1/tracking/... (webhookd.tracking.api), added by the daemon
         self.tracking: Any = None
+        self.tokens = TokenAuth(storage, time.time)
 
     def app(self, token: str = "") -> web.Application:
-        middlewares = [self._errors]
-        if token:
-            middlewares.insert(0, _token_middleware(token))
+        """The admin API; with `token` (admin.http_listen), every request must bear it or a
+        scoped token; without (the admin Unix socket), every request is the admin."""
+        middlewares = [self._errors, _token_middleware(token, self.tokens) if token else _admin_middleware]
         app = web.Application(middlewares=middlewares, client_max_size=1024 * 1024)
         if self.ui is not None:
             ui = self.ui()
@@ -91,6 +156,9 @@ class AdminApi:
         r.add_post("/v1/deliveries/retry-failed", self.retry_failed)
         r.add_get("/v1/deliveries/{id}", self.show_delivery)
         r.add_post("/v1/deliveries/{id}/retry", self.retry_delivery)
+        r.add_post("/v1/tokens", self.create_token)
+        r.add_get("/v1/tokens", self.list_tokens)
+        r.add_delete("/v1/tokens/{id}", self.revoke_token)
         if self.tracking is not None:
             self.tracking.add_routes(r)
         return app
@@ -114,9 +182,35 @@ class AdminApi:
                 return reply({"error": exc.reason}, exc.status)
             raise
 
-    # -- helpers ---------------------------------------------------------------------
-    def _webhook(self, request: web.Request) -> Webhook:
-        return self.ops.webhook(request.match_info["id"])
+    # -- helpers: the principal's view ----------------------------------------------------
+    # Every route reaches a webhook through `_webhook`, a delivery through `_visible_delivery`,
+    # lists through `_webhooks` and `_scoped_filter`: a scoped principal's foreign webhook or
+    # delivery is the same NotFound as one that does not exist.
+    def _webhook(self, request: web.Request, webhook_id: str | None = None) -> Webhook:
+        wid = request.match_info["id"] if webhook_id is None else webhook_id
+        wh = self.ops.webhook(wid)
+        if not principal_of(request).sees(wh):
+            raise NotFound(f"no webhook with id {wid!r}")
+        return wh
+
+    def _webhooks(self, request: web.Request) -> list[Webhook]:
+        who = principal_of(request)
+        return [wh for wh in self.scheduler.webhooks.values() if who.sees(wh)]
+
+    def _scoped_filter(self, request: web.Request, where: DeliveryFilter) -> DeliveryFilter:
+        """A scoped principal must name one of its webhooks (404 otherwise, as for an unknown one)."""
+        if principal_of(request).admin:
+            return where
+        if where.webhook_id is None:
+            raise ApiError(400, "webhook_id is required with a scoped token")
+        self._webhook(request, where.webhook_id)
+        return where
+
+    def _visible_delivery(self, request: web.Request, webhook_id: str, did: int) -> None:
+        who = principal_of(request)
+        wh = self.scheduler.webhooks.get(webhook_id)
+        if not who.admin and (wh is None or not who.sees(wh)):
+            raise ApiError(404, f"no delivery with id 'dlv_{did}'")
 
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()
@@ -198,16 +292,16 @@ class AdminApi:
         unknown = set(body) - WEBHOOK_FIELDS
         if unknown:
             raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
-        wh = await self.ops.create(
-            url=validate_url(body.get("url"), production=self.production),
-            events=validate_events(body.get("events", ["*"])),
-            description=validate_description(body.get("description")),
-            filter=validate_filter(body.get("filter")),
-        )
+        url = validate_url(body.get("url"), production=self.production)
+        events = validate_events(body.get("events", ["*"]))
+        description = validate_description(body.get("description"))
+        filter_ = validate_filter(body.get("filter"))
+        _check_covers(principal_of(request), filter_)
+        wh = await self.ops.create(url=url, events=events, description=description, filter=filter_)
         return reply({**wh.public(), "secret": wh.secret}, 201)
 
     async def list_webhooks(self, request: web.Request) -> web.Response:
-        return reply({"webhooks": [wh.public() for wh in self.scheduler.webhooks.values()]})
+        return reply({"webhooks": [wh.public() for wh in self._webhooks(request)]})
 
     async def show_webhook(self, request: web.Request) -> web.Response:
         return reply(self._webhook(request).public())
@@ -222,6 +316,8 @@ class AdminApi:
         events = validate_events(body["events"]) if "events" in body else None
         description = validate_description(body["description"]) if "description" in body else None
         filter_ = validate_filter(body["filter"]) if "filter" in body else None  # replaced whole; null/{} clears
+        if filter_ is not None:
+            _check_covers(principal_of(request), filter_)
         await self.ops.update(wh, url=url, events=events, description=description, filter=filter_)
         return reply(wh.public())
 
@@ -317,13 +413,15 @@ class AdminApi:
             before = delivery_number(q["before"])
             if before is None:
                 raise ApiError(400, f"before must be a delivery id such as dlv_42, got {q['before']!r}")
+        where = self._scoped_filter(request, where)
         rows = await self.store.list_deliveries(where, before=before, limit=limit)
         more = len(rows) == limit
         return reply({"deliveries": [delivery_json(d) for d in rows],
                       "next_before": f"dlv_{rows[-1].id}" if rows and more else None})
 
     async def count_deliveries(self, request: web.Request) -> web.Response:
-        return reply({"count": await self.ops.count(delivery_filter(request.query))})
+        where = self._scoped_filter(request, delivery_filter(request.query))
+        return reply({"count": await self.ops.count(where)})
 
     async def retry_failed(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -332,7 +430,7 @@ class AdminApi:
             raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
         if not all(isinstance(v, str) for v in body.values()):
             raise ApiError(400, "every filter must be a string")
-        count = await self.ops.retry_failed(delivery_filter(body))
+        count = await self.ops.retry_failed(self._scoped_filter(request, delivery_filter(body)))
         return reply({"retried": count})
 
     def _delivery_id(self, request: web.Request) -> int:
@@ -342,10 +440,11 @@ class AdminApi:
             raise ApiError(404, f"no delivery with id {raw!r}")
         return did
 
-    async def _delivery(self, did: int, *, attempts: bool = False) -> dict[str, Any]:
+    async def _delivery(self, request: web.Request, did: int, *, attempts: bool = False) -> dict[str, Any]:
         found = await self.store.delivery(did)
         if found is None:
             raise ApiError(404, f"no delivery with id 'dlv_{did}'")
+        self._visible_delivery(request, found.delivery.webhook_id, did)
         doc = delivery_json(found.delivery)
         if attempts:
             doc["attempt_log"] = [
@@ -356,12 +455,53 @@ class AdminApi:
         return doc
 
     async def show_delivery(self, request: web.Request) -> web.Response:
-        return reply(await self._delivery(self._delivery_id(request), attempts=True))
+        return reply(await self._delivery(request, self._delivery_id(request), attempts=True))
 
     async def retry_delivery(self, request: web.Request) -> web.Response:
         did = self._delivery_id(request)
+        await self._delivery(request, did)  # 404 before anything changes for another tenant's delivery
         await self.ops.retry_delivery(did)
-        return reply(await self._delivery(did))
+        return reply(await self._delivery(request, did))
+
+    # -- scoped API tokens (admin only: ROUTES) ---------------------------------------------
+    async def create_token(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        unknown = set(body) - TOKEN_FIELDS
+        if unknown:
+            raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
+        raw = body.get("domains")
+        if not isinstance(raw, list) or not raw:
+            raise ApiError(400, "domains is required: a non-empty list of sender domains (*.example allowed)")
+        try:
+            domains = parse_domains(raw, "domains")
+        except FilterError as exc:
+            raise ApiError(400, str(exc)) from None
+        read_only = body.get("read_only", False)
+        if not isinstance(read_only, bool):
+            raise ApiError(400, "read_only must be true or false")
+        description = validate_description(body.get("description"))
+        secret = new_token()
+        record = ApiToken(id=new_id("tok"), hash=token_hash(secret), domains=domains, read_only=read_only,
+                          description=description, created_at=time.time())
+        await self.store.create_token(record)
+        return reply({**token_json(record), "token": secret}, 201)
+
+    async def list_tokens(self, request: web.Request) -> web.Response:
+        return reply({"tokens": [token_json(t) for t in await self.store.list_tokens()]})
+
+    async def revoke_token(self, request: web.Request) -> web.Response:
+        tid = request.match_info["id"]
+        if not await self.store.revoke_token(tid, now=time.time()):
+            raise ApiError(404, f"no token with id {tid!r} that is not revoked already")
+        return reply({"revoked": tid})
+
+
+def _check_covers(who: Principal, f: Any) -> None:
+    if not who.covers(f):
+        raise ApiError(
+            403, "a scoped token can only give a webhook a filter whose from_domains lie within its domains"
+            f" ({', '.join(who.domains)})"
+        )
 
 
 UI_APP = web.AppKey("webhookd_ui", bool)
@@ -372,21 +512,38 @@ def in_ui(request: web.Request) -> bool:
     return any(app.get(UI_APP, False) for app in request.match_info.apps)
 
 
-def _token_middleware(token: str) -> Any:
+@web.middleware
+async def _admin_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The admin Unix socket: whoever can open it is the admin (its file mode decides)."""
+    request[_PRINCIPAL] = ADMIN
+    return await handler(request)
+
+
+def _token_middleware(token: str, tokens: TokenAuth) -> Any:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if in_ui(request):
             return await handler(request)  # the dashboard has its own log-in and sessions
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
+        given = request.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+            request[_PRINCIPAL] = ADMIN
+            return await handler(request)
+        who = await tokens.principal(given.removeprefix("Bearer ")) if given.startswith("Bearer ") else None
+        if who is None:
             return web.Response(
                 status=401,
                 body=orjson.dumps({"error": "missing or wrong bearer token"}),
                 content_type="application/json",
                 headers={"WWW-Authenticate": "Bearer"},
             )
+        request[_PRINCIPAL] = who
+        kind = route_class(request)
+        if kind == "admin":
+            return reply({"error": "Not Found"}, 404)  # what an unknown path answers
+        if kind == "write" and who.read_only:
+            return reply({"error": "this token is read-only"}, 403)
         return await handler(request)
 
     return check

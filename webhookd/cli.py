@@ -30,10 +30,13 @@ from webhookd.cli_output import (
     show_delivery,
     show_replay,
     show_retried,
+    show_revoked,
     show_secret,
     show_stats,
     show_status,
     show_test,
+    show_token,
+    show_tokens,
     show_webhook,
     show_webhooks,
 )
@@ -246,6 +249,19 @@ def cmd_dashboard(args: argparse.Namespace, config: Config) -> int:
     return _call(args, config, "POST", "/v1/dashboard/links", None, show)
 
 
+def cmd_tokens(args: argparse.Namespace, config: Config) -> int:
+    action: str = args.action
+    if action == "create":
+        domains = _comma_values(args.domains) or []
+        body: dict[str, Any] = {"domains": domains, "read_only": args.read_only}
+        if args.description is not None:
+            body["description"] = args.description
+        return _call(args, config, "POST", "/v1/tokens", body, show_token)
+    if action == "list":
+        return _call(args, config, "GET", "/v1/tokens", None, show_tokens)
+    return _call(args, config, "DELETE", f"/v1/tokens/{_segment(args.id)}", None, show_revoked)
+
+
 # -- local commands -------------------------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
     source = str(config.source) if config.source is not None else None
@@ -453,6 +469,15 @@ def build_parser() -> argparse.ArgumentParser:
     leaf(sub, "status", cmd_status, "daemon version, uptime, deliveries by status, webhooks by state")
     leaf(sub, "stats", cmd_stats, "per-webhook health: last attempt, 24 h success rate, backlog")
     leaf(sub, "dashboard", cmd_dashboard, "print a one-time log-in link to the web dashboard")
+    tk_parser = sub.add_parser("tokens", parents=[common], help="scoped API tokens (for hosting panels)")
+    tk = tk_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = leaf(tk, "create", cmd_tokens, "make a token scoped to sender domains; prints it once")
+    p.add_argument("--domains", action="append", required=True, metavar="A,B",
+                   help="the sender domains it may manage (comma-separated; *.example.com for subdomains)")
+    p.add_argument("--read-only", action="store_true", help="it may only read (no writes, no secrets)")
+    p.add_argument("--description", help="who it is for")
+    leaf(tk, "list", cmd_tokens, "list the tokens with their last use (never the tokens themselves)")
+    leaf(tk, "revoke", cmd_tokens, "revoke a token (at once, for good)", with_id=True)
 
     wh_parser = sub.add_parser("webhooks", parents=[common], help="manage webhooks")
     wh = wh_parser.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -208,3 +208,24 @@ def show_replay(data: Any) -> None:
           f"(status {', '.join(data['status'])}, created since {data['since']})")
 
 
+
+
+def show_token(data: Any) -> None:
+    if data.get("token"):
+        print(data["token"])
+        print("  (shown once: webhookd keeps only its SHA-256; store it now)")
+    _fields({k: v for k, v in data.items() if k != "token"})
+
+
+def show_tokens(data: Any) -> None:
+    rows = [
+        [_text(t.get("id")), _text(t.get("domains"), 40), "yes" if t.get("read_only") else "no",
+         _text(t.get("last_used_at")), "revoked " + _text(t.get("revoked_at")) if t.get("revoked_at") else "active",
+         _text(t.get("description"), 30)]
+        for t in data.get("tokens", [])
+    ]
+    _table(["ID", "DOMAINS", "READ-ONLY", "LAST USED", "STATE", "DESCRIPTION"], rows)
+
+
+def show_revoked(data: Any) -> None:
+    print(f"revoked {_text(data.get('revoked'))}")

@@ -133,6 +133,7 @@ class Daemon:
                 self.admin.ops, self.store, config.dashboard, production=not config.dev,
                 admin_token=config.admin.token, clock=clock,
             )
+            self.dashboard.tokens = self.admin.tokens
             self.admin.ui = self.dashboard.app
             self.admin.login_link = self.dashboard.create_login_link
         else:

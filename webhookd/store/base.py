@@ -23,6 +23,7 @@ from typing import Protocol
 from webhookd.events import Event
 from webhookd.filters import WebhookFilter
 from webhookd.store.model import (
+    ApiToken,
     Delivery,
     DeliveryDetail,
     DeliveryFilter,
@@ -274,4 +275,28 @@ class Storage(Protocol):
 
     def prune_tracking(self, cutoff: float, limit: int = 1000) -> asyncio.Future[int]:
         """Forget up to `limit` first-hit marks made before `cutoff`; call again while it returns `limit`."""
+        ...
+
+    # -- scoped API tokens (webhookd/tokens.py) ---------------------------------------------
+    def create_token(self, token: ApiToken) -> asyncio.Future[None]:
+        """Store a new token (by its hash; `list_tokens` returns it equal). A hash already
+        stored is refused (StoreError)."""
+        ...
+
+    async def list_tokens(self) -> list[ApiToken]:
+        """Every token, revoked ones included, oldest first."""
+        ...
+
+    async def token_by_hash(self, token_hash: str) -> ApiToken | None:
+        """The token stored with this SHA-256 (revoked or not), or None."""
+        ...
+
+    def revoke_token(self, token_id: str, *, now: float) -> asyncio.Future[bool]:
+        """Mark a token revoked at `now`; resolves to False if there is no such token or it
+        was revoked already (its first revocation time is kept)."""
+        ...
+
+    def touch_tokens(self, used: Sequence[tuple[str, float]]) -> asyncio.Future[None]:
+        """Set each (token id, last used at) in one write; the caller batches them (at most
+        once a minute per token), never one write per request."""
         ...

@@ -216,3 +216,17 @@ class TrackingFacts:
     opted_out: bool  # an opted-out recipient: nothing is marked or recorded
     first: bool  # no earlier hit with the same first_key is remembered
     delivered_at: str | None  # the timestamp of webhookd's `delivered` event for the message, if any
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """A scoped API token as stored: never the token itself, only its SHA-256 (hex)."""
+
+    id: str
+    hash: str
+    domains: tuple[str, ...]
+    read_only: bool
+    description: str
+    created_at: float
+    last_used_at: float | None = None
+    revoked_at: float | None = None

@@ -27,6 +27,7 @@ from webhookd.store.model import (
     FAILED,
     PAUSED,
     PENDING,
+    ApiToken,
     DeliveryFilter,
     DueItem,
     OutcomeRecord,
@@ -468,6 +469,61 @@ class SqliteStorage(Reads):
             return cur.rowcount
 
         return self._writer.run(write)
+
+
+    # -- scoped API tokens ----------------------------------------------------------------------
+    def create_token(self, token: ApiToken) -> asyncio.Future[None]:
+        t = token
+
+        async def write(db: Conn) -> None:
+            await db.execute(
+                "INSERT INTO api_tokens (id, hash, domains, read_only, description, created_at, last_used_at,"
+                " revoked_at) VALUES (?,?,?,?,?,?,?,?)",
+                (t.id, t.hash, orjson.dumps(list(t.domains)).decode(), int(t.read_only), t.description,
+                 t.created_at, t.last_used_at, t.revoked_at),
+            )
+
+        return self._writer.run(write)
+
+    async def list_tokens(self) -> list[ApiToken]:
+        rows = await self._read(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens ORDER BY created_at, id", ())  # noqa: S608
+        return [_token_row(r) for r in rows]
+
+    async def token_by_hash(self, token_hash: str) -> ApiToken | None:
+        rows = await self._read(f"SELECT {_TOKEN_COLUMNS} FROM api_tokens WHERE hash = ?", (token_hash,))  # noqa: S608
+        return _token_row(rows[0]) if rows else None
+
+    def revoke_token(self, token_id: str, *, now: float) -> asyncio.Future[bool]:
+        async def write(db: Conn) -> bool:
+            cur = await db.execute(
+                "UPDATE api_tokens SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, token_id)
+            )
+            return cur.rowcount > 0
+
+        return self._writer.run(write)
+
+    def touch_tokens(self, used: Sequence[tuple[str, float]]) -> asyncio.Future[None]:
+        pairs = [(at, token_id) for token_id, at in used]
+
+        async def write(db: Conn) -> None:
+            await db.executemany(
+                "UPDATE api_tokens SET last_used_at = max(coalesce(last_used_at, 0), ?) WHERE id = ?", pairs
+            )
+
+        return self._writer.run(write)
+
+
+_TOKEN_COLUMNS = "id, hash, domains, read_only, description, created_at, last_used_at, revoked_at"  # noqa: S105 - column names
+
+
+def _token_row(r: Sequence[object]) -> ApiToken:
+    domains = orjson.loads(str(r[2]))
+    return ApiToken(
+        id=str(r[0]), hash=str(r[1]), domains=tuple(str(d) for d in domains), read_only=bool(r[3]),
+        description=str(r[4]), created_at=float(r[5]),  # type: ignore[arg-type]
+        last_used_at=None if r[6] is None else float(r[6]),  # type: ignore[arg-type]
+        revoked_at=None if r[7] is None else float(r[7]),  # type: ignore[arg-type]
+    )
 
 
 def _track_one(conn: sqlite3.Connection, hit: TrackingHit, now: float) -> TrackingFacts:

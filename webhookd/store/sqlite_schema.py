@@ -115,6 +115,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE webhooks ADD COLUMN declared_in TEXT;
     CREATE UNIQUE INDEX webhooks_name ON webhooks (name) WHERE name IS NOT NULL;
     """,
+    # v7: scoped API tokens (webhookd/tokens.py): only the SHA-256 of each token (hex, unique:
+    # looked up by it), the sender domains it is scoped to (a JSON list), and when it was
+    # made, last used (updated at most once a minute) and revoked (kept, never reused).
+    """
+    CREATE TABLE api_tokens (
+        id TEXT PRIMARY KEY,
+        hash TEXT NOT NULL UNIQUE,
+        domains TEXT NOT NULL,
+        read_only INTEGER NOT NULL DEFAULT 0,
+        description TEXT NOT NULL DEFAULT '',
+        created_at REAL NOT NULL,
+        last_used_at REAL,
+        revoked_at REAL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -15,9 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
+from webhookd.apimodel import ApiError
 from webhookd.config import DashboardConfig
+from webhookd.filters import WebhookFilter
 from webhookd.operations import Operations
 from webhookd.store.base import Storage
+from webhookd.store.model import DELIVERY_STATUSES, DeliveryFilter, NotFound
+from webhookd.tokens import NOBODY, Principal, TokenAuth
 from webhookd.ui.auth import FailedLogins, LoginLinks, Sessions
 from webhookd.ui.render import PREFIX, Renderer
 from webhookd.ui.security import MAX_FORM, Guard, see_other, session_of
@@ -26,6 +30,7 @@ from webhookd.ui.views_auth import AuthViews
 from webhookd.ui.views_deliveries import DeliveryViews
 from webhookd.ui.views_overview import OverviewViews
 from webhookd.ui.views_webhooks import WebhookViews
+from webhookd.webhooks import Webhook
 
 NAV = (
     ("overview", "Overview", "/"), ("webhooks", "Webhooks", "/webhooks"), ("deliveries", "Deliveries", "/deliveries"),
@@ -52,6 +57,7 @@ class Dashboard:
         self.sessions = Sessions(cfg.session_ttl, clock)
         self.links = LoginLinks(cfg.login_link_ttl, clock)
         self.failed_logins = FailedLogins(clock)
+        self.tokens: TokenAuth | None = None  # scoped API tokens log in too (set by the daemon)
         self.renderer = Renderer()
         self.guard = Guard(self)
         self.views = (
@@ -71,6 +77,54 @@ class Dashboard:
         """("/ui/login/<token>", expiry): a one-time log-in link (the CLI's `webhookd dashboard`)."""
         token, expires = self.links.create()
         return f"{PREFIX}/login/{token}", expires
+
+    # -- the principal's view: every screen reaches webhooks and deliveries through it --------
+    def who(self, request: web.Request) -> Principal:
+        session = session_of(request)
+        return session.principal if session is not None else NOBODY
+
+    def webhook(self, request: web.Request, webhook_id: str) -> Webhook:
+        """A webhook the session may see; another tenant's is the NotFound of an unknown id."""
+        wh = self.ops.webhook(webhook_id)
+        if not self.who(request).sees(wh):
+            raise NotFound(f"no webhook with id {webhook_id!r}")
+        return wh
+
+    def webhooks(self, request: web.Request) -> list[Webhook]:
+        who = self.who(request)
+        return [wh for wh in self.ops.scheduler.webhooks.values() if who.sees(wh)]
+
+    def scoped_where(self, request: web.Request, where: DeliveryFilter) -> DeliveryFilter:
+        """A scoped session must choose one of its webhooks (ApiError 400 without one)."""
+        if self.who(request).admin:
+            return where
+        if where.webhook_id is None:
+            raise ApiError(400, "Choose one of your webhooks to list its deliveries.")
+        self.webhook(request, where.webhook_id)
+        return where
+
+    async def check_delivery(self, request: web.Request, delivery_id: int) -> None:
+        """NotFound unless the delivery exists and its webhook is the session's."""
+        who = self.who(request)
+        if who.admin:
+            return
+        found = await self.storage.delivery(delivery_id)
+        wh = self.ops.scheduler.webhooks.get(found.delivery.webhook_id) if found is not None else None
+        if wh is None or not who.sees(wh):
+            raise NotFound(f"no delivery with id 'dlv_{delivery_id}'")
+
+    def check_covers(self, request: web.Request, f: WebhookFilter) -> None:
+        who = self.who(request)
+        if not who.covers(f):
+            raise ApiError(403, "With an API token, a webhook's sender domains (filter from_domains) must lie"
+                                f" within the token's domains: {', '.join(who.domains)}.")
+
+    async def counts(self, request: web.Request, hooks: list[Webhook]) -> dict[str, int]:
+        """Deliveries by status: all of them for the admin, the session's webhooks' otherwise."""
+        if self.who(request).admin:
+            return await self.storage.count_by_status()
+        return {s: sum([await self.ops.count(DeliveryFilter(webhook_id=wh.id, statuses=(s,))) for wh in hooks])
+                for s in DELIVERY_STATUSES}
 
     # -- helpers for the views ------------------------------------------------------------
     @property
@@ -94,6 +148,7 @@ class Dashboard:
             "nav": NAV,
             "active": nav,
             "now": self.now,
+            "scoped": session is not None and not session.principal.admin,
         }
         return self.renderer.page(template, {**base, **ctx}, status=status, headers=headers)
 

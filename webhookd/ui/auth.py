@@ -17,6 +17,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from webhookd.tokens import ADMIN, Principal
+
 MAX_SESSIONS = 1000
 MAX_LINKS = 100
 UNIX_BUCKET = "unix-socket"
@@ -67,6 +69,8 @@ class Session:
     flashes: list[tuple[str, str]] = field(default_factory=list)  # (level, text): "ok" or "error"
     secret: SecretFlash | None = None
     test: TestFlash | None = None
+    principal: Principal = ADMIN  # a scoped API token's log-in: its domains and read-only
+    token_hash: str | None = None  # that token's SHA-256: checked at each request (revocation)
 
     def flash(self, text: str, level: str = "ok") -> None:
         self.flashes.append((level, text))
@@ -105,13 +109,14 @@ class Sessions:
     def keys(self) -> list[str]:
         return list(self._by_key)
 
-    def create(self) -> tuple[str, Session]:
+    def create(self, principal: Principal = ADMIN, token_hash: str | None = None) -> tuple[str, Session]:
         now = self.clock()
         self._prune(now)
         while len(self._by_key) >= self.limit:
             self._by_key.popitem(last=False)
         token = new_token()
-        session = Session(key=digest(token), csrf=new_token(), created_at=now, expires_at=now + self.ttl)
+        session = Session(key=digest(token), csrf=new_token(), created_at=now, expires_at=now + self.ttl,
+                          principal=principal, token_hash=token_hash)
         self._by_key[session.key] = session
         return token, session
 

@@ -41,7 +41,7 @@ class ActionViews:
         r.add_post("/webhooks/{id}/delete", self.delete)
 
     def _webhook(self, request: web.Request) -> Webhook:
-        return self.dash.ops.webhook(request.match_info["id"])
+        return self.dash.webhook(request, request.match_info["id"])
 
     def _session(self, request: web.Request) -> Session:
         session = session_of(request)

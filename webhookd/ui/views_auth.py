@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import structlog
 from aiohttp import web
 
+from webhookd.tokens import ADMIN, Principal, token_hash
+from webhookd.tokens import PREFIX as TOKEN_PREFIX
 from webhookd.ui.auth import client_bucket, new_token, same
 from webhookd.ui.security import LOGIN_COOKIE, SESSION_COOKIE, TOKEN_KEY, form_of, session_of
 
@@ -67,9 +69,10 @@ class AuthViews:
         self.dash.failed_logins.failed(client)
         log.warning("dashboard log-in failed", method=method, client=client)
 
-    def _start_session(self, request: web.Request, method: str) -> web.Response:
+    def _start_session(self, request: web.Request, method: str, principal: Principal = ADMIN,
+                       hashed: str | None = None) -> web.Response:
         self.dash.sessions.revoke(request.cookies.get(SESSION_COOKIE))  # no fixation: always a new token
-        token, _session = self.dash.sessions.create()
+        token, _session = self.dash.sessions.create(principal, hashed)
         log.info("dashboard log-in", method=method, client=client_bucket(request.remote))
         response = self.dash.redirect("/")
         response.set_cookie(SESSION_COOKIE, token, path=self._cookie_path(), max_age=int(self.dash.cfg.session_ttl),
@@ -89,6 +92,12 @@ class AuthViews:
         if not self.dash.admin_token:
             return self._form(request, error=LOGIN_OFF, status=403)
         given = form_of(request).get("token", "").strip()
+        if given.startswith(TOKEN_PREFIX) and self.dash.tokens is not None:
+            who = await self.dash.tokens.principal(given)
+            if who is None:
+                self._failed(request, "scoped token")
+                return self._form(request, error="That is not a valid API token.", status=403)
+            return self._start_session(request, "scoped token", who, token_hash(given))
         if not given or not same(given, self.dash.admin_token):
             self._failed(request, "token")
             return self._form(request, error="That is not the admin token.", status=403)

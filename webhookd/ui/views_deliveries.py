@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import orjson
 from aiohttp import web
 
-from webhookd.apimodel import delivery_number
+from webhookd.apimodel import ApiError, delivery_number
 from webhookd.events import EVENT_TYPES
 from webhookd.store.model import DELIVERY_STATUSES, FAILED, PAUSED, Conflict, NotFound
 from webhookd.ui.auth import Session
@@ -57,10 +57,15 @@ class DeliveryViews:
             error = f"before must be a delivery id such as dlv_42, got {before_text!r}"
         rows = []
         if error is None:
-            rows = await dash.storage.list_deliveries(f.where, before=before, limit=PAGE + 1)
+            try:
+                where = dash.scoped_where(request, f.where)
+            except ApiError as exc:
+                error = exc.message
+            else:
+                rows = await dash.storage.list_deliveries(where, before=before, limit=PAGE + 1)
         more = len(rows) > PAGE
         rows = rows[:PAGE]
-        hooks = list(dash.ops.scheduler.webhooks.values())
+        hooks = dash.webhooks(request)
         known = {wh.id for wh in hooks}
         return dash.page(request, "deliveries.html", {
             "f": f,
@@ -81,7 +86,7 @@ class DeliveryViews:
         """The first page's table rows alone, for the live refresh."""
         dash = self.dash
         f = parse_filters(request.query)
-        rows = [] if f.error else await dash.storage.list_deliveries(f.where, limit=PAGE)
+        rows = [] if f.error else await dash.storage.list_deliveries(dash.scoped_where(request, f.where), limit=PAGE)
         return dash.renderer.page("_delivery_rows.html", {"rows": rows, "now": dash.now})
 
     def _retry_filters(self, f: Filters) -> Filters:
@@ -95,7 +100,7 @@ class DeliveryViews:
         if f.error:
             return dash.error(request, 400, f.error)
         target = self._retry_filters(f)
-        count = await dash.ops.count(target.where)
+        count = await dash.ops.count(dash.scoped_where(request, target.where))
         return dash.page(request, "deliveries_retry.html", {
             "f": target, "count": count, "ignored_status": bool(f.statuses) and f.statuses != [FAILED],
             "back": dash.url("/deliveries" + f.query()),
@@ -107,7 +112,7 @@ class DeliveryViews:
         if f.error:
             return dash.error(request, 400, f.error)
         target = self._retry_filters(f)
-        count = await dash.ops.retry_failed(target.where)
+        count = await dash.ops.retry_failed(dash.scoped_where(request, target.where))
         plural = "y" if count == 1 else "ies"
         self._session(request).flash(f"{count} failed deliver{plural} queued again.")
         return dash.redirect("/deliveries" + target.query(("status", FAILED)))
@@ -122,6 +127,7 @@ class DeliveryViews:
     async def detail(self, request: web.Request) -> web.Response:
         dash = self.dash
         did = self._delivery_id(request)
+        await dash.check_delivery(request, did)
         found = await dash.storage.delivery(did)
         if found is None:
             raise NotFound(f"no delivery with id 'dlv_{did}'")
@@ -140,6 +146,7 @@ class DeliveryViews:
     async def retry(self, request: web.Request) -> web.Response:
         did = self._delivery_id(request)
         session = self._session(request)
+        await self.dash.check_delivery(request, did)
         try:
             status = await self.dash.ops.retry_delivery(did)
         except Conflict as exc:

@@ -25,8 +25,8 @@ class OverviewViews:
 
     async def overview(self, request: web.Request) -> web.Response:
         dash = self.dash
-        counts = await dash.storage.count_by_status()
-        hooks = list(dash.ops.scheduler.webhooks.values())
+        hooks = dash.webhooks(request)
+        counts = await dash.counts(request, hooks)
         states = Counter(state_of(wh).key for wh in hooks)
         disabled = [(wh, state_of(wh)) for wh in hooks if not wh.enabled]
         return dash.page(request, "overview.html", {

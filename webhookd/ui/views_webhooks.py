@@ -88,12 +88,12 @@ class WebhookViews:
         r.add_post("/webhooks/{id}", self.edit)
 
     def _webhook(self, request: web.Request) -> Webhook:
-        return self.dash.ops.webhook(request.match_info["id"])
+        return self.dash.webhook(request, request.match_info["id"])
 
     async def list(self, request: web.Request) -> web.Response:
         dash = self.dash
         stats = await dash.storage.webhook_stats(dash.now)
-        rows = [webhook_row(wh, stats.get(wh.id)) for wh in dash.ops.scheduler.webhooks.values()]
+        rows = [webhook_row(wh, stats.get(wh.id)) for wh in dash.webhooks(request)]
         return dash.page(request, "webhooks.html", {"rows": rows, "events_text": events_text}, nav="webhooks")
 
     async def new(self, request: web.Request) -> web.Response:
@@ -110,8 +110,9 @@ class WebhookViews:
         form = form_of(request)
         try:
             url, events, description, filter_ = read_webhook_form(form, production=self.dash.production)
+            self.dash.check_covers(request, filter_)
         except ApiError as exc:
-            return self._new_form(request, form_values(form), exc.message, status=400)
+            return self._new_form(request, form_values(form), exc.message, status=exc.status)
         wh = await self.dash.ops.create(url=url, events=events, description=description, filter=filter_)
         session = session_of(request)
         assert session is not None
@@ -154,8 +155,9 @@ class WebhookViews:
         form = form_of(request)
         try:
             url, events, description, filter_ = read_webhook_form(form, production=self.dash.production)
+            self.dash.check_covers(request, filter_)
         except ApiError as exc:
-            return await self._detail(request, wh, values=form_values(form), error=exc.message, status=400)
+            return await self._detail(request, wh, values=form_values(form), error=exc.message, status=exc.status)
         await self.dash.ops.update(wh, url=url, events=events, description=description, filter=filter_)
         session = session_of(request)
         assert session is not None
