@@ -13,12 +13,9 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from webhookd.cli import EX_CONFIG, EX_OK, EX_USAGE, CliError, _call
 from webhookd.config import Config
 
-EX_OK = 0
-EX_FAIL = 1
-EX_USAGE = 2
-EX_CONFIG = 78
 MAX_REWRITE_BYTES = 50 * 1024 * 1024
 
 Leaf = Callable[..., argparse.ArgumentParser]
@@ -55,34 +52,18 @@ def add_commands(sub: Any, common: argparse.ArgumentParser, leaf: Leaf) -> None:
                    help="inet:PORT@HOST or unix:/PATH (default: tracking.milter_socket)")
 
 
-def _fail(message: str, status: int) -> int:
-    print(f"webhookd: {message}", file=sys.stderr)
-    return status
-
-
 def _links(config: Config) -> Any:
     from webhookd.tracking.links import Links
     from webhookd.tracking.tokens import KeyRing
 
     cfg = config.tracking
     if not cfg.base_url:
-        raise _Stop("tracking.base_url is not set: there is no address for tracked links", EX_CONFIG)
-    ring = KeyRing.load(_key_file(config))  # never made here: a key only this process knew would sign dead links
+        raise CliError("tracking.base_url is not set: there is no address for tracked links", EX_CONFIG)
+    ring = KeyRing.load(config.tracking_key_file)  # never made here: a key only this process knew would sign dead links
     return Links(ring, cfg.base_url, include_recipient=cfg.include_recipient)
 
 
-def _key_file(config: Config) -> Any:
-    return config.tracking.key_file or config.state_dir / "tracking-keys.json"
-
-
-class _Stop(Exception):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
 def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    from webhookd.cli import _call
     from webhookd.cli_output import _text
 
     def show(data: dict[str, Any]) -> None:
@@ -98,8 +79,6 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_opt(args: argparse.Namespace, config: Config) -> int:
-    from webhookd.cli import _call
-
     method = "PUT" if args.action == "opt-out" else "DELETE"
 
     def show(data: dict[str, Any]) -> None:
@@ -112,12 +91,12 @@ def cmd_opt(args: argparse.Namespace, config: Config) -> int:
 def cmd_rotate_key(args: argparse.Namespace, config: Config) -> int:
     from webhookd.tracking.tokens import KeyFileError, KeyRing
 
-    path = _key_file(config)
+    path = config.tracking_key_file
     try:
         ring = KeyRing.load(path, create=True)
         new = ring.rotate()
     except KeyFileError as exc:
-        return _fail(str(exc), EX_FAIL)
+        raise CliError(str(exc)) from None
     print(f"key {new} now signs new links; keys {', '.join(map(str, sorted(ring.keys)))} verify ({path})")
     return EX_OK
 
@@ -129,12 +108,10 @@ def cmd_sign(args: argparse.Namespace, config: Config) -> int:
         links = _links(config)
         print(links.click(args.message_id, args.url, args.to) if args.action == "url"
               else links.pixel(args.message_id, args.to))
-    except _Stop as exc:
-        return _fail(str(exc), exc.status)
     except KeyFileError as exc:
-        return _fail(str(exc), EX_FAIL)
+        raise CliError(str(exc)) from None
     except ValueError as exc:
-        return _fail(f"cannot sign: {exc}", EX_USAGE)
+        raise CliError(f"cannot sign: {exc}", EX_USAGE) from None
     return EX_OK
 
 
@@ -164,7 +141,7 @@ def cmd_rewrite(args: argparse.Namespace, config: Config | None, problem: str = 
                                      track_opens=config.tracking.track_opens,
                                      track_clicks=config.tracking.track_clicks)
             out = result.data
-        except _Stop as exc:
+        except CliError as exc:
             print(f"webhookd: tracking rewrite: {exc}; message passed unchanged", file=sys.stderr)
         except Exception as exc:
             print(f"webhookd: tracking rewrite: {type(exc).__name__}: {exc}; message passed unchanged",

@@ -18,6 +18,7 @@ from typing import Any, Literal, cast
 from webhookd.declared import DeclaredError, DeclaredWebhook, parse_declared
 
 DEFAULT_CONFIG_PATH = Path("/etc/webhookd/config.toml")
+TRACKING_KEYS_FILE = "tracking-keys.json"  # in state_dir unless tracking.key_file says otherwise
 
 
 class ConfigError(Exception):
@@ -125,6 +126,11 @@ class Config:
     tracking: TrackingConfig = TrackingConfig()
     # [[webhooks]] here and in webhooks.d/*.toml beside the file (webhookd/declared.py)
     webhooks: tuple[DeclaredWebhook, ...] = ()
+
+    @property
+    def tracking_key_file(self) -> Path:
+        """The tracking key ring's file (tracking.key_file is always set by parse_config)."""
+        return self.tracking.key_file or self.state_dir / TRACKING_KEYS_FILE
 
     @property
     def dev(self) -> bool:
@@ -475,10 +481,10 @@ def _tracking(data: Mapping[str, Any], state_dir: Path, *, production: bool) -> 
         "bad_tokens_per_minute": lambda v, k: _int(v, k, 1),
         "machine_click_seconds": parse_duration,
         "remember": _positive_duration,
-        "key_file": lambda v, k: _under(state_dir, _str(v, k) or "tracking-keys.json"),
+        "key_file": lambda v, k: _under(state_dir, _str(v, k) or TRACKING_KEYS_FILE),
         "milter_socket": _milter_socket,
     })
-    raw.setdefault("key_file", state_dir / "tracking-keys.json")
+    raw.setdefault("key_file", state_dir / TRACKING_KEYS_FILE)
     if raw.get("enabled"):
         if not raw.get("base_url"):
             raise ConfigError("tracking.base_url", "required when tracking.enabled is true (e.g. https://t.example.com)")

@@ -240,8 +240,7 @@ class Daemon:
     def key_ring(self) -> KeyRing:
         """The tracking key ring, created in state_dir on first use; re-read when rotated."""
         if self._ring is None:
-            self._ring = KeyRing.load(self.config.tracking.key_file or self.config.state_dir / "tracking-keys.json",
-                                      create=True)
+            self._ring = KeyRing.load(self.config.tracking_key_file, create=True)
         else:
             self._ring.refresh()
         return self._ring

@@ -42,7 +42,7 @@ from webhookd.events import Event, EventError, format_timestamp, validate_event
 from webhookd.store import Storage, StoreError
 from webhookd.store.model import TrackingFacts, TrackingHit
 from webhookd.tracking.classify import classify, parse_ip
-from webhookd.tracking.tokens import MAX_TOKEN_CHARS, Claims, KeyRing, Kind, TokenError
+from webhookd.tracking.tokens import Claims, KeyRing, Kind, TokenError
 
 log = structlog.get_logger("webhookd.tracking")
 
@@ -353,14 +353,16 @@ class TrackingListener:
         app.router.add_route("HEAD", "/c/{token}", self.click)
         return app
 
-    def _hit(self, request: web.Request, kind: Kind, token: str, ip: str) -> Claims | None:
+    def _limited(self, kind: Kind, ip: str) -> bool:
         if self.limiter.limited(ip):
             self.recorder.stats.add(kind, "rate_limited")
-            return None
+            return True
+        return False
+
+    def _hit(self, request: web.Request, kind: Kind, token: str, ip: str) -> Claims | None:
+        """Verify and offer the hit (the caller checked the client's budget); None for a bad token."""
         try:
-            if len(token) > MAX_TOKEN_CHARS:
-                raise TokenError("too long")
-            claims = self.ring.verify(token, kind)
+            claims = self.ring.verify(token, kind)  # refuses overlong tokens before decoding
         except TokenError as exc:
             self.recorder.stats.add(kind, "bad_token")
             if self.limiter.bad(ip):
@@ -379,13 +381,14 @@ class TrackingListener:
     async def pixel(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         token = name[:-4] if name.endswith(".gif") else name
-        self._hit(request, "open", token, self.clients.of(request))
+        ip = self.clients.of(request)
+        if not self._limited("open", ip):
+            self._hit(request, "open", token, ip)
         return web.Response(body=GIF, content_type="image/gif", headers=_NO_STORE)
 
     async def click(self, request: web.Request) -> web.Response:
         ip = self.clients.of(request)
-        if self.limiter.limited(ip):
-            self.recorder.stats.add("click", "rate_limited")
+        if self._limited("click", ip):
             return web.Response(status=429, text="too many bad links; try again in a minute\n",
                                 headers={**_NO_STORE, "Retry-After": "60"})
         claims = self._hit(request, "click", request.match_info["token"], ip)

@@ -385,7 +385,7 @@ def run(config: Config, socket: str | None = None) -> int:
                 "tracking is not enabled ([tracking] enabled = true, with base_url): the milter would put "
                 "links into mail that no listener answers", EX_CONFIG,
             )
-        path = settings.key_file or config.state_dir / "tracking-keys.json"
+        path = config.tracking_key_file
         try:
             ring = KeyRing.load(path, create=True)
         except KeyFileError as exc:

@@ -38,6 +38,8 @@ from urllib.parse import quote
 
 import orjson
 
+from webhookd.config import TRACKING_KEYS_FILE
+
 VERSION = 1
 LABEL = b"webhookd/tracking-token/v1\x00"
 MAC_BYTES = 16
@@ -45,7 +47,7 @@ KEY_BYTES = 32
 MAX_TOKEN_CHARS = 4096  # longer tokens are refused before decoding
 MAX_URL_CHARS = 2048
 MAX_MESSAGE_ID_CHARS = 998  # the longest a header line may be
-KEYS_FILE = "tracking-keys.json"
+KEYS_FILE = TRACKING_KEYS_FILE
 
 Kind = Literal["open", "click"]
 _KIND_CODE: dict[str, str] = {"open": "o", "click": "c"}
