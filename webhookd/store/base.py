@@ -20,6 +20,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from webhookd.batching import Batching
 from webhookd.events import Event
 from webhookd.filters import WebhookFilter
 from webhookd.store.model import (
@@ -130,6 +131,7 @@ class Storage(Protocol):
         description: str,
         filter: WebhookFilter,
         updated_at: float,
+        batching: Batching | None = None,
         on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
         """Replace the webhook's url, events, description and filter. A backend keeps the

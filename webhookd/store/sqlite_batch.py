@@ -159,9 +159,9 @@ class Outcomes:
              for r in items if r.delivery_id in before],
         )
         conn.executemany(
-            "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body)"
-            " VALUES (?,?,?,?,?,?)",
-            [(r.delivery_id, r.at, round(r.duration_ms, 3), r.status_code, r.error, r.response_body)
+            "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body, batch_id)"
+            " VALUES (?,?,?,?,?,?,?)",
+            [(r.delivery_id, r.at, round(r.duration_ms, 3), r.status_code, r.error, r.response_body, r.batch_id)
              for r in items if r.delivery_id in before],
         )
         hours: Counter[tuple[int, str, bool]] = Counter()
