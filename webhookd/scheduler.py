@@ -32,7 +32,7 @@ from webhookd.filters import EventFacts, Matcher, parents_of
 from webhookd.metrics import Metrics
 from webhookd.reasons import Lead, Reason
 from webhookd.store.base import Storage
-from webhookd.store.model import PENDING, DueItem, FreshEvent, OutcomeRecord, Subscriber
+from webhookd.store.model import PENDING, BatchOutcomeRecord, DueItem, FreshEvent, OutcomeRecord, Subscriber
 from webhookd.webhooks import START, Webhook
 
 log = structlog.get_logger("webhookd.scheduler")
@@ -53,6 +53,8 @@ def window_size(cfg: DeliveryConfig, smallest: int = MIN_WINDOW) -> int:
     """Deliveries of one webhook held in memory (refilled from storage below half)."""
     return max(smallest, 4 * cfg.per_webhook_concurrency)
 
+
+BATCH_WINDOW = 16  # batches a batching webhook's window holds
 
 MAX_VARIANTS = 256
 
@@ -166,9 +168,11 @@ class Scheduler:
         return window_size(self.cfg, self.min_window)
 
     def _window_of(self, wh: Webhook, cfg: DeliveryConfig | None = None) -> int:
-        """A webhook's window: a batching one holds at least four batches' worth."""
+        """A webhook's window: a batching one holds at least BATCH_WINDOW batches' worth (at
+        most 1000 events each): a backlog that keeps up with intake stays in memory instead
+        of being read back from storage."""
         base = window_size(cfg or self.cfg, self.min_window)
-        return max(base, 4 * wh.batching.max_events) if wh.batching.on else base
+        return max(base, BATCH_WINDOW * wh.batching.max_events) if wh.batching.on else base
 
     # -- start, reconfigure, stop ----------------------------------------------------
     async def load(self) -> None:
@@ -600,20 +604,31 @@ class Scheduler:
         if d.disabled:
             log.warning("webhook disabled", webhook_id=wh.id, url=wh.url, reason=policy.CONSECUTIVE_FAILURES,
                         consecutive_failures=wh.consecutive_failures)
-        response = outcome.response_body[:1024].decode("utf-8", "replace")
-        for item, status in zip(items, d.statuses, strict=True):
-            pending = status == PENDING
-            if pending:
-                assert d.next_at is not None
-                item.next_at = d.next_at
-                item.batch = batch_id
-            record = OutcomeRecord(
-                delivery_id=item.delivery_id, webhook_id=wh.id, status=status, attempts=item.attempts,
-                next_attempt_at=d.next_at if pending else None, at=at, duration_ms=outcome.duration_ms,
-                status_code=outcome.status_code, error=outcome.error, response_body=response, updated_at=now,
-                batch_id=batch_id,
-            )
-            self.storage.record_outcome(record, on_commit=self._batch_committed(wh, item, pending))
+        next_at = d.next_at
+        pending: list[DueItem] = []
+        if next_at is not None:
+            for item, status in zip(items, d.statuses, strict=True):
+                if status == PENDING:
+                    item.next_at = next_at
+                    item.batch = batch_id
+                    pending.append(item)
+        record = BatchOutcomeRecord(
+            webhook_id=wh.id, batch_id=batch_id, delivery_ids=tuple([item.delivery_id for item in items]),
+            statuses=d.statuses, attempts=tuple([item.attempts for item in items]), next_attempt_at=next_at, at=at,
+            duration_ms=outcome.duration_ms, status_code=outcome.status_code, error=outcome.error,
+            response_body=outcome.response_body[:1024].decode("utf-8", "replace"), updated_at=now,
+        )
+
+        def committed(_: None) -> None:
+            inflight = wh.inflight
+            for item in items:
+                inflight.discard(item.delivery_id)
+            if pending and wh.enabled and self.webhooks.get(wh.id) is wh:
+                for item in pending:
+                    wh.push(item)
+                wh.wake.set()
+
+        self.storage.record_batch_outcome(record, on_commit=committed)
         if d.gate_changed:
             def state_committed(_: None) -> None:
                 if self.on_disabled is not None:
@@ -622,12 +637,3 @@ class Scheduler:
             self.storage.set_webhook_state(
                 wh.id, wh.state(), pause_pending=d.disabled, on_commit=state_committed if d.disabled else None
             )
-
-    def _batch_committed(self, wh: Webhook, item: DueItem, pending: bool) -> Callable[[None], None]:
-        def committed(_: None) -> None:
-            wh.inflight.discard(item.delivery_id)
-            if pending and wh.enabled and self.webhooks.get(wh.id) is wh:
-                wh.push(item)
-                wh.wake.set()
-
-        return committed

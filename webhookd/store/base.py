@@ -25,6 +25,7 @@ from webhookd.events import Event
 from webhookd.filters import WebhookFilter
 from webhookd.store.model import (
     ApiToken,
+    BatchOutcomeRecord,
     Delivery,
     DeliveryDetail,
     DeliveryFilter,
@@ -100,6 +101,12 @@ class Storage(Protocol):
 
     def record_outcome(self, record: OutcomeRecord, *, on_commit: Callable[[None], None] | None = None) -> None:
         """Queue an attempt's outcome (internal: retried until it commits)."""
+        ...
+
+    def record_batch_outcome(
+        self, record: BatchOutcomeRecord, *, on_commit: Callable[[None], None] | None = None
+    ) -> None:
+        """Queue a batch attempt's outcome for all its deliveries (internal: retried until it commits)."""
         ...
 
     def set_webhook_state(

@@ -136,6 +136,25 @@ class OutcomeRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class BatchOutcomeRecord:
+    """One batch attempt's result (webhookd.batching) and each of its deliveries' state after
+    it: one attempt row per delivery, all carrying `batch_id`."""
+
+    webhook_id: str
+    batch_id: str
+    delivery_ids: tuple[int, ...]
+    statuses: tuple[str, ...]  # each delivery's new status
+    attempts: tuple[int, ...]  # each delivery's attempt count, this one included
+    next_attempt_at: float | None  # for the pending ones
+    at: float
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+    response_body: str
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """A delivery as listed."""
 

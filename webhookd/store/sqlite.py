@@ -29,6 +29,7 @@ from webhookd.store.model import (
     PAUSED,
     PENDING,
     ApiToken,
+    BatchOutcomeRecord,
     DeliveryFilter,
     DueItem,
     OutcomeRecord,
@@ -39,7 +40,7 @@ from webhookd.store.model import (
     WebhookRecord,
     WebhookState,
 )
-from webhookd.store.sqlite_batch import Conn, Events, EventSink, Ids, Outcomes, in_thread
+from webhookd.store.sqlite_batch import BatchOutcomes, Conn, Events, EventSink, Ids, Outcomes, in_thread
 from webhookd.store.sqlite_read import Reads
 from webhookd.store.sqlite_rows import (
     DUE_SELECT,
@@ -103,6 +104,7 @@ class SqliteStorage(Reads):
         self._counts = Counts()
         self._events = Events(clock, self._ids, self._counts, self._sink)
         self._outcomes = Outcomes(self._counts)
+        self._batch_outcomes = BatchOutcomes(self._counts)
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -232,6 +234,11 @@ class SqliteStorage(Reads):
 
     def record_outcome(self, record: OutcomeRecord, *, on_commit: Callable[[None], None] | None = None) -> None:
         self._writer.add(self._outcomes, record, on_commit=on_commit, internal=True)
+
+    def record_batch_outcome(
+        self, record: BatchOutcomeRecord, *, on_commit: Callable[[None], None] | None = None
+    ) -> None:
+        self._writer.add(self._batch_outcomes, record, on_commit=on_commit, internal=True)
 
     def set_webhook_state(
         self, webhook_id: str, state: WebhookState, *, pause_pending: bool = False,
