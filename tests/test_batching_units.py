@@ -7,6 +7,7 @@ max_attempts; the attempt log names the batch. Plus the pure parts (webhookd.bat
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -25,8 +26,10 @@ from tests.test_scheduler_units import (  # noqa: F401 - make_rig is a fixture
 )
 from webhookd import batching
 from webhookd.batching import MAX_BYTES, MAX_EVENTS, OFF, Batching, BatchingError
+from webhookd.declared import DeclaredWebhook
 from webhookd.dispatcher import Outcome
 from webhookd.events import validate_event
+from webhookd.filters import EMPTY_FILTER
 from webhookd.policy import CONSECUTIVE_FAILURES
 from webhookd.store.model import FAILED, PAUSED, PENDING, SUCCEEDED, DeliveryFilter
 from webhookd.webhooks import Webhook
@@ -390,3 +393,22 @@ def test_the_batch_id_names_the_content() -> None:
     assert a != batching.batch_id("wh_1", ["evt_b", "evt_a"])
     assert a != batching.batch_id("wh_1", ["evt_a\nevt_b"])
     assert a.startswith("batch_") and len(a) == 32 and a[6:].isalnum() and a == a.lower()
+
+
+async def test_a_declared_webhook_gets_and_changes_its_batch_settings_by_sync(make_rig: MakeRig) -> None:  # noqa: F811
+    rig, poster = await batching_rig(make_rig)
+    entry = DeclaredWebhook(name="bulk", url="https://bulk.example.com/h", events=("*",), description="",
+                            filter=EMPTY_FILTER, source="/etc/webhookd/config.toml", batching=Batching(4))
+    [created] = await rig.ops.sync([entry])
+    assert created.kind == "create"
+    [wh] = [w for w in rig.scheduler.webhooks.values() if w.name == "bulk"]
+    assert wh.batching == Batching(4)
+    await rig.send(8)
+    await rig.settle()
+    assert sizes(poster) == [4, 4]
+    [changed] = await rig.ops.sync([replace(entry, batching=OFF)])
+    assert changed.kind == "update" and changed.fieldnames() == ("batching",)
+    assert wh.batching == OFF
+    [stored] = [w for w in await rig.storage.load_webhooks() if w.id == wh.id]
+    assert stored.batching == OFF
+    assert await rig.ops.sync([replace(entry, batching=OFF)]) == []  # in step
