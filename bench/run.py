@@ -950,37 +950,46 @@ async def batched_rate(daemon: Daemon, recv: Receiver, n: int, first: int, timeo
 
 def phase_batched(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
     """Batched delivery beside intake, measured in the same run in alternating rounds: intake
-    on a daemon without webhooks (as the intake phase measures it), and end to end on a
-    daemon with one webhook batching up to --batch-max-events: from the first event
-    submitted until the receiver has counted every event inside the batch bodies."""
+    on a daemon without webhooks (as the intake phase measures it: the target's floor), and
+    end to end on a daemon with one webhook batching up to --batch-max-events: from the first
+    event submitted until the receiver has counted every event inside the batch bodies. For
+    context, intake on a daemon whose one webhook is disabled (every event still makes its
+    delivery row, paused, but nothing is delivered): what the rows alone cost."""
     n = args.batched_events
     recv = Receiver()
     intake_rates: list[float] = []
+    rows_rates: list[float] = []
+    intake_cpu: list[float] = []
+    rows_cpu: list[float] = []
     rounds: list[dict[str, float]] = []
+    daemons: list[Daemon] = []
     try:
-        plain = Daemon(root / "intake")
-        plain.start()
-        batched = Daemon(root / "batched")
-        batched.start()
-        try:
-            hook = batched.cli("webhooks", "create", "--url", recv.url, "--json")
+        plain, rows, batched = Daemon(root / "intake"), Daemon(root / "rows"), Daemon(root / "batched")
+        for d in (plain, rows, batched):
+            daemons.append(d)
+            d.start()
+        for d in (rows, batched):
+            hook = d.cli("webhooks", "create", "--url", recv.url, "--batch-max-events", str(args.batch_max_events),
+                         "--batch-linger", args.batch_linger, "--json")
             assert hook.returncode == 0, hook.stderr
-            webhook_id = json.loads(hook.stdout)["id"]
-            asyncio.run(admin_call(batched, "PATCH", f"/v1/webhooks/{webhook_id}",
-                                   {"batch_max_events": args.batch_max_events, "batch_linger": args.batch_linger}))
-            asyncio.run(batched_rate(batched, recv, 2000, first=10_000_000))  # warm-up
-            for r in range(args.rounds):
-                elapsed = asyncio.run(pipelined_submit(plain.intake, n, first=r * n))
-                intake_rates.append(n / elapsed)
-                cpu_before = thread_cpu(batched.pid)
-                with profiled(batched.pid, args.profile if r == 0 else None, "batched"):
-                    figure = asyncio.run(batched_rate(batched, recv, n, first=r * n))
-                figure["daemon_cpu_us_per_event"] = round(cpu_us(batched.pid, cpu_before, n), 1)
-                rounds.append(figure)
-        finally:
-            batched.stop()
-            plain.stop()
+        [row_hook] = json.loads(rows.cli("webhooks", "list", "--json").stdout)["webhooks"]
+        off = rows.cli("webhooks", "disable", row_hook["id"])
+        assert off.returncode == 0, off.stderr
+        asyncio.run(batched_rate(batched, recv, 2000, first=10_000_000))  # warm-up
+        for r in range(args.rounds):
+            for d, rates, cpu in ((plain, intake_rates, intake_cpu), (rows, rows_rates, rows_cpu)):
+                before = thread_cpu(d.pid)
+                elapsed = asyncio.run(pipelined_submit(d.intake, n, first=r * n))
+                rates.append(n / elapsed)
+                cpu.append(round(cpu_us(d.pid, before, n), 1))
+            cpu_before = thread_cpu(batched.pid)
+            with profiled(batched.pid, args.profile if r == 0 else None, "batched"):
+                figure = asyncio.run(batched_rate(batched, recv, n, first=r * n))
+            figure["daemon_cpu_us_per_event"] = round(cpu_us(batched.pid, cpu_before, n), 1)
+            rounds.append(figure)
     finally:
+        for d in daemons:
+            d.stop()
         recv.stop()
     intake, best = max(intake_rates), max(rounds, key=lambda f: f["events_per_s"])
     ratio = best["events_per_s"] / intake
@@ -991,13 +1000,21 @@ def phase_batched(root: Path, args: argparse.Namespace, results: dict[str, Any])
         "batch_linger": args.batch_linger,
         "intake_events_per_s": round(intake),
         "end_to_end_batched_events_per_s": round(best["events_per_s"]),
-        "submit_events_per_s_with_delivery": round(best["submit_events_per_s"]),
-        "events_per_post": round(n / best["posts"], 1) if best["posts"] else None,
         "ratio_to_intake": round(ratio, 3),
         "target": TARGET_BATCHED_RATIO,
         "met": ratio >= TARGET_BATCHED_RATIO,
+        "submit_events_per_s_with_delivery": round(best["submit_events_per_s"]),
+        "events_per_post": round(n / best["posts"], 1) if best["posts"] else None,
+        # context: intake when each event also makes its (paused) delivery row
+        "intake_with_delivery_rows_events_per_s": round(max(rows_rates)),
+        "ratio_to_intake_with_delivery_rows": round(best["events_per_s"] / max(rows_rates), 3),
         "rounds_intake": [round(x) for x in intake_rates],
+        "rounds_intake_with_delivery_rows": [round(x) for x in rows_rates],
         "rounds_end_to_end": [round(f["events_per_s"]) for f in rounds],
+        # the daemon's CPU per event (all threads), each round: intake alone, intake making
+        # delivery rows, and intake plus batched delivery
+        "intake_daemon_cpu_us_per_event": intake_cpu,
+        "intake_with_delivery_rows_cpu_us_per_event": rows_cpu,
         "daemon_cpu_us_per_event": [f["daemon_cpu_us_per_event"] for f in rounds],
     }
 
