@@ -94,3 +94,27 @@ async def test_the_delivery_document_names_each_attempt_batch(start_daemon: Any,
     assert status == 200 and [a["batch_id"] for a in doc["attempt_log"]] == [batch_id]
     status, counted = await h.api("GET", f"/v1/deliveries/count?batch={batch_id}")
     assert (status, counted) == (200, {"count": 3})
+
+
+async def test_retry_failed_takes_a_batch(start_daemon: Any, make_receiver: Any) -> None:
+    receiver = await make_receiver(default=500)
+    h = await start_daemon(delivery={"max_attempts": 1})
+    status, made = await h.api("POST", "/v1/webhooks", {"url": receiver.url, "batch_max_events": 2})
+    assert status == 201
+    await h.submit(*(event(n=i) for i in range(4)))
+    requests = await receiver.wait_for(2)
+    first = requests[0].headers["webhook-id"]
+
+    async def failed() -> list[dict[str, Any]]:
+        ds = await h.deliveries(webhook_id=made["id"], status="failed")
+        return ds if len(ds) == 4 else []
+
+    await eventually(failed, what="4 failed deliveries")
+    receiver.default = 200
+    status, body = await h.api("POST", "/v1/deliveries/retry-failed", {"batch": first})
+    assert (status, body) == (200, {"retried": 2})  # only that batch's two
+    await receiver.wait_for(3)
+    again = receiver.requests[2]
+    assert again.headers["webhook-id"] == first and again.body == requests[0].body  # the same batch, again
+    status, body = await h.api("POST", "/v1/deliveries/retry-failed", {"batch": 7})
+    assert status == 400 and "string" in body["error"]

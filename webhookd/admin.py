@@ -431,7 +431,7 @@ class AdminApi:
 
     async def retry_failed(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        unknown = set(body) - {"webhook_id", "event", "message_id", "to", "since", "until"}
+        unknown = set(body) - {"webhook_id", "event", "message_id", "to", "since", "until", "batch"}
         if unknown:
             raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
         if not all(isinstance(v, str) for v in body.values()):
