@@ -7,6 +7,7 @@ max_attempts; the attempt log names the batch. Plus the pure parts (webhookd.bat
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +26,7 @@ from tests.test_scheduler_units import (  # noqa: F401 - make_rig is a fixture
     make_rig,
 )
 from webhookd import batching
+from webhookd import scheduler as scheduler_module
 from webhookd.batching import MAX_BYTES, MAX_EVENTS, OFF, Batching, BatchingError
 from webhookd.declared import DeclaredWebhook
 from webhookd.dispatcher import Outcome
@@ -412,3 +414,53 @@ async def test_a_declared_webhook_gets_and_changes_its_batch_settings_by_sync(ma
     [stored] = [w for w in await rig.storage.load_webhooks() if w.id == wh.id]
     assert stored.batching == OFF
     assert await rig.ops.sync([replace(entry, batching=OFF)]) == []  # in step
+
+
+@pytest.mark.parametrize("backlog", ["fresh-at-once", "fresh-in-waves", "resumed-from-storage", "failing-first"])
+async def test_refills_batch_every_delivery_once_with_bounded_memory(make_rig: MakeRig, backlog: str) -> None:  # noqa: F811
+    """A batching webhook's window (BATCH_WINDOW batches) refilled from storage again and
+    again: every event is sent exactly once, in batches of at most max_events, memory bounded."""
+    rig, poster = await batching_rig(make_rig, per_webhook_concurrency=2, min_window=8)
+    settings = Batching(max_events=3)
+    wh = await batched_hook(rig, settings)
+    window = rig.scheduler._window_of(wh)
+    assert window == scheduler_module.BATCH_WINDOW * 3
+    peak = 0
+
+    def observe() -> None:
+        nonlocal peak
+        peak = max(peak, len(wh.items) + len(wh.forming))
+
+    futures: list[asyncio.Future[str]] = []
+    if backlog == "fresh-in-waves":
+        for _ in range(10):
+            futures += rig.submit(30)
+            for _ in range(7):
+                await asyncio.sleep(0)
+                observe()
+    elif backlog == "resumed-from-storage":
+        await rig.ops.disable(wh)
+        futures = rig.submit(300)
+        await asyncio.gather(*futures)
+        assert await rig.ops.enable(wh) == 300
+    else:
+        if backlog == "failing-first":
+            failures = iter([FAIL] * 5)
+            poster.handler = lambda call: next(failures, OK)
+        futures = rig.submit(300)
+    await rig.settle(observe)
+    if backlog == "failing-first":
+        for _ in range(6):
+            rig.later(BIG)
+            await rig.settle(observe)
+
+    uids = [f.result() for f in futures]
+    sent = [e["id"] for c in poster.calls for e in poster.batch(c)]
+    assert all(len(poster.batch(c)) <= 3 for c in poster.calls)
+    if backlog == "failing-first":  # the failed batches were sent again: all of them, their events only
+        assert set(sent) == set(uids) and len(sent) == 300 + 3 * 5
+    else:
+        assert Counter(sent) == Counter(uids)  # each exactly once
+    assert await rig.statuses(wh) == {SUCCEEDED: 300}
+    assert peak <= 2 * window + 3
+    assert not wh.items and not wh.inflight and not wh.forming
