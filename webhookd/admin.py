@@ -275,8 +275,16 @@ class AdminApi:
     async def prometheus(self, request: web.Request) -> web.Response:
         if self.metrics is None:
             raise ApiError(404, "metrics are not enabled")
-        deliveries, webhooks = await self._counts()
-        oldest = await self.store.oldest_pending()
+        try:
+            deliveries, webhooks = await self._counts()
+            oldest = await self.store.oldest_pending()
+        except StoreError:
+            # The database cannot be read (PostgreSQL unreachable): still answer, so that
+            # webhookd_store_connected and the reconnect and failure counters are scraped.
+            deliveries, oldest = {}, None
+            hooks = self.scheduler.webhooks.values()
+            enabled = sum(1 for wh in hooks if wh.enabled)
+            webhooks = {"enabled": enabled, "disabled": len(hooks) - enabled}
         self.metrics.gauges = {
             "deliveries": deliveries,
             "webhooks": webhooks,
