@@ -165,9 +165,14 @@ async def test_a_lost_connection_fails_intake_keeps_internal_writes_and_reconnec
         with pytest.raises(StoreError, match=r"^storage unavailable: cannot reach PostgreSQL") as refused:
             await s.submit(ev(2), [("wh_a", True)])
         assert refused.value.reason is Reason.STORAGE  # intake: ok:false, HTTP 503, `webhookd submit` exits 75
-    assert not s.connected and committed == [] and s.failed_commits >= 3
+    assert not s.connected and committed == [] and s.failed_commits >= 1
     monkeypatch.setattr(s, "_connect", real_connect)
-    uid = await asyncio.wait_for(s.submit(ev(3), [("wh_a", True)]), 10)
+    for _ in range(500):  # intake is refused at once until the next try is due (a few ms here)
+        try:
+            uid = await asyncio.wait_for(s.submit(ev(3), [("wh_a", True)]), 10)
+            break
+        except StoreError:
+            await asyncio.sleep(0.01)
     assert committed == [None]  # the internal write waited and committed after the reconnect
     assert s.connected and s.reconnects == 1
     assert await conn.fetchval("SELECT status FROM deliveries WHERE id = $1", d) == "succeeded"

@@ -214,6 +214,7 @@ class PostgresStorage(Reads):
             await self._events.delivery_ids.load(conn)
             args = self._connect_args()
             self._pool = await asyncpg.create_pool(min_size=0, max_size=self.pool_size, **args)
+            self._events.pool = self._pool
         except StoreError:
             await self._close_connections()
             raise
@@ -250,6 +251,7 @@ class PostgresStorage(Reads):
             conn.terminate()
             if self._lost_at is None:
                 self._lost_at = time.monotonic()
+                self._retry_in = self.reconnect_min
                 log.warning("storage connection lost; reconnecting", backend="postgresql", database=self.where)
 
     async def _writer_connection(self) -> Conn:
@@ -280,6 +282,14 @@ class PostgresStorage(Reads):
 
     # -- intake ------------------------------------------------------------------------------
     def submit(self, event: Event, subscribers: Sequence[Subscriber]) -> asyncio.Future[str]:
+        wait = self._retry_at - time.monotonic()
+        if self._conn is None and self._lost_at is not None and wait > 0:
+            # Known unreachable, and not yet time to try again: refuse at once (the MTA defers
+            # and retries) rather than wait behind the writer's retries of internal writes.
+            fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            fut.set_exception(StoreError(Lead.STORAGE.text(
+                f" unavailable: cannot reach PostgreSQL (next try in {wait:.1f}s)")))
+            return fut
         return self._writer.add(self._events, (event, subscribers))
 
     # -- the scheduler's verbs --------------------------------------------------------------

@@ -13,19 +13,22 @@ import asyncpg
 from webhookd.events import Event
 from webhookd.ids import new_id
 from webhookd.store.model import PAUSED, PENDING, FreshEvent, OutcomeRecord, StoreError, Subscriber
-from webhookd.store.postgres_schema import ID_BLOCK
+from webhookd.store.postgres_schema import BLOCK_LOCK, ID_BLOCK
 from webhookd.store.sqlite_rows import HOUR
 
 Conn = asyncpg.Connection
-MAX_BLOCK_TRIES = 1000
 
 
 class IdBlocks:
-    """Ids from one of the schema's block sequences (`INCREMENT BY ID_BLOCK`): one `nextval`
+    """Ids from one of the schema's block sequences (`INCREMENT BY ID_BLOCK`): a `nextval`
     gives this instance the block [v, v + ID_BLOCK), numbered in memory. Sequences are not
     transactional, so no other instance ever gets the same block, and a block is never
-    handed out twice even when the transaction that took it rolls back (its rest is still
-    used by this instance; the ids of a rolled-back batch are simply never used)."""
+    handed out twice even when the transaction that took it rolls back (the ids of a
+    rolled-back batch are simply never used).
+
+    An event with more subscribers than a block holds needs consecutive blocks: every
+    instance takes its blocks in a short transaction of its own (a reader connection, not
+    the writer's) holding `BLOCK_LOCK`, so nobody's nextval falls between them."""
 
     def __init__(self, sequence: str, size: int = ID_BLOCK) -> None:
         self.sequence = sequence
@@ -38,21 +41,21 @@ class IdBlocks:
         self.size = int(await conn.fetchval("SELECT seqincrement FROM pg_sequence WHERE seqrelid = $1::regclass",
                                             self.sequence))
 
-    async def take(self, conn: Conn, n: int) -> int:
+    async def take(self, pool: asyncpg.Pool, n: int) -> int:
         """The first of `n` contiguous ids (one event's deliveries are numbered contiguously)."""
         if n <= self._end - self._next:
             first = self._next
             self._next += n
             return first
         blocks = -(-n // self.size)
-        run: list[int] = []
-        for _ in range(MAX_BLOCK_TRIES):  # more than one block: consecutive ones (another instance may interleave)
-            start = int(await conn.fetchval(f"SELECT nextval('{self.sequence}')"))
-            run = [*run, start] if run and start == run[-1] + self.size else [start]
-            if len(run) == blocks:
-                self._next, self._end = run[0] + n, run[-1] + self.size
-                return run[0]
-        raise StoreError(f"storage error: cannot allocate {n} contiguous ids from {self.sequence}")
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", BLOCK_LOCK)
+            starts = [int(r[0]) for r in await conn.fetch(
+                "SELECT nextval($1::regclass) FROM generate_series(1, $2)", self.sequence, blocks)]
+        if sorted(starts) != [starts[0] + i * self.size for i in range(blocks)]:
+            raise StoreError(f"storage error: {self.sequence} handed out blocks that are not consecutive")
+        self._next, self._end = starts[0] + n, starts[0] + blocks * self.size
+        return starts[0]
 
 
 @dataclass
@@ -77,6 +80,7 @@ class Events:
 
     def __init__(self, clock: Callable[[], float], sink: EventSink) -> None:
         self._clock, self._sink = clock, sink
+        self.pool: asyncpg.Pool | None = None  # where id blocks are taken (set at open)
         self.event_ids = IdBlocks("event_ids")
         self.delivery_ids = IdBlocks("delivery_ids")
         self._runs: deque[tuple[list[FreshEvent], list[str]]] = deque()  # this transaction's, in order
@@ -100,8 +104,10 @@ class Events:
             uid = new_id("evt")
             if key is not None:
                 known[key] = uid
-            entry = _New(ev, subscribers, await self.event_ids.take(conn, 1), uid,
-                         await self.delivery_ids.take(conn, len(subscribers)) if subscribers else 0)
+            pool = self.pool
+            assert pool is not None, "opened"
+            entry = _New(ev, subscribers, await self.event_ids.take(pool, 1), uid,
+                         await self.delivery_ids.take(pool, len(subscribers)) if subscribers else 0)
             new.append(entry)
             results.append(entry)
         if new:

@@ -28,6 +28,7 @@ from webhookd.store.model import StoreError
 log = structlog.get_logger("webhookd.store")
 
 MIGRATION_LOCK = 0x77686B64_0001  # pg_advisory_lock key: "whkd", 1 (any bigint, fixed forever)
+BLOCK_LOCK = 0x77686B64_0002  # held while an instance takes id blocks (postgres_batch.IdBlocks)
 ID_BLOCK = 1000  # the sequences' increment: ids an instance numbers from one nextval
 
 MIGRATIONS: tuple[str, ...] = (
