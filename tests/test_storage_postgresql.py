@@ -206,3 +206,15 @@ async def test_the_password_comes_from_the_password_file_and_is_never_shown(
         assert "cannot" in str(refused.value)
     out = capsys.readouterr()
     assert SECRET_PASSWORD not in out.out + out.err
+
+
+def test_without_postgresql_the_tests_skip_unless_it_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.pg
+
+    monkeypatch.setattr(tests.pg, "_bindir", lambda: None)
+    monkeypatch.delenv("WEBHOOKD_REQUIRE_POSTGRES", raising=False)
+    with pytest.raises(pytest.skip.Exception):
+        tests.pg.require_postgres()
+    monkeypatch.setenv("WEBHOOKD_REQUIRE_POSTGRES", "1")  # what .ci/run sets once it installed postgresql
+    with pytest.raises(pytest.fail.Exception, match="WEBHOOKD_REQUIRE_POSTGRES"):
+        tests.pg.require_postgres()
