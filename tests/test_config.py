@@ -718,12 +718,23 @@ def test_postgresql_backend_with_a_dsn_and_a_password_file(tmp_path: Path) -> No
     "postgresql://webhookd@db.example/hooks?password=s3cr3t-Passw0rd",
     "postgresql://webhookd@db.example/hooks?sslmode=require&PASSWORD=s3cr3t-Passw0rd",
     "host=db.example user=webhookd password=s3cr3t-Passw0rd",  # libpq's key=value form: not a URI
-    "postgresql://webhookd:s3cr3t-Passw0rd@db.example:port/hooks",  # a bad port
+    "postgresql://webhookd:s3cr3t-Passw0rd@db1:5432,db2:5433/hooks",  # several hosts
 ])
 def test_a_password_in_the_dsn_is_refused_and_never_echoed(cwd: Path, dsn: str) -> None:
     error = refused({"storage": {"backend": "postgresql", "dsn": dsn}})
     assert error.key == "storage.dsn"
     assert "s3cr3t" not in str(error) and "not shown" in str(error)
+
+
+def test_a_multi_host_dsn_is_accepted_and_logged_without_its_query() -> None:
+    dsn = "postgresql://webhookd@db1:5432,db2:5433/hooks?target_session_attrs=read-write"
+    config = parse_config({"storage": {"backend": "postgresql", "dsn": dsn}}, env={})
+    assert config.storage.dsn == dsn
+    pytest.importorskip("asyncpg")
+    from webhookd.store.postgres import redact_dsn
+
+    assert redact_dsn(dsn) == "postgresql://webhookd@db1:5432,db2:5433/hooks"
+    assert redact_dsn("postgresql://w:s3cr3t@db/h?password=x") == "postgresql://w@db/h"
 
 
 def test_postgresql_needs_a_dsn_and_sqlite_takes_none(cwd: Path, tmp_path: Path) -> None:

@@ -218,3 +218,16 @@ def test_without_postgresql_the_tests_skip_unless_it_is_required(monkeypatch: py
     monkeypatch.setenv("WEBHOOKD_REQUIRE_POSTGRES", "1")  # what .ci/run sets once it installed postgresql
     with pytest.raises(pytest.fail.Exception, match="WEBHOOKD_REQUIRE_POSTGRES"):
         tests.pg.require_postgres()
+
+
+async def test_an_exclusive_instance_keeps_a_second_one_out(pg_dsn: str) -> None:  # noqa: F811
+    """What the daemon opens (exclusive=True): one delivering webhookd per database until several
+    can share the queue; the lock goes with the connection, so the next one may start then."""
+    first = PostgresStorage(pg_dsn, exclusive=True)
+    await first.open()
+    with pytest.raises(StoreError, match="another webhookd is using"):
+        await PostgresStorage(pg_dsn, exclusive=True).open()
+    await first.close()
+    second = PostgresStorage(pg_dsn, exclusive=True)
+    await second.open()
+    await second.close()

@@ -298,7 +298,6 @@ def _dsn(value: object, key: str) -> str:
     try:
         parts = urlsplit(text)
         password = parts.password
-        parts.port  # noqa: B018 - a port that is not a number raises here
         params = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
     except ValueError:
         raise ConfigError(key, "expected a postgresql:// URI such as postgresql://webhookd@db.example/webhookd"

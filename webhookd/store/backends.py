@@ -36,7 +36,9 @@ def make_storage(
                 'storage.backend = "postgresql" needs asyncpg: pip install "webhookd[postgresql]"'
                 f" ({exc.name} is missing)"
             ) from None
-        pg = PostgresStorage(cfg.dsn, password_file=cfg.password_file, clock=clock, on_fresh=on_fresh)
+        # exclusive: one daemon per database until several can share its queue (issue 15)
+        pg = PostgresStorage(cfg.dsn, password_file=cfg.password_file, clock=clock, on_fresh=on_fresh,
+                             exclusive=True)
         return pg, lambda: Health("postgresql", pg.where, pg.connected, pg.reconnects)
     lite = SqliteStorage(cfg.path, durability=cfg.durability, clock=clock, on_fresh=on_fresh)
     return lite, lambda: Health("sqlite", str(cfg.path), True, 0)

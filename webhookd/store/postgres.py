@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
@@ -66,7 +67,7 @@ from webhookd.store.postgres_rows import (
     webhook_row,
     where_clause,
 )
-from webhookd.store.postgres_schema import migrate
+from webhookd.store.postgres_schema import INSTANCE_LOCK, migrate
 from webhookd.store.sqlite_rows import HOUR, filter_text
 from webhookd.store.writer import Writer
 
@@ -79,17 +80,12 @@ COMMAND_TIMEOUT = 60.0  # a statement that hangs this long (a partition) drops t
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN as logged: scheme, user, host, port and database; never a password or query."""
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(dsn)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        user = f"{parts.username}@" if parts.username else ""
-    except ValueError:
-        return "postgresql://(unparsable)"
-    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+    """The DSN as logged: scheme, user, hosts (with ports) and database; never a password or
+    the query (the config refuses a DSN with a password; this holds even if one slipped by)."""
+    parts = urlsplit(dsn)
+    hosts = parts.netloc.rpartition("@")[2]
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    return f"{parts.scheme}://{user + '@' if user else ''}{hosts}{parts.path}"
 
 
 class _Transactions:
@@ -140,12 +136,14 @@ class PostgresStorage(Reads):
         clock: Callable[[], float] = time.time,
         on_fresh: FreshSink | None = None,
         pool_size: int = 4,
+        exclusive: bool = False,
     ) -> None:
         self.dsn = dsn
         self.where = redact_dsn(dsn)
         self.password_file = password_file
         self.clock = clock
         self.pool_size = pool_size
+        self.exclusive = exclusive  # hold INSTANCE_LOCK: the only daemon delivering from this database
         self.reconnect_min = RECONNECT_MIN
         self.reconnect_max = RECONNECT_MAX
         self.reconnects = 0  # connections regained after a loss
@@ -203,7 +201,20 @@ class PostgresStorage(Reads):
         return args
 
     async def _connect(self) -> Conn:
-        return await asyncpg.connect(**self._connect_args())
+        conn: Conn = await asyncpg.connect(**self._connect_args())
+        if self.exclusive:
+            try:
+                held = await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
+                                           INSTANCE_LOCK)
+            except BaseException:
+                conn.terminate()
+                raise
+            if not held:
+                conn.terminate()
+                raise StoreError(Lead.STORAGE.text(
+                    f" unavailable: another webhookd is using {self.where}; until several daemons can share"
+                    " one queue (claiming with leases), run one webhookd per database (or schema)"))
+        return conn
 
     async def open(self) -> None:
         try:
@@ -254,6 +265,12 @@ class PostgresStorage(Reads):
                 self._retry_in = self.reconnect_min
                 log.warning("storage connection lost; reconnecting", backend="postgresql", database=self.where)
 
+    def _reconnect_failed(self, error: str) -> None:
+        self._retry_at = time.monotonic() + self._retry_in
+        log.warning("storage reconnect failed", backend="postgresql", database=self.where, error=error,
+                    retry_in_s=round(self._retry_in, 2))
+        self._retry_in = min(self._retry_in * 2, self.reconnect_max)
+
     async def _writer_connection(self) -> Conn:
         conn = self._conn
         if conn is not None and not conn.is_closed():
@@ -265,11 +282,11 @@ class PostgresStorage(Reads):
                 f" unavailable: cannot reach PostgreSQL (next try in {self._retry_at - now:.1f}s)"))
         try:
             conn = await self._connect()
+        except StoreError as exc:
+            self._reconnect_failed(str(exc))
+            raise
         except DB_ERRORS as exc:
-            self._retry_at = time.monotonic() + self._retry_in
-            log.warning("storage reconnect failed", backend="postgresql", database=self.where,
-                        error=type(exc).__name__, retry_in_s=round(self._retry_in, 2))
-            self._retry_in = min(self._retry_in * 2, self.reconnect_max)
+            self._reconnect_failed(type(exc).__name__)
             raise StoreError(describe(exc)) from None
         self._conn = conn
         self._retry_in, self._retry_at = self.reconnect_min, 0.0

@@ -29,6 +29,9 @@ log = structlog.get_logger("webhookd.store")
 
 MIGRATION_LOCK = 0x77686B64_0001  # pg_advisory_lock key: "whkd", 1 (any bigint, fixed forever)
 BLOCK_LOCK = 0x77686B64_0002  # held while an instance takes id blocks (postgres_batch.IdBlocks)
+# (key, hashtext(current_schema())): held by the one daemon that delivers from a database's queue,
+# until several can share it (claiming with leases, issue 15); see PostgresStorage(exclusive=True)
+INSTANCE_LOCK = 0x77686B65
 ID_BLOCK = 1000  # the sequences' increment: ids an instance numbers from one nextval
 
 MIGRATIONS: tuple[str, ...] = (
