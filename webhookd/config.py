@@ -311,6 +311,11 @@ def _dsn(value: object, key: str) -> str:
     return text
 
 
+def validate_dsn(value: str, key: str = "--to") -> str:
+    """A PostgreSQL DSN as storage.dsn takes it (for the CLI's options); raises ConfigError."""
+    return _dsn(value, key)
+
+
 def _secret_file(base: Path) -> Parser:
     def parse(value: object, key: str) -> Path | None:
         text = _str(value, key)

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -72,6 +72,7 @@ from webhookd.store.sqlite_rows import HOUR, filter_text
 from webhookd.store.writer import Writer
 
 log = structlog.get_logger("webhookd.store")
+T = TypeVar("T")
 
 RECONNECT_MIN = 0.1
 RECONNECT_MAX = 5.0
@@ -296,6 +297,11 @@ class PostgresStorage(Reads):
                      down_s=round(time.monotonic() - self._lost_at, 2))
             self._lost_at = None
         return conn
+
+    async def in_transaction(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """`fn` in one of the writer's transactions, after everything queued before it
+        (`webhookd migrate-storage` copies a whole database in one)."""
+        return await self._writer.run(fn)
 
     # -- intake ------------------------------------------------------------------------------
     def submit(self, event: Event, subscribers: Sequence[Subscriber]) -> asyncio.Future[str]:
