@@ -21,7 +21,7 @@ from webhookd.store.postgres_schema import SCHEMA_VERSION
 pytest.register_assert_rewrite("tests.storage_contract")  # not a test_*.py: its asserts explain themselves too
 
 from tests.storage_contract import *  # noqa: E402, F403 - the contract's tests and fixtures, run on PostgreSQL
-from tests.storage_contract import T0, FakeClock, MakeStorage, ev, outcome  # noqa: E402
+from tests.storage_contract import T0, FakeClock, MakeStorage, ev, outcome, webhook  # noqa: E402
 
 
 async def open_pg(dsn: str, *, clock: Callable[[], float] | None = None,
@@ -231,3 +231,16 @@ async def test_an_exclusive_instance_keeps_a_second_one_out(pg_dsn: str) -> None
     second = PostgresStorage(pg_dsn, exclusive=True)
     await second.open()
     await second.close()
+
+
+async def test_read_webhooks_reads_without_migrating(pg_dsn: str) -> None:  # noqa: F811
+    from webhookd.store.postgres import read_webhooks
+
+    assert await read_webhooks(pg_dsn) == []  # untouched: nothing created either
+    conn = await _raw(pg_dsn)
+    assert await conn.fetchval("SELECT to_regclass('webhooks')") is None
+    await conn.close()
+    s = await open_pg(pg_dsn)
+    await s.create_webhook(webhook("wh_a"))
+    await s.close()
+    assert await read_webhooks(pg_dsn) == [webhook("wh_a")]

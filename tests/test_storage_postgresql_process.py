@@ -189,3 +189,21 @@ def test_postgresql_stopped_and_restarted_under_load(
     assert (metric(d, "webhookd_store_reconnects_total") or 0) >= 1
     assert metric(d, "webhookd_store_connected") == 1
     assert d.logged("storage connection lost") and d.logged("storage reconnected")
+
+
+def test_check_config_plan_reads_the_declared_webhooks_from_postgresql(
+    pg_cluster: Cluster, proc: Callable[..., Proc], receiver: ThreadReceiver,  # noqa: F811
+) -> None:
+    dsn = asyncio.run(new_schema(pg_cluster))
+    d = proc()
+    d.write_config(tables=storage_table(dsn) + f'[[webhooks]]\nname = "main"\nurl = "{receiver.url}"\n'
+                   'events = "all"\n')
+
+    def plan() -> list[str]:
+        p = d.cli("check-config", "--plan")
+        assert p.returncode == 0, p.stderr
+        return p.stdout.decode().splitlines()[1:]
+
+    assert plan()[-1] == "plan: 1 to create, 0 to update, 0 to disable"  # an untouched database: nothing stored
+    d.start()
+    assert plan() == ["no changes"]  # read from PostgreSQL, not from a SQLite file that is not there

@@ -275,13 +275,20 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 
 def _plan(args: argparse.Namespace, config: Config, source: str | None) -> int:
-    """What a sync of the declared webhooks would change, read from the database file
-    without writing to it (the daemon may be running)."""
+    """What a sync of the declared webhooks would change, read from the database (the SQLite
+    file, or PostgreSQL) without writing to it (the daemon may be running)."""
     from webhookd import declared
     from webhookd.store import StoreError, read_webhooks
 
     try:
-        stored = read_webhooks(config.storage.path)
+        if config.storage.backend == "postgresql":
+            import asyncio
+
+            from webhookd.store.postgres import read_webhooks as read_pg
+
+            stored = asyncio.run(read_pg(config.storage.dsn, password_file=config.storage.password_file))
+        else:
+            stored = read_webhooks(config.storage.path)
     except StoreError as exc:
         raise CliError(str(exc), EX_FAIL) from None
     changes = declared.plan(config.webhooks, stored)

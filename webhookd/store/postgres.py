@@ -67,7 +67,7 @@ from webhookd.store.postgres_rows import (
     webhook_row,
     where_clause,
 )
-from webhookd.store.postgres_schema import INSTANCE_LOCK, migrate
+from webhookd.store.postgres_schema import INSTANCE_LOCK, SCHEMA_VERSION, migrate, schema_version
 from webhookd.store.sqlite_rows import HOUR, filter_text
 from webhookd.store.writer import Writer
 
@@ -599,6 +599,30 @@ class PostgresStorage(Reads):
             )
 
         return self._writer.run(write)
+
+
+async def read_webhooks(dsn: str, *, password_file: Path | None = None) -> list[WebhookRecord]:
+    """Every stored webhook, read without migrating or writing anything (what `webhookd
+    check-config --plan` compares the config with while the daemon may be running). A
+    database webhookd never touched holds none. Raises StoreError."""
+    storage = PostgresStorage(dsn, password_file=password_file)
+    try:
+        conn = await storage._connect()
+    except DB_ERRORS as exc:
+        raise StoreError(f"cannot read {storage.where}: {describe(exc)}") from None
+    try:
+        version = await schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"database {storage.where} has schema version {version}, newer than this webhookd "
+                             f"({SCHEMA_VERSION}); upgrade webhookd")
+        if version == 0:
+            return []
+        rows = await conn.fetch(f"SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY created_at, id")  # noqa: S608
+        return [webhook_row(r) for r in rows]
+    except DB_ERRORS as exc:
+        raise StoreError(f"cannot read {storage.where}: {describe(exc)}") from None
+    finally:
+        await conn.close()
 
 
 async def _track_one(conn: Conn, hit: TrackingHit, now: float) -> TrackingFacts:
