@@ -156,7 +156,12 @@ async def test_a_lost_connection_fails_intake_keeps_internal_writes_and_reconnec
     monkeypatch.setattr(s, "_connect", unreachable)
     conn = await _raw(pg_dsn)
     assert s._conn is not None
-    await conn.execute("SELECT pg_terminate_backend($1)", s._conn.get_server_pid())
+    pid = s._conn.get_server_pid()
+    await conn.execute("SELECT pg_terminate_backend($1)", pid)
+    for _ in range(500):  # it returns once signalled: wait until that backend is gone
+        if not await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid):
+            break
+        await asyncio.sleep(0.01)
     committed: list[None] = []
     s.record_outcome(outcome(d, "wh_a", ok=True, at=T0), on_commit=committed.append)
     with pytest.raises(StoreError):  # the batch that finds the connection gone (whatever asyncpg says then)

@@ -44,6 +44,7 @@ PRUNE_BATCH = 1000  # rows per retention transaction
 # What a reload does not change: the connector, the TLS context, the target guard, the
 # global slots, the database and the sockets are made at start.
 RESTART_ONLY_DELIVERY = ("concurrency", "ca_file", "allow_targets")
+STATUS_READ_TIMEOUT = 2.0  # seconds the systemd status line waits for the pending count
 RESTART_ONLY = ("storage", "intake", "admin", "dashboard", "tracking", "environment", "state_dir", "runtime_dir")
 
 
@@ -445,9 +446,11 @@ class Daemon:
                 log.info("retention pass", pruned=pruned, retention_s=self.config.storage.retention)
 
     async def _status_line(self) -> str:
+        # Bounded: the watchdog's beat waits for this line, and a remote database that does
+        # not answer (a partition) must not get the daemon killed by systemd's WatchdogSec.
         try:
-            pending = str((await self.store.count_by_status())["pending"])
-        except StoreError:
+            pending = str((await asyncio.wait_for(self.store.count_by_status(), STATUS_READ_TIMEOUT))["pending"])
+        except (StoreError, TimeoutError):
             pending = "?"
         return (
             f"{pending} deliveries pending, {self.scheduler.in_flight} in flight, "
