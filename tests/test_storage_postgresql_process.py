@@ -175,6 +175,8 @@ def test_postgresql_stopped_and_restarted_under_load(
             submit = d.cli("submit", '{"event": "delivered", "data": {"message_id": "<down@x>"}}')
             assert submit.returncode == 75, submit  # EX_TEMPFAIL: the MTA tries again later
             wait_until(lambda: metric(d, "webhookd_store_connected") == 0, what="the connected gauge at 0")
+            down = d.json("status")  # the daemon still answers: its storage is what is down
+            assert down["deliveries"] is None and down["storage"]["connected"] is False
             assert d.proc is not None and d.proc.poll() is None
         finally:
             pg_cluster.start()
