@@ -95,8 +95,8 @@ def test_migrate_storage_from_a_stopped_daemon_then_serve_sends_the_backlog(
 ) -> None:
     import asyncio
 
-    receiver.status = 503  # the backlog stays pending on SQLite
-    d = proc({"retry_base": "30s", "retry_max": "30s"}).start()
+    receiver.status = 503  # the backlog stays pending on SQLite, each retried about once a second
+    d = proc({"retry_base": "1s", "retry_max": "1s", "max_attempts": 1000, "disable_after": 1000}).start()
     hook = d.json("webhooks", "create", "--url", receiver.url)
     assert d.cli("submit", stdin=lines(20, "mig")).returncode == 0
     wait_until(lambda: d.json("status")["deliveries"]["pending"] == 20, what="20 pending deliveries")
