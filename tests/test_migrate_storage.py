@@ -15,13 +15,16 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tests.pg import Cluster, new_schema, pg_dsn  # noqa: F401
-from tests.storage_contract import T0, FakeClock, api_token, ev, outcome, record, webhook
-from tests.test_process import Proc, ThreadReceiver, lines, receiver, wait_until  # noqa: F401
-from tests.test_storage_postgresql_process import storage_table
-from webhookd.filters import WebhookFilter
-from webhookd.store import DeliveryFilter, FreshEvent, SqliteStorage, StoreError, TrackingHit, WebhookState
-from webhookd.store.copy import TABLES, sqlite_to_postgres
-from webhookd.store.postgres import PostgresStorage
+
+pytest.register_assert_rewrite("tests.storage_contract")  # before its first import (test_storage_*.py do too)
+
+from tests.storage_contract import T0, FakeClock, api_token, ev, outcome, record, webhook  # noqa: E402
+from tests.test_process import Proc, ThreadReceiver, lines, receiver, wait_until  # noqa: E402, F401
+from tests.test_storage_postgresql_process import storage_table  # noqa: E402
+from webhookd.filters import WebhookFilter  # noqa: E402
+from webhookd.store import DeliveryFilter, FreshEvent, SqliteStorage, StoreError, TrackingHit, WebhookState  # noqa: E402
+from webhookd.store.copy import TABLES, sqlite_to_postgres  # noqa: E402
+from webhookd.store.postgres import PostgresStorage  # noqa: E402
 
 EVERYTHING = DeliveryFilter()
 
