@@ -4,12 +4,17 @@
         [--events 50000] [--deliveries 5000] [--latency-rate 500] [--latency-seconds 10]
         [--backlog 1000000] [--backlog-connections 4] [--isolation-events 3000] [--hanging 50]
         [--late-events 1000] [--batched-events 50000] [--batch-max-events 100] [--profile DIR]
+        [--backend sqlite|postgresql]
 
 The daemon runs as a real `webhookd serve` process pinned to core 0 (taskset, when
 available); the load generator and the receivers run on core 1; each bare-client
 ceiling runs on core 0, the core the daemon had. Only loopback. Every phase runs by
 default; `--only` picks some. `--profile DIR` runs `py-spy record --format raw` on the
 daemon during each measured part (summarise with `bench/pyspy_top.py DIR/NAME.txt`).
+
+`--backend postgresql` also runs the intake and delivery phases' daemon on PostgreSQL (a
+private cluster in a temporary directory, as the tests start it: tests/pg.py), beside the
+SQLite figures of the same run.
 
 Phases:
   intake     durable intake over the Unix socket vs batched SQLite inserts
@@ -155,17 +160,23 @@ def percentiles_ms(values_ns: list[int]) -> dict[str, float]:
 # -- the daemon --------------------------------------------------------------------------------------
 class Daemon:
     log_level = LOG_LEVEL  # --log-level
+    pg_cluster: Any = None  # --backend postgresql: tests.pg.Cluster
 
-    def __init__(self, root: Path, durability: str = "full", extra: str = "") -> None:
+    def __init__(self, root: Path, durability: str = "full", extra: str = "", *, postgresql: bool = False) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.run_dir = Path(tempfile.mkdtemp(prefix="whb", dir="/tmp"))
         self.config = root / "config.toml"
         self.db = root / "state" / "webhookd.db"
         self.log = root / "daemon.log"  # stdout and stderr: warnings and errors only
+        storage = f'[storage]\ndurability = "{durability}"\n'
+        if postgresql:
+            schema = f"bench_{root.name.replace('-', '_')}_{os.getpid()}"
+            self.pg_cluster.psql(f"CREATE SCHEMA {schema}")
+            storage = f'[storage]\nbackend = "postgresql"\ndsn = "{self.pg_cluster.dsn(schema=schema)}"\n'
         self.config.write_text(
             f'environment = "development"\nstate_dir = "{root / "state"}"\nruntime_dir = "{self.run_dir}"\n'
-            f'[storage]\ndurability = "{durability}"\n'
+            + storage +
             f'[intake]\nhttp_listen = "127.0.0.1:{free_port()}"\n'
             f'[log]\nlevel = "{self.log_level}"\nformat = "json"\n'
             + extra
@@ -451,6 +462,16 @@ def phase_intake(root: Path, args: argparse.Namespace, results: dict[str, Any]) 
     finally:
         daemon.stop()
     out["ratio_to_sqlite"] = round(out["intake_events_per_s"] / out["sqlite_batched_insert_events_per_s"], 3)
+    if args.backend == "postgresql":
+        pg = Daemon(root / "intake-pg", postgresql=True)
+        pg.start()
+        try:
+            elapsed = asyncio.run(pipelined_submit(pg.intake, args.events))
+        finally:
+            pg.stop()
+        out["postgresql_intake_events_per_s"] = round(args.events / elapsed)
+        out["postgresql_to_sqlite_intake"] = round(
+            out["postgresql_intake_events_per_s"] / out["intake_events_per_s"], 3)
     results["intake"] = out
 
 
@@ -507,16 +528,26 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
     moves both alike, and the best round of each is the figure (the least disturbed)."""
     recv = Receiver()
     rates: list[float] = []
+    pg_rates: list[float] = []
     ceilings: list[float] = []
     cpu_rounds: list[dict[str, float]] = []
     try:
         daemon = Daemon(root / "delivery")
         daemon.start()
+        pg: Daemon | None = None
         try:
             hook = daemon.cli("webhooks", "create", "--url", recv.url, "--json")
             assert hook.returncode == 0, hook.stderr
             asyncio.run(deliveries_rate(daemon, recv, 500, first=10_000_000))  # warm-up
+            if args.backend == "postgresql":  # its rounds alternate with SQLite's: same machine, same moments
+                pg = Daemon(root / "delivery-pg", postgresql=True)
+                pg.start()
+                assert pg.cli("webhooks", "create", "--url", recv.url, "--json").returncode == 0
+                asyncio.run(deliveries_rate(pg, recv, 500, first=20_000_000))
             for r in range(args.rounds):
+                if pg is not None:
+                    pg_rates.append(asyncio.run(deliveries_rate(pg, recv, args.deliveries,
+                                                                first=30_000_000 + r * args.deliveries)))
                 cpu_before = thread_cpu(daemon.pid)
                 with profiled(daemon.pid, args.profile if r == 0 else None, "delivery"):
                     rates.append(asyncio.run(deliveries_rate(daemon, recv, args.deliveries, first=r * args.deliveries)))
@@ -530,6 +561,8 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
                     pin_self(LOAD_CORE)
         finally:
             daemon.stop()
+            if pg is not None:
+                pg.stop()
     finally:
         recv.stop()
     rate, ceiling = max(rates), max(ceilings)
@@ -548,6 +581,12 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
         # the daemon's CPU per delivery (its submission included), by thread, each round
         "daemon_cpu_us_per_delivery": cpu_rounds,
     }
+    if pg_rates:
+        results["delivery"].update({
+            "postgresql_end_to_end_deliveries_per_s": round(max(pg_rates)),
+            "postgresql_rounds_end_to_end": [round(x) for x in pg_rates],
+            "postgresql_to_sqlite_delivery": round(max(pg_rates) / rate, 3),
+        })
 
 
 # -- latency -------------------------------------------------------------------------------------------------
@@ -1042,8 +1081,16 @@ def main() -> None:
     ap.add_argument("--profile", type=Path, help="write py-spy raw profiles of the daemon here")
     ap.add_argument("--log-level", default=LOG_LEVEL, choices=("debug", "info", "warning", "error"),
                     help=f"the daemon's log level (default: {LOG_LEVEL}; info writes a line per attempt)")
+    ap.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"),
+                    help="postgresql: intake and delivery also on a private PostgreSQL cluster, beside SQLite")
     args = ap.parse_args()
     Daemon.log_level = args.log_level
+    cluster: Any = None
+    if args.backend == "postgresql":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.pg import start_cluster
+
+        cluster = Daemon.pg_cluster = start_cluster()
     only = [p.strip() for p in args.only.split(",") if p.strip()]
     unknown = set(only) - set(PHASES)
     if unknown:
@@ -1058,16 +1105,21 @@ def main() -> None:
     pin_self(LOAD_CORE)
     runners = {"intake": phase_intake, "delivery": phase_delivery, "latency": phase_latency,
                "backlog": phase_backlog, "isolation": phase_isolation, "batched": phase_batched}
-    with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
-        for phase in PHASES:
-            if phase in only:
-                started = time.perf_counter()
-                (Path(tmp) / phase).mkdir()
-                load_before = loadavg()
-                runners[phase](Path(tmp) / phase, args, results)
-                results[phase]["loadavg_1m_before_after"] = [load_before, loadavg()]
-                results[phase]["phase_s"] = round(time.perf_counter() - started, 1)
-                print(f"bench: {phase} done in {results[phase]['phase_s']}s", file=sys.stderr, flush=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
+            for phase in PHASES:
+                if phase in only:
+                    started = time.perf_counter()
+                    (Path(tmp) / phase).mkdir()
+                    load_before = loadavg()
+                    runners[phase](Path(tmp) / phase, args, results)
+                    results[phase]["loadavg_1m_before_after"] = [load_before, loadavg()]
+                    results[phase]["phase_s"] = round(time.perf_counter() - started, 1)
+                    print(f"bench: {phase} done in {results[phase]['phase_s']}s", file=sys.stderr, flush=True)
+    finally:
+        if cluster is not None:
+            cluster.stop("fast")
+            shutil.rmtree(cluster.root, ignore_errors=True)
     print(json.dumps(results, indent=2))
 
 

@@ -18,6 +18,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from tests.pg import pg_cluster  # noqa: F401 - one private PostgreSQL cluster per session (tests/pg.py)
 from webhookd.config import Config, parse_config
 from webhookd.daemon import Daemon
 

@@ -692,3 +692,56 @@ def test_tracking_trusted_proxies_and_key_file(cwd: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         parse({"tracking": {"trusted_proxies": ["10.0.0.1", "proxy.example"]}})
     assert exc.value.key == "tracking.trusted_proxies[1]"
+
+
+# -- storage.backend = "postgresql" ---------------------------------------------------------------------
+def test_sqlite_stays_the_default_backend(cwd: Path) -> None:
+    storage = parse({}).storage
+    assert (storage.backend, storage.dsn, storage.password_file) == ("sqlite", "", None)
+
+
+def test_postgresql_backend_with_a_dsn_and_a_password_file(tmp_path: Path) -> None:
+    secret = tmp_path / "pg-password"
+    secret.write_text("s3cr3t-Passw0rd\n")
+    config = parse_config({"storage": {"backend": "postgresql", "dsn": "postgresql://webhookd@db.example:5433/hooks",
+                                       "password_file": "pg-password"}},
+                          env={}, source=tmp_path / "config.toml")
+    assert config.storage.backend == "postgresql"
+    assert config.storage.dsn == "postgresql://webhookd@db.example:5433/hooks"
+    assert config.storage.password_file == secret  # relative to the config file
+    assert "s3cr3t" not in repr(config)  # read when connecting, never held in the config
+
+
+@pytest.mark.parametrize("dsn", [
+    "postgresql://webhookd:s3cr3t-Passw0rd@db.example/hooks",
+    "postgres://webhookd:s3cr3t-Passw0rd@/hooks?host=/run/postgresql",
+    "postgresql://webhookd@db.example/hooks?password=s3cr3t-Passw0rd",
+    "postgresql://webhookd@db.example/hooks?sslmode=require&PASSWORD=s3cr3t-Passw0rd",
+    "host=db.example user=webhookd password=s3cr3t-Passw0rd",  # libpq's key=value form: not a URI
+    "postgresql://webhookd:s3cr3t-Passw0rd@db1:5432,db2:5433/hooks",  # several hosts
+])
+def test_a_password_in_the_dsn_is_refused_and_never_echoed(cwd: Path, dsn: str) -> None:
+    error = refused({"storage": {"backend": "postgresql", "dsn": dsn}})
+    assert error.key == "storage.dsn"
+    assert "s3cr3t" not in str(error) and "not shown" in str(error)
+
+
+def test_a_multi_host_dsn_is_accepted_and_logged_without_its_query() -> None:
+    dsn = "postgresql://webhookd@db1:5432,db2:5433/hooks?target_session_attrs=read-write"
+    config = parse_config({"storage": {"backend": "postgresql", "dsn": dsn}}, env={})
+    assert config.storage.dsn == dsn
+    pytest.importorskip("asyncpg")
+    from webhookd.store.postgres import redact_dsn
+
+    assert redact_dsn(dsn) == "postgresql://webhookd@db1:5432,db2:5433/hooks"
+    assert redact_dsn("postgresql://w:s3cr3t@db/h?password=x") == "postgresql://w@db/h"
+
+
+def test_postgresql_needs_a_dsn_and_sqlite_takes_none(cwd: Path, tmp_path: Path) -> None:
+    assert refused({"storage": {"backend": "postgresql"}}).key == "storage.dsn"
+    assert refused({"storage": {"dsn": "postgresql://webhookd@db/hooks"}}).key == "storage.dsn"
+    assert refused({"storage": {"backend": "mysql"}}).key == "storage.backend"
+    error = refused({"storage": {"backend": "postgresql", "dsn": "postgresql://w@db/h",
+                                 "password_file": str(tmp_path / "nope")}})
+    assert error.key == "storage.password_file" and "does not exist" in str(error)
+    assert parse({"storage": {"backend": "sqlite", "dsn": "", "password_file": ""}}).storage.dsn == ""

@@ -256,13 +256,21 @@ class AdminApi:
         return reply({"ok": True})
 
     async def _counts(self) -> tuple[dict[str, int], dict[str, int]]:
-        deliveries = await self.store.count_by_status()
+        return await self.store.count_by_status(), self._webhook_counts()
+
+    def _webhook_counts(self) -> dict[str, int]:
         hooks = self.scheduler.webhooks.values()
         enabled = sum(1 for wh in hooks if wh.enabled)
-        return deliveries, {"enabled": enabled, "disabled": len(hooks) - enabled}
+        return {"enabled": enabled, "disabled": len(hooks) - enabled}
 
     async def status(self, request: web.Request) -> web.Response:
-        deliveries, webhooks = await self._counts()
+        try:
+            deliveries: dict[str, int] | None
+            deliveries, webhooks = await self._counts()
+        except StoreError:
+            # The database cannot be read (PostgreSQL unreachable): the daemon still answers,
+            # with its storage's health (extra_status) and no delivery counts.
+            deliveries, webhooks = None, self._webhook_counts()
         return reply(
             {
                 "version": __version__,
@@ -277,8 +285,13 @@ class AdminApi:
     async def prometheus(self, request: web.Request) -> web.Response:
         if self.metrics is None:
             raise ApiError(404, "metrics are not enabled")
-        deliveries, webhooks = await self._counts()
-        oldest = await self.store.oldest_pending()
+        try:
+            deliveries, webhooks = await self._counts()
+            oldest = await self.store.oldest_pending()
+        except StoreError:
+            # The database cannot be read (PostgreSQL unreachable): still answer, so that
+            # webhookd_store_connected and the reconnect and failure counters are scraped.
+            deliveries, oldest, webhooks = {}, None, self._webhook_counts()
         self.metrics.gauges = {
             "deliveries": deliveries,
             "webhooks": webhooks,

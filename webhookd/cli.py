@@ -284,13 +284,20 @@ def cmd_check_config(args: argparse.Namespace, config: Config) -> int:
 
 
 def _plan(args: argparse.Namespace, config: Config, source: str | None) -> int:
-    """What a sync of the declared webhooks would change, read from the database file
-    without writing to it (the daemon may be running)."""
+    """What a sync of the declared webhooks would change, read from the database (the SQLite
+    file, or PostgreSQL) without writing to it (the daemon may be running)."""
     from webhookd import declared
     from webhookd.store import StoreError, read_webhooks
 
     try:
-        stored = read_webhooks(config.storage.path)
+        if config.storage.backend == "postgresql":
+            import asyncio
+
+            from webhookd.store.postgres import read_webhooks as read_pg
+
+            stored = asyncio.run(read_pg(config.storage.dsn, password_file=config.storage.password_file))
+        else:
+            stored = read_webhooks(config.storage.path)
     except StoreError as exc:
         raise CliError(str(exc), EX_FAIL) from None
     changes = declared.plan(config.webhooks, stored)
@@ -301,6 +308,53 @@ def _plan(args: argparse.Namespace, config: Config, source: str | None) -> int:
         print(f"config OK: {source or 'built-in defaults'}; {len(config.webhooks)} declared webhooks")
         for line in declared.render(changes):
             print(line)
+    return EX_OK
+
+
+def cmd_migrate_storage(args: argparse.Namespace, config: Config) -> int:
+    """Copy the SQLite database (storage.path) into an empty PostgreSQL one, daemon stopped."""
+    import asyncio
+    from pathlib import Path
+
+    from webhookd import logs
+    from webhookd.client import AdminClient, ConnectionBroken, DaemonUnreachable
+    from webhookd.config import validate_dsn
+
+    logs.configure(config.log.level, config.log.format, stream=sys.stderr)  # stdout: the copy's report
+
+    try:
+        dsn = validate_dsn(args.to)
+    except ConfigError as exc:
+        raise CliError(str(exc), EX_USAGE) from None
+    if not dsn:
+        raise CliError("--to: expected a postgresql:// URI", EX_USAGE)
+    if config.admin.socket is not None and config.admin.socket.exists():
+        try:
+            AdminClient(config.admin.socket, timeout=5).request("GET", "/v1/status")
+        except (DaemonUnreachable, ConnectionBroken):
+            pass
+        else:
+            raise CliError(f"webhookd is running (its admin socket {config.admin.socket} answers): stop it first,"
+                           " so that nothing is acknowledged after the copy", EX_FAIL)
+    password_file = Path(args.password_file) if args.password_file else config.storage.password_file
+    try:
+        from webhookd.store.copy import describe_copy, sqlite_to_postgres
+    except ImportError as exc:
+        raise CliError(f'migrate-storage needs asyncpg: pip install "webhookd[postgresql]" ({exc.name} is missing)',
+                       EX_FAIL) from None
+    from webhookd.store import StoreError
+
+    try:
+        copied = asyncio.run(sqlite_to_postgres(config.storage.path, dsn, password_file=password_file))
+    except StoreError as exc:
+        raise CliError(f"migrate-storage: {exc}", EX_FAIL) from None
+    if args.json:
+        print(json.dumps({"ok": True, "copied": copied}))
+    else:
+        print(f"copied {config.storage.path} into {dsn.split('?', 1)[0]}:")
+        for line in describe_copy(copied):
+            print(f"  {line}")
+        print('now set [storage] backend = "postgresql" and dsn (and password_file) in the config, and start webhookd')
     return EX_OK
 
 
@@ -475,6 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true",
                    help="also print what the next start or reload would change in the declared webhooks "
                         "([[webhooks]], webhooks.d/), without changing anything")
+    p = leaf(sub, "migrate-storage", cmd_migrate_storage, "copy the SQLite database (storage.path) into an empty "
+             "PostgreSQL database, with the daemon stopped (docs/scaling.md)")
+    p.add_argument("--to", required=True, metavar="DSN", help="postgresql://USER@HOST:PORT/DATABASE (no password)")
+    p.add_argument("--password-file", metavar="PATH",
+                   help="a file holding the password (default: storage.password_file, else PGPASSWORD / ~/.pgpass)")
     leaf(sub, "status", cmd_status, "daemon version, uptime, deliveries by status, webhooks by state")
     leaf(sub, "stats", cmd_stats, "per-webhook health: last attempt, 24 h success rate, backlog")
     leaf(sub, "dashboard", cmd_dashboard, "print a one-time log-in link to the web dashboard")

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import parse_qsl, urlsplit
 
 from webhookd.declared import DeclaredError, DeclaredWebhook, parse_declared
 
@@ -30,9 +31,14 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    path: Path
+    path: Path  # the SQLite file (backend = "sqlite")
     durability: Literal["full", "normal"] = "full"
     retention: float = 7 * 86400.0
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    # backend = "postgresql": a postgresql:// URI without a password; the password is read from
+    # password_file (or libpq's PGPASSWORD / PGPASSFILE / ~/.pgpass) when connecting
+    dsn: str = ""
+    password_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +284,54 @@ def _section(data: Mapping[str, Any], name: str, parsers: Mapping[str, Parser]) 
     return {key: parsers[key](raw[key], f"{name}.{key}") for key in raw}
 
 
+_DSN_SECRET_PARAMS = frozenset({"password", "sslpassword"})
+
+
+def _dsn(value: object, key: str) -> str:
+    """A postgresql:// URI without a password. Its text is never echoed in an error: it is
+    the one value in the file that a careless user may have put a password in."""
+    if not isinstance(value, str):
+        raise ConfigError(key, "expected a postgresql:// URI (a string)")
+    text = value.strip()
+    if not text:
+        return ""
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+        params = {name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)}
+    except ValueError:
+        raise ConfigError(key, "expected a postgresql:// URI such as postgresql://webhookd@db.example/webhookd"
+                          " (the value is not shown)") from None
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ConfigError(key, "expected a postgresql:// URI such as postgresql://webhookd@db.example/webhookd"
+                          " (the value is not shown)")
+    if password is not None or params & _DSN_SECRET_PARAMS:
+        raise ConfigError(key, "must not contain a password (the value is not shown): put it in"
+                          " storage.password_file, or give it through PGPASSWORD or ~/.pgpass")
+    return text
+
+
+def validate_dsn(value: str, key: str = "--to") -> str:
+    """A PostgreSQL DSN as storage.dsn takes it (for the CLI's options); raises ConfigError."""
+    return _dsn(value, key)
+
+
+def _secret_file(base: Path) -> Parser:
+    def parse(value: object, key: str) -> Path | None:
+        text = _str(value, key)
+        if not text:
+            return None
+        path = _under(base, text)
+        if not path.is_file():
+            problem = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(key, f"expected a readable file, got {str(path)!r}, which {problem}")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(key, f"expected a readable file, got {str(path)!r}, which cannot be read")
+        return path
+
+    return parse
+
+
 def _positive_duration(value: object, key: str) -> float:
     seconds = parse_duration(value, key)
     if seconds <= 0:
@@ -335,11 +389,22 @@ def parse_config(
         return _under(runtime_dir, text) if text else None
 
     storage = _section(data, "storage", {
+        "backend": lambda v, k: _choice(v, k, ("sqlite", "postgresql")),
         "path": lambda v, k: _under(state_dir, _str(v, k) or "webhookd.db"),
         "durability": lambda v, k: _choice(v, k, ("full", "normal")),
         "retention": _positive_duration,
+        "dsn": _dsn,
+        "password_file": _secret_file(source.parent if source is not None else cwd),
     })
     storage.setdefault("path", _under(state_dir, "webhookd.db"))
+    if storage.get("backend", "sqlite") == "postgresql":
+        if not storage.get("dsn"):
+            raise ConfigError("storage.dsn", 'required when storage.backend = "postgresql"'
+                              " (a URI such as postgresql://webhookd@db.example/webhookd)")
+    else:
+        for key in ("dsn", "password_file"):
+            if storage.get(key):
+                raise ConfigError(f"storage.{key}", 'only with storage.backend = "postgresql"')
 
     intake = _section(data, "intake", {
         "socket": socket_path,

@@ -28,7 +28,8 @@ from webhookd.intake import IntakeStats, LineProtocol, http_app
 from webhookd.metrics import Metrics
 from webhookd.netguard import TargetGuard
 from webhookd.scheduler import Scheduler
-from webhookd.store import SqliteStorage, StoreError
+from webhookd.store import StoreError
+from webhookd.store.backends import make_storage
 from webhookd.tracking.api import TrackingApi
 from webhookd.tracking.listener import Recorder, TrackingListener, TrackingStats
 from webhookd.tracking.tokens import KeyFileError, KeyRing
@@ -43,6 +44,7 @@ PRUNE_BATCH = 1000  # rows per retention transaction
 # What a reload does not change: the connector, the TLS context, the target guard, the
 # global slots, the database and the sockets are made at start.
 RESTART_ONLY_DELIVERY = ("concurrency", "ca_file", "allow_targets")
+STATUS_READ_TIMEOUT = 2.0  # seconds the systemd status line waits for the pending count
 RESTART_ONLY = ("storage", "intake", "admin", "dashboard", "tracking", "environment", "state_dir", "runtime_dir")
 
 
@@ -110,10 +112,12 @@ class Daemon:
         # Data flows one way: intake → storage → scheduler → dispatcher → storage. The
         # storage hands what each commit made due to the scheduler (push_fresh); intake
         # submits each event with the scheduler's subscriber list for its type.
-        self.store = SqliteStorage(
-            config.storage.path, durability=config.storage.durability, clock=clock,
-            on_fresh=lambda events: self.scheduler.push_fresh(events),
-        )
+        try:
+            self.store, self.store_health = make_storage(
+                config.storage, clock=clock, on_fresh=lambda events: self.scheduler.push_fresh(events),
+            )
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
         guard = None if config.dev else TargetGuard(cfg.allow_targets)
         self.dispatcher = Dispatcher(cfg, guard=guard)
         self.metrics = Metrics()
@@ -127,7 +131,10 @@ class Daemon:
         self.admin = AdminApi(self.scheduler, self.store, production=not config.dev)
         self.admin.metrics = self.metrics
         self.admin.gauges = lambda: {"intake_connections": self.stats.connections}
-        self.admin.extra_status = lambda: {"intake": {"connections": self.stats.connections}}
+        self.metrics.store_health = self.store_health
+        self.admin.extra_status = lambda: {
+            "intake": {"connections": self.stats.connections}, "storage": self._storage_status(),
+        }
         if config.dashboard.enabled:
             self.dashboard: Dashboard | None = Dashboard(
                 self.admin.ops, self.store, config.dashboard, production=not config.dev,
@@ -162,6 +169,12 @@ class Daemon:
         self._pruner: asyncio.Task[None] | None = None
         self.prune_interval = PRUNE_INTERVAL
 
+    def _storage_status(self) -> dict[str, Any]:
+        """/v1/status's storage: the backend, where (never a password) and its connection."""
+        health = self.store_health()
+        return {"backend": health.backend, "database": health.database, "connected": health.connected,
+                "reconnects": health.reconnects}
+
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.config
@@ -184,7 +197,8 @@ class Daemon:
             "webhookd started",
             version=__version__,
             environment=cfg.environment,
-            database=str(cfg.storage.path),
+            storage=cfg.storage.backend,
+            database=self.store_health().database,
             intake_socket=str(cfg.intake.socket) if cfg.intake.socket else None,
             intake_http=_fmt_listen(cfg.intake.http_listen),
             admin_socket=str(cfg.admin.socket) if cfg.admin.socket else None,
@@ -432,9 +446,11 @@ class Daemon:
                 log.info("retention pass", pruned=pruned, retention_s=self.config.storage.retention)
 
     async def _status_line(self) -> str:
+        # Bounded: the watchdog's beat waits for this line, and a remote database that does
+        # not answer (a partition) must not get the daemon killed by systemd's WatchdogSec.
         try:
-            pending = str((await self.store.count_by_status())["pending"])
-        except StoreError:
+            pending = str((await asyncio.wait_for(self.store.count_by_status(), STATUS_READ_TIMEOUT))["pending"])
+        except (StoreError, TimeoutError):
             pending = "?"
         return (
             f"{pending} deliveries pending, {self.scheduler.in_flight} in flight, "

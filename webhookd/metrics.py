@@ -46,6 +46,7 @@ class Metrics(Collector):
         self.gauges: dict[str, Any] = {}
         self.tracking: Callable[[], Mapping[tuple[str, str], int]] = dict
         self.failed_commits: Callable[[], int] = int
+        self.store_health: Callable[[], Any] | None = None  # webhookd.store.backends.Health
         self.registry.register(self)
         self._attempt_children: dict[str, Any] = {}
 
@@ -83,6 +84,17 @@ class Metrics(Collector):
             "Store transactions that failed to commit (intake and admin writes refused, internal ones retried).",
             value=self.failed_commits(),
         )
+        if self.store_health is not None:
+            health = self.store_health()
+            yield CounterMetricFamily(
+                "webhookd_store_reconnects",
+                "Times the storage connection was lost and regained (PostgreSQL; always 0 for SQLite).",
+                value=health.reconnects,
+            )
+            yield GaugeMetricFamily(
+                "webhookd_store_connected", "1 while the storage's writer holds a working connection, else 0.",
+                value=1 if health.connected else 0,
+            )
         deliveries = GaugeMetricFamily("webhookd_deliveries", "Deliveries by status.", labels=["status"])
         for status, n in self.gauges.get("deliveries", {}).items():
             deliveries.add_metric([status], n)

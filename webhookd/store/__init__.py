@@ -1,11 +1,15 @@
 """Storage: the `Storage` protocol (domain verbs, typed rows), the group-commit writer,
-and one module per backend (today: SQLite).
+and one module per backend (SQLite, the default; PostgreSQL, with the `postgresql` extra).
 
     model.py          typed rows and values, domain errors
     base.py           the Storage protocol
     writer.py         the group-committing writer every backend uses
     sqlite.py         the SQLite backend (all of webhookd's SQL)
     sqlite_schema.py  its versioned migrations
+    postgres.py       the PostgreSQL backend (asyncpg; imported only when configured,
+                      through backends.py:make_storage)
+    postgres_schema.py  its versioned migrations
+    copy.py           `webhookd migrate-storage`: SQLite into PostgreSQL
 """
 
 from webhookd.store.base import FreshSink, Storage
