@@ -12,11 +12,16 @@ default; `--only` picks some. `--profile DIR` runs `py-spy record --format raw` 
 daemon during each measured part (summarise with `bench/pyspy_top.py DIR/NAME.txt`).
 
 Phases:
-  intake     durable intake over the Unix socket vs batched SQLite inserts
+  intake     durable intake over the Unix socket vs batched SQLite inserts (the target's floor: a
+             simple two-table schema; beside it the same rows into webhookd's own schema), both
+             on the daemon's core
   delivery   end-to-end deliveries/s, one webhook, vs a bare aiohttp client
   latency    intake -> receiver latency at a steady rate (each event carries time.time_ns() in
              data.metadata.sent_ns; the receiver subtracts it from its own clock on arrival)
-             vs a bare aiohttp client POSTing the same bodies to the receiver at that rate
+             vs a bare aiohttp client POSTing the same bodies to the receiver at that rate, and
+             the ack beside the floors measured on the daemon's core after it stopped: one bare
+             SQLite commit (WAL, synchronous=FULL) of a small insert, and one fsync, paced alike
+Each target prints as {figure, floor, ratio, target_ratio_..., met}.
   backlog    N deliveries queued behind a refused port (retry_base 1h): submit time, peak RSS
              (VmHWM), database size, SIGTERM, restart-to-ready, RSS after restart
   isolation  a healthy webhook's deliveries/s beside N webhooks whose receivers accept and never
@@ -53,6 +58,11 @@ DAEMON_CORE, LOAD_CORE = "0", "1"
 PHASES = ("intake", "delivery", "latency", "backlog", "isolation")
 MIB = 1024 * 1024
 
+# Targets from issue 14 (ratios to floors measured in the same run).
+TARGET_INTAKE_RATIO = 0.6  # intake >= 0.6 of SQLite's batched inserts
+TARGET_ACK_P50_X_COMMIT = 3.0  # ack p50 <= 3 x a bare commit's p50
+TARGET_E2E_P50_X_FLOOR = 2.0  # intake -> receiver p50 <= 2 x (commit p50 + bare POST p50)
+TARGET_E2E_P99_MS = 25.0
 # Targets from issue 5.
 TARGET_BACKLOG_PEAK_RSS_MIB = 150
 TARGET_RESTART_S = 3.0
@@ -361,6 +371,89 @@ def sqlite_ceiling(path: Path, n: int, batch: int = 1000) -> float:
     return n / elapsed
 
 
+def sqlite_daemon_schema_ceiling(path: Path, n: int, batch: int = 1000) -> float:
+    """Events/s for the rows webhookd writes per event (the event with its message-id and
+    recipient, one pending delivery) into webhookd's own schema and indexes (every migration),
+    WAL + synchronous=FULL, batched like sqlite_ceiling: what SQLite alone costs for the
+    daemon's rows, beside the simpler table sqlite_ceiling measures."""
+    from webhookd.store.sqlite_schema import MIGRATIONS, split_sql
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    for migration in MIGRATIONS:
+        for statement in split_sql(migration):
+            conn.execute(statement)
+    bodies = [event_line(i) for i in range(n)]
+    started = time.perf_counter()
+    for start in range(0, n, batch):
+        ids = range(start + 1, min(n, start + batch) + 1)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id,"
+                         " recipient) VALUES (?,?,?,?,?,?,?,?)",
+                         [(i, f"evt_{i:026d}", None, "delivered", bodies[i - 1], 0.0,
+                           f"<bench-{i}@mail.example.com>", f"customer{i}@example.org") for i in ids])
+        conn.executemany("INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
+                         " updated_at) VALUES (?,?,?,?,?,?,?)",
+                         [(i, i, "wh_1", "pending", 0.0, 0.0, 0.0) for i in ids])
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return n / elapsed
+
+
+def commit_floor(directory: Path, rate: float, seconds: float) -> dict[str, Any]:
+    """The floors of one acknowledgement, on the daemon's core: p50 (ms) of one bare SQLite commit
+    of a small insert (WAL, synchronous=FULL, BEGIN IMMEDIATE; the daemon's pragmas) and of one
+    fsync of a small append, each paced at `rate` like the latency phase's events."""
+    directory.mkdir(parents=True, exist_ok=True)
+    count = max(100, round(rate * seconds))
+    pin_self(DAEMON_CORE)
+    try:
+        conn = sqlite3.connect(directory / "commit.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
+        body = event_line(0)
+        commits: list[int] = []
+        start = time.perf_counter()
+        for k in range(count):
+            delay = start + k / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t0 = time.perf_counter_ns()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (body) VALUES (?)", (body,))
+            conn.execute("COMMIT")
+            commits.append(time.perf_counter_ns() - t0)
+        conn.close()
+        fsyncs: list[int] = []
+        fd = os.open(directory / "fsync.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            start = time.perf_counter()
+            for k in range(count):
+                delay = start + k / rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                t0 = time.perf_counter_ns()
+                os.write(fd, body)
+                os.fsync(fd)
+                fsyncs.append(time.perf_counter_ns() - t0)
+        finally:
+            os.close(fd)
+    finally:
+        pin_self(LOAD_CORE)
+    return {"paced_per_s": rate, "sqlite_commit": percentiles_ms(commits), "fsync": percentiles_ms(fsyncs)}
+
+
+def against(figure: float, floor: float, target: float, *, at_most: bool) -> dict[str, Any]:
+    """A figure beside its floor: the ratio, the target ratio and whether it is met."""
+    ratio = figure / floor if floor else float("inf")
+    return {"figure": round(figure, 3), "floor": round(floor, 3), "ratio": round(ratio, 3),
+            ("target_ratio_at_most" if at_most else "target_ratio_at_least"): target,
+            "met": ratio <= target if at_most else ratio >= target}
+
+
 # -- receivers -------------------------------------------------------------------------------------------
 class Receiver:
     """bench/receiver.py in a subprocess on the load core."""
@@ -433,7 +526,13 @@ class Hanging:
 # -- phases ------------------------------------------------------------------------------------------------
 def phase_intake(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
     out: dict[str, Any] = {"events": args.events}
-    out["sqlite_batched_insert_events_per_s"] = round(sqlite_ceiling(root / "ceiling.db", args.events))
+    pin_self(DAEMON_CORE)  # the floors run on the core the daemon gets
+    try:
+        out["sqlite_batched_insert_events_per_s"] = round(sqlite_ceiling(root / "ceiling.db", args.events))
+        out["sqlite_batched_insert_daemon_schema_events_per_s"] = round(
+            sqlite_daemon_schema_ceiling(root / "ceiling-schema.db", args.events))
+    finally:
+        pin_self(LOAD_CORE)
     daemon = Daemon(root / "intake")
     out["daemon_start_s"] = round(daemon.start(), 3)
     try:
@@ -443,6 +542,11 @@ def phase_intake(root: Path, args: argparse.Namespace, results: dict[str, Any]) 
     finally:
         daemon.stop()
     out["ratio_to_sqlite"] = round(out["intake_events_per_s"] / out["sqlite_batched_insert_events_per_s"], 3)
+    out["ratio_to_sqlite_daemon_schema"] = round(
+        out["intake_events_per_s"] / out["sqlite_batched_insert_daemon_schema_events_per_s"], 3)
+    out["target"] = {"intake_vs_sqlite_batched_insert": against(
+        out["intake_events_per_s"], out["sqlite_batched_insert_events_per_s"], TARGET_INTAKE_RATIO, at_most=False)}
+    out["met"] = out["target"]["intake_vs_sqlite_batched_insert"]["met"]
     results["intake"] = out
 
 
@@ -642,12 +746,26 @@ def phase_latency(root: Path, args: argparse.Namespace, results: dict[str, Any])
             pin_self(LOAD_CORE)
     finally:
         recv.stop()
+    floors = commit_floor(root / "floor", rate, min(seconds, 4.0))
+    ack = percentiles_ms(acks)
+    commit_p50, post_p50 = floors["sqlite_commit"]["p50_ms"], ceiling["p50_ms"]
+    e2e_p99 = figure["p99_ms"]
+    target = {
+        "ack_p50_ms_vs_commit_p50": against(ack["p50_ms"], commit_p50, TARGET_ACK_P50_X_COMMIT, at_most=True),
+        "intake_to_receiver_p50_ms_vs_commit_plus_post_p50": against(
+            figure["p50_ms"], commit_p50 + post_p50, TARGET_E2E_P50_X_FLOOR, at_most=True),
+        "intake_to_receiver_p99_ms": {"figure": e2e_p99, "target_at_most": TARGET_E2E_P99_MS,
+                                      "met": e2e_p99 <= TARGET_E2E_P99_MS},
+    }
     results["latency"] = {
         "rate_per_s": rate,
         "seconds": seconds,
         "intake_to_receiver": figure,
-        "intake_ack": percentiles_ms(acks),
+        "intake_ack": ack,
         "ceiling_bare_aiohttp_post": ceiling,
+        "floor": floors,
+        "target": target,
+        "met": all(t["met"] for t in target.values()),
     }
 
 
