@@ -1,7 +1,7 @@
 """webhookd benchmark: each figure beside a ceiling or target measured in the same run. Prints JSON.
 
     .venv/bin/python bench/run.py [--only intake,delivery,latency,backlog,isolation]
-        [--events 50000] [--deliveries 5000] [--latency-rate 500] [--latency-seconds 10]
+        [--events 50000] [--deliveries 5000] [--latency-rate 500] [--latency-seconds 5] [--latency-rounds 3]
         [--backlog 1000000] [--backlog-connections 4] [--isolation-events 3000] [--hanging 50]
         [--late-events 1000] [--profile DIR]
 
@@ -402,48 +402,53 @@ def sqlite_daemon_schema_ceiling(path: Path, n: int, batch: int = 1000) -> float
     return n / elapsed
 
 
-def commit_floor(directory: Path, rate: float, seconds: float) -> dict[str, Any]:
-    """The floors of one acknowledgement, on the daemon's core: p50 (ms) of one bare SQLite commit
-    of a small insert (WAL, synchronous=FULL, BEGIN IMMEDIATE; the daemon's pragmas) and of one
-    fsync of a small append, each paced at `rate` like the latency phase's events."""
+def commit_floor(directory: Path, rate: float, seconds: float) -> dict[str, list[int]]:
+    """The floors of one acknowledgement, on the daemon's core: the times (ns) of bare SQLite
+    commits of a small insert (WAL, synchronous=FULL, BEGIN IMMEDIATE: the daemon's pragmas) and
+    of fsyncs of a small append, each paced at `rate` like the latency phase's events."""
     directory.mkdir(parents=True, exist_ok=True)
     count = max(100, round(rate * seconds))
-    pin_self(DAEMON_CORE)
-    try:
-        conn = sqlite3.connect(directory / "commit.db", isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, body BLOB)")
-        body = event_line(0)
-        commits: list[int] = []
+    body = event_line(0)
+
+    def paced_times(op: Callable[[], None]) -> list[int]:
+        times: list[int] = []
         start = time.perf_counter()
         for k in range(count):
             delay = start + k / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
             t0 = time.perf_counter_ns()
+            op()
+            times.append(time.perf_counter_ns() - t0)
+        return times
+
+    pin_self(DAEMON_CORE)
+    try:
+        conn = sqlite3.connect(directory / "commit.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, body BLOB)")
+
+        def commit() -> None:
             conn.execute("BEGIN IMMEDIATE")
             conn.execute("INSERT INTO t (body) VALUES (?)", (body,))
             conn.execute("COMMIT")
-            commits.append(time.perf_counter_ns() - t0)
+
+        commits = paced_times(commit)
         conn.close()
-        fsyncs: list[int] = []
         fd = os.open(directory / "fsync.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+        def append() -> None:
+            os.write(fd, body)
+            os.fsync(fd)
+
         try:
-            start = time.perf_counter()
-            for k in range(count):
-                delay = start + k / rate - time.perf_counter()
-                if delay > 0:
-                    time.sleep(delay)
-                t0 = time.perf_counter_ns()
-                os.write(fd, body)
-                os.fsync(fd)
-                fsyncs.append(time.perf_counter_ns() - t0)
+            fsyncs = paced_times(append)
         finally:
             os.close(fd)
     finally:
         pin_self(LOAD_CORE)
-    return {"paced_per_s": rate, "sqlite_commit": percentiles_ms(commits), "fsync": percentiles_ms(fsyncs)}
+    return {"sqlite_commit": commits, "fsync": fsyncs}
 
 
 def against(figure: float, floor: float, target: float, *, at_most: bool) -> dict[str, Any]:
@@ -704,8 +709,9 @@ async def paced_posts(url: str, rate: float, count: int, first: int) -> None:
 
 
 async def latency_run(recv: Receiver, rate: float, seconds: float, warmup: int,
-                      send: Callable[[int, int], Any]) -> tuple[dict[str, Any], Any]:
-    """Warm up (not counted), reset the receiver, then `send(count, first)` at the pace; percentiles."""
+                      send: Callable[[int, int], Any]) -> tuple[dict[str, Any], Any, list[int]]:
+    """Warm up (not counted), reset the receiver, then `send(count, first)` at the pace;
+    percentiles, what `send` returned, and the receiver's latencies (ns)."""
     import aiohttp
 
     count = round(rate * seconds)
@@ -721,11 +727,17 @@ async def latency_run(recv: Receiver, rate: float, seconds: float, warmup: int,
         if not await recv.wait_count(session, count, 60):
             raise SystemExit(f"only {await recv.count(session)} of {count} timed events arrived")
         lat = await recv.latencies(session)
-    return {**percentiles_ms(lat), "sent_per_s": round(count / sent_s, 1)}, extra
+    return {**percentiles_ms(lat), "sent_per_s": round(count / sent_s, 1)}, extra, lat
 
 
 def phase_latency(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    rate, seconds, warmup = args.latency_rate, args.latency_seconds, 100
+    """Rounds of: the daemon at the pace, then the floors on its core while it idles (a bare
+    commit and an fsync, paced alike; a bare aiohttp client POSTing to the same receiver), so
+    other work on the machine weighs on figures and floors alike. The targets compare the
+    percentiles of all rounds' samples pooled; each round's ratios are printed too."""
+    rate, seconds, warmup, rounds = args.latency_rate, args.latency_seconds, 100, args.latency_rounds
+    pooled: dict[str, list[int]] = {"e2e": [], "ack": [], "post": [], "sqlite_commit": [], "fsync": []}
+    per_round: list[dict[str, Any]] = []
     recv = Receiver("--latency")
     try:
         daemon = Daemon(root / "latency")
@@ -733,23 +745,35 @@ def phase_latency(root: Path, args: argparse.Namespace, results: dict[str, Any])
         try:
             hook = daemon.cli("webhooks", "create", "--url", recv.url, "--json")
             assert hook.returncode == 0, hook.stderr
-            with profiled(daemon.pid, args.profile, "latency"):
-                figure, acks = asyncio.run(latency_run(
-                    recv, rate, seconds, warmup, lambda n, first: paced_intake(daemon.intake, rate, n, first)))
+            for r in range(rounds):
+                base = r * 1_000_000  # distinct event numbers each round
+                with profiled(daemon.pid, args.profile if r == 0 else None, "latency"):
+                    _, acks, e2e = asyncio.run(latency_run(
+                        recv, rate, seconds, warmup,
+                        lambda n, first: paced_intake(daemon.intake, rate, n, first + base)))  # noqa: B023
+                floors = commit_floor(root / "floor", rate, min(seconds, 2.0))
+                pin_self(DAEMON_CORE)  # the ceiling client gets the daemon's core (it idles meanwhile)
+                try:
+                    _, _, post = asyncio.run(latency_run(
+                        recv, rate, seconds, warmup,
+                        lambda n, first: paced_posts(recv.url, rate, n, first + base)))  # noqa: B023
+                finally:
+                    pin_self(LOAD_CORE)
+                got = {"e2e": e2e, "ack": acks, "post": post, **floors}
+                for key, values in got.items():
+                    pooled[key].extend(values)
+                p50 = {key: percentiles_ms(values)["p50_ms"] for key, values in got.items()}
+                per_round.append({**{f"{k}_p50_ms": v for k, v in p50.items()},
+                                  "ack_x_commit": round(p50["ack"] / p50["sqlite_commit"], 2),
+                                  "e2e_x_commit_plus_post": round(p50["e2e"] / (p50["sqlite_commit"] + p50["post"]), 2),
+                                  "e2e_p99_ms": percentiles_ms(e2e)["p99_ms"], "loadavg_1m": loadavg()})
         finally:
             daemon.stop()
-        pin_self(DAEMON_CORE)  # the ceiling client gets the core the daemon had
-        try:
-            ceiling, _ = asyncio.run(latency_run(
-                recv, rate, seconds, warmup, lambda n, first: paced_posts(recv.url, rate, n, first)))
-        finally:
-            pin_self(LOAD_CORE)
     finally:
         recv.stop()
-    floors = commit_floor(root / "floor", rate, min(seconds, 4.0))
-    ack = percentiles_ms(acks)
-    commit_p50, post_p50 = floors["sqlite_commit"]["p50_ms"], ceiling["p50_ms"]
-    e2e_p99 = figure["p99_ms"]
+    figure, ack, ceiling = (percentiles_ms(pooled[k]) for k in ("e2e", "ack", "post"))
+    commit, fsync = percentiles_ms(pooled["sqlite_commit"]), percentiles_ms(pooled["fsync"])
+    commit_p50, post_p50, e2e_p99 = commit["p50_ms"], ceiling["p50_ms"], figure["p99_ms"]
     target = {
         "ack_p50_ms_vs_commit_p50": against(ack["p50_ms"], commit_p50, TARGET_ACK_P50_X_COMMIT, at_most=True),
         "intake_to_receiver_p50_ms_vs_commit_plus_post_p50": against(
@@ -759,13 +783,15 @@ def phase_latency(root: Path, args: argparse.Namespace, results: dict[str, Any])
     }
     results["latency"] = {
         "rate_per_s": rate,
-        "seconds": seconds,
+        "seconds_per_round": seconds,
+        "rounds": rounds,
         "intake_to_receiver": figure,
         "intake_ack": ack,
         "ceiling_bare_aiohttp_post": ceiling,
-        "floor": floors,
+        "floor": {"paced_per_s": rate, "sqlite_commit": commit, "fsync": fsync},
         "target": target,
         "met": all(t["met"] for t in target.values()),
+        "per_round": per_round,
     }
 
 
@@ -1047,7 +1073,9 @@ def main() -> None:
     ap.add_argument("--deliveries", type=int, default=5_000, help="delivery: deliveries per round")
     ap.add_argument("--rounds", type=int, default=3, help="delivery: alternating rounds of daemon and bare client")
     ap.add_argument("--latency-rate", type=float, default=500.0, help="latency: events/s")
-    ap.add_argument("--latency-seconds", type=float, default=10.0, help="latency: seconds at that rate")
+    ap.add_argument("--latency-seconds", type=float, default=5.0, help="latency: seconds at that rate, each round")
+    ap.add_argument("--latency-rounds", type=int, default=3,
+                    help="latency: rounds of daemon, floors and bare client, alternating")
     ap.add_argument("--backlog", type=int, default=1_000_000, help="backlog: deliveries queued")
     ap.add_argument("--backlog-connections", type=int, default=4, help="backlog: pipelining connections")
     ap.add_argument("--backlog-timeout", type=float, default=1800.0, help="backlog: give up submitting after")
