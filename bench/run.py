@@ -1,9 +1,9 @@
 """webhookd benchmark: each figure beside a ceiling or target measured in the same run. Prints JSON.
 
-    .venv/bin/python bench/run.py [--only intake,delivery,latency,backlog,isolation]
+    .venv/bin/python bench/run.py [--only intake,delivery,latency,backlog,isolation,batched]
         [--events 50000] [--deliveries 5000] [--latency-rate 500] [--latency-seconds 5] [--latency-rounds 3]
         [--backlog 1000000] [--backlog-connections 4] [--isolation-events 3000] [--hanging 50]
-        [--late-events 1000] [--profile DIR]
+        [--late-events 1000] [--batched-events 50000] [--batch-max-events 100] [--profile DIR]
 
 The daemon runs as a real `webhookd serve` process pinned to core 0 (taskset, when
 available); the load generator and the receivers run on core 1; each bare-client
@@ -27,6 +27,9 @@ Each target prints as {figure, floor, ratio, target_ratio_..., met}.
   isolation  a healthy webhook's deliveries/s beside N webhooks whose receivers accept and never
              answer (delivery.timeout 30s), each with a backlog, as a ratio to its solo figure;
              plus the fan-out-only control, the drain variant and the late-start case
+  batched    end-to-end events/s to a receiver for one webhook with batch_max_events (events
+             submitted until the receiver counted them all, inside batch bodies) vs the intake
+             rate of a daemon without webhooks, in alternating rounds
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 DAEMON_CORE, LOAD_CORE = "0", "1"
-PHASES = ("intake", "delivery", "latency", "backlog", "isolation")
+PHASES = ("intake", "delivery", "latency", "backlog", "isolation", "batched")
 MIB = 1024 * 1024
 
 # Targets from issue 14 (ratios to floors measured in the same run).
@@ -68,6 +71,7 @@ TARGET_BACKLOG_PEAK_RSS_MIB = 150
 TARGET_RESTART_S = 3.0
 TARGET_ISOLATION_RATIO = 0.8
 TARGET_DELIVERY_RATIO = 0.6
+TARGET_BATCHED_RATIO = 0.8  # issue 14: batched delivery >= 0.8 of the intake rate, end to end
 LOG_LEVEL = "warning"  # --log-level: the daemon's; "info" logs a line per attempt (to daemon.log)
 
 
@@ -473,6 +477,10 @@ class Receiver:
 
     async def count(self, session: Any) -> int:
         async with session.get(f"{self.base}/count") as r:
+            return int(await r.text())
+
+    async def posts(self, session: Any) -> int:
+        async with session.get(f"{self.base}/posts") as r:
             return int(await r.text())
 
     async def latencies(self, session: Any) -> list[int]:
@@ -1066,6 +1074,95 @@ def phase_isolation(root: Path, args: argparse.Namespace, results: dict[str, Any
     results["isolation"] = out
 
 
+# -- batched ------------------------------------------------------------------------------------------------
+async def batched_rate(daemon: Daemon, recv: Receiver, n: int, first: int, timeout: float = 600.0) -> dict[str, float]:
+    """Submit n events (pipelined) and wait until the receiver has counted n more events
+    (inside batches); events/s end to end, and the POSTs it took."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        before = await recv.count(session)
+        posts_before = await recv.posts(session)
+        started = time.perf_counter()
+        submit_s = await pipelined_submit(daemon.intake, n, first=first)
+        if not await recv.wait_count(session, before + n, timeout):
+            raise SystemExit(f"receiver got {await recv.count(session) - before} of {n} events in {timeout:g}s")
+        elapsed = time.perf_counter() - started
+        posts = await recv.posts(session) - posts_before
+    return {"events_per_s": n / elapsed, "submit_events_per_s": n / submit_s, "posts": posts}
+
+
+def phase_batched(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Batched delivery beside intake, measured in the same run in alternating rounds: intake
+    on a daemon without webhooks (as the intake phase measures it: the target's floor), and
+    end to end on a daemon with one webhook batching up to --batch-max-events: from the first
+    event submitted until the receiver has counted every event inside the batch bodies. For
+    context, intake on a daemon whose one webhook is disabled (every event still makes its
+    delivery row, paused, but nothing is delivered): what the rows alone cost."""
+    n = args.batched_events
+    recv = Receiver()
+    intake_rates: list[float] = []
+    rows_rates: list[float] = []
+    intake_cpu: list[float] = []
+    rows_cpu: list[float] = []
+    rounds: list[dict[str, float]] = []
+    daemons: list[Daemon] = []
+    try:
+        plain, rows, batched = Daemon(root / "intake"), Daemon(root / "rows"), Daemon(root / "batched")
+        for d in (plain, rows, batched):
+            daemons.append(d)
+            d.start()
+        for d in (rows, batched):
+            hook = d.cli("webhooks", "create", "--url", recv.url, "--batch-max-events", str(args.batch_max_events),
+                         "--batch-linger", args.batch_linger, "--json")
+            assert hook.returncode == 0, hook.stderr
+        [row_hook] = json.loads(rows.cli("webhooks", "list", "--json").stdout)["webhooks"]
+        off = rows.cli("webhooks", "disable", row_hook["id"])
+        assert off.returncode == 0, off.stderr
+        asyncio.run(batched_rate(batched, recv, 2000, first=10_000_000))  # warm-up
+        for r in range(args.rounds):
+            for d, rates, cpu in ((plain, intake_rates, intake_cpu), (rows, rows_rates, rows_cpu)):
+                before = thread_cpu(d.pid)
+                elapsed = asyncio.run(pipelined_submit(d.intake, n, first=r * n))
+                rates.append(n / elapsed)
+                cpu.append(round(cpu_us(d.pid, before, n), 1))
+            cpu_before = thread_cpu(batched.pid)
+            with profiled(batched.pid, args.profile if r == 0 else None, "batched"):
+                figure = asyncio.run(batched_rate(batched, recv, n, first=r * n))
+            figure["daemon_cpu_us_per_event"] = round(cpu_us(batched.pid, cpu_before, n), 1)
+            rounds.append(figure)
+    finally:
+        for d in daemons:
+            d.stop()
+        recv.stop()
+    intake, best = max(intake_rates), max(rounds, key=lambda f: f["events_per_s"])
+    ratio = best["events_per_s"] / intake
+    results["batched"] = {
+        "events": n,
+        "rounds": args.rounds,
+        "batch_max_events": args.batch_max_events,
+        "batch_linger": args.batch_linger,
+        "intake_events_per_s": round(intake),
+        "end_to_end_batched_events_per_s": round(best["events_per_s"]),
+        "ratio_to_intake": round(ratio, 3),
+        "target": TARGET_BATCHED_RATIO,
+        "met": ratio >= TARGET_BATCHED_RATIO,
+        "submit_events_per_s_with_delivery": round(best["submit_events_per_s"]),
+        "events_per_post": round(n / best["posts"], 1) if best["posts"] else None,
+        # context: intake when each event also makes its (paused) delivery row
+        "intake_with_delivery_rows_events_per_s": round(max(rows_rates)),
+        "ratio_to_intake_with_delivery_rows": round(best["events_per_s"] / max(rows_rates), 3),
+        "rounds_intake": [round(x) for x in intake_rates],
+        "rounds_intake_with_delivery_rows": [round(x) for x in rows_rates],
+        "rounds_end_to_end": [round(f["events_per_s"]) for f in rounds],
+        # the daemon's CPU per event (all threads), each round: intake alone, intake making
+        # delivery rows, and intake plus batched delivery
+        "intake_daemon_cpu_us_per_event": intake_cpu,
+        "intake_with_delivery_rows_cpu_us_per_event": rows_cpu,
+        "daemon_cpu_us_per_event": [f["daemon_cpu_us_per_event"] for f in rounds],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default=",".join(PHASES), help=f"comma-separated phases (default: all: {PHASES})")
@@ -1085,6 +1182,9 @@ def main() -> None:
     ap.add_argument("--late-events", type=int, default=1_000,
                     help="isolation: events for the late-start case (0: skip it)")
     ap.add_argument("--hanging", type=int, default=50, help="isolation: hanging webhooks")
+    ap.add_argument("--batched-events", type=int, default=50_000, help="batched: events per round")
+    ap.add_argument("--batch-max-events", type=int, default=100, help="batched: the webhook's batch_max_events")
+    ap.add_argument("--batch-linger", default="20ms", help="batched: the webhook's batch_linger")
     ap.add_argument("--profile", type=Path, help="write py-spy raw profiles of the daemon here")
     ap.add_argument("--log-level", default=LOG_LEVEL, choices=("debug", "info", "warning", "error"),
                     help=f"the daemon's log level (default: {LOG_LEVEL}; info writes a line per attempt)")
@@ -1103,7 +1203,7 @@ def main() -> None:
     }
     pin_self(LOAD_CORE)
     runners = {"intake": phase_intake, "delivery": phase_delivery, "latency": phase_latency,
-               "backlog": phase_backlog, "isolation": phase_isolation}
+               "backlog": phase_backlog, "isolation": phase_isolation, "batched": phase_batched}
     with tempfile.TemporaryDirectory(prefix="webhookd-bench-") as tmp:
         for phase in PHASES:
             if phase in only:

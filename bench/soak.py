@@ -2,7 +2,7 @@
 every acknowledged event reached the receiver. Prints JSON; exits 1 if an acknowledged event was lost.
 
     .venv/bin/python bench/soak.py --cycles 20 [--seed N] [--rate 5000] [--clients 2] [--fail-rate 0.1]
-                                   [--fanout N]
+                                   [--fanout N] [--batch]
 
 Each cycle starts a real `webhookd serve` process (durability "full"), runs pipelining load
 generators against its intake Unix socket and SIGKILLs the daemon at a random moment (seeded)
@@ -11,7 +11,10 @@ An event counts as acknowledged only when its `{"ok":true,...}` answer line was 
 but not answered when the connection broke are not. After the last cycle the daemon is started
 once more and the soak waits (bounded) until every acknowledged `data.message_id` has arrived,
 at every webhook that subscribes to it (`--fanout N`: several webhooks, one of them for bounces
-only and one disabled, whose deliveries must stay paused).
+only and one disabled, whose deliveries must stay paused). With `--batch` every webhook batches
+(batch_max_events 50, batch_linger 20ms): the receiver counts each event inside the JSON array
+bodies, a 503 refuses the whole batch, and every element must carry its event `id` (the same id
+for the same event, whichever batch brings it again).
 
 Only loopback: the receiver listens on 127.0.0.1, the intake is a Unix socket, the HTTP intake is
 off. Every wait is bounded; the script stops by itself. The daemon is pinned to core 0 and this
@@ -129,6 +132,9 @@ class Receiver:
         self.requests = 0
         self.answered_503 = 0
         self.incomplete = 0  # bodies cut short (the daemon died mid-request) or not parseable
+        self.batches = 0  # requests whose body was a JSON array (answered 200)
+        self.events_in_batches = 0  # events inside them
+        self.event_ids: dict[str, set[str]] = {}  # key -> the event ids its elements carried
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -140,24 +146,38 @@ class Receiver:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 body = self.rfile.read(length)
+                batch = body[:1] == b"["
+                # (key, event id) of each event the body carries: one, or each element of a batch
+                events: list[tuple[str, str]] | None
                 try:
-                    mid = key(self.path, json.loads(body)["data"]["message_id"]) if len(body) == length else None
+                    doc = json.loads(body) if len(body) == length else None
+                    if doc is None:
+                        events = None
+                    elif batch:
+                        events = [(key(self.path, e["data"]["message_id"]), e["id"]) for e in doc]
+                    else:
+                        events = [(key(self.path, doc["data"]["message_id"]), self.headers.get("webhook-id", ""))]
                 except (ValueError, KeyError, TypeError):
-                    mid = None
+                    events = None
                 hook_id = self.headers.get("webhook-id", "")
                 with outer.lock:
                     outer.requests += 1
-                    if mid is None:
+                    if not events:
                         outer.incomplete += 1
                         status = 400
                     elif outer.rng.random() < outer.fail_rate:
                         outer.answered_503 += 1
-                        outer.awaiting_retry.add(mid)
+                        outer.awaiting_retry.update(mid for mid, _ in events)
                         status = 503
                     else:
-                        outer.delivered[mid] += 1
-                        outer.awaiting_retry.discard(mid)
-                        outer.webhook_ids.setdefault(mid, set()).add(hook_id)
+                        if batch:
+                            outer.batches += 1
+                            outer.events_in_batches += len(events)
+                        for mid, event_id in events:
+                            outer.delivered[mid] += 1
+                            outer.awaiting_retry.discard(mid)
+                            outer.webhook_ids.setdefault(mid, set()).add(hook_id)
+                            outer.event_ids.setdefault(mid, set()).add(event_id)
                         status = 200
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
@@ -413,6 +433,8 @@ def main() -> int:
     ap.add_argument("--no-pin", dest="pin", action="store_false", help="do not pin daemon and load to cores")
     ap.add_argument("--fanout", type=int, default=1,
                     help="webhooks (default 1; N >= 3: N - 2 for every event, one for bounces, one disabled)")
+    ap.add_argument("--batch", action="store_true",
+                    help="every webhook batches (batch_max_events 50, batch_linger 20ms)")
     args = ap.parse_args()
     if not (1 <= args.cycles <= 10_000 and 1 <= args.clients <= 64 and args.rate > 0
             and 0 <= args.fail_rate < 1 and 0 < args.kill_min <= args.kill_max <= 60
@@ -440,6 +462,7 @@ def main() -> int:
         for hook in hooks:
             made = daemon.cli("webhooks", "create", "--url", receiver.base + hook.path, "--events",
                               ",".join(hook.events) if hook.events != ("*",) else "all", "--description", "soak",
+                              *(["--batch-max-events", "50", "--batch-linger", "20ms"] if args.batch else []),
                               "--json")
             if made.returncode != 0:
                 raise SystemExit(f"webhooks create failed: {made.stderr.decode(errors='replace')}")
@@ -508,14 +531,16 @@ def main() -> int:
         with receiver.lock:
             dup_counts = [c for c in receiver.delivered.values() if c > 1]
             mixed_ids = sum(1 for s in receiver.webhook_ids.values() if len(s) > 1)
+            mixed_event_ids = sum(1 for s in receiver.event_ids.values() if len(s) > 1)
             requests, incomplete = receiver.requests, receiver.incomplete
+            batches, events_in_batches = receiver.batches, receiver.events_in_batches
         sent_ids = expected | wanted(unanswered)
         summary = {
             "ok": not lost,
             "cycles": args.cycles,
             "seed": args.seed,
             "settings": {"rate_events_per_s": args.rate, "clients": args.clients, "fail_rate": args.fail_rate,
-                         "fanout": args.fanout,
+                         "fanout": args.fanout, "batch": args.batch,
                          "kill_window_ms": [round(args.kill_min * 1000), round(args.kill_max * 1000)],
                          "durability": "full", "retry_base": "50ms", "retry_max": "500ms"},
             "events_sent": ids.n,
@@ -529,10 +554,14 @@ def main() -> int:
             "duplicates": sum(c - 1 for c in dup_counts),
             "duplicate_events": len(dup_counts),
             "duplicate_rate": round(len(dup_counts) / len(delivered), 5) if delivered else 0.0,
+            # for batches the webhook-id names the batch: an event sent again in another batch (re-formed
+            # after a restart) has another; the event id inside must be the same
             "duplicates_with_different_webhook_id": mixed_ids,
+            "duplicates_with_different_event_id": mixed_event_ids,
             "unexpected_deliveries": len(delivered - sent_ids),
             "receiver": {"requests": requests, "answered_200": deliveries_received, "answered_503": answered_503,
-                         "cut_short": incomplete},
+                         "cut_short": incomplete, "batches_answered_200": batches,
+                         "events_in_batches_answered_200": events_in_batches},
             "final_drain_s": round(drain_s, 2),
             "all_acknowledged_arrived_after_s": None if all_arrived_s is None else round(all_arrived_s, 2),
             "final_status_deliveries": (status or {}).get("deliveries"),
@@ -566,7 +595,7 @@ def main() -> int:
             print(f"webhookd-soak: stopped early; logs kept in {root}", file=sys.stderr)
     rows = ",\n    ".join(json.dumps(r) for r in per_cycle)  # one line per cycle
     print(json.dumps(summary, indent=2).replace('"@PER_CYCLE@"', f"[\n    {rows}\n  ]"))
-    return 1 if lost or not summary else 0
+    return 1 if lost or not summary or summary.get("duplicates_with_different_event_id") else 0
 
 
 if __name__ == "__main__":

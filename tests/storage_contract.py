@@ -37,6 +37,7 @@ from webhookd.store import (
     SUCCEEDED,
     ApiToken,
     Attempt,
+    BatchOutcomeRecord,
     Delivery,
     DeliveryFilter,
     DueItem,
@@ -355,6 +356,64 @@ async def test_record_outcome_updates_the_delivery_and_adds_attempts(storage: St
     await record(storage, outcome(d2, "wh_a", ok=False, at=T0 + 5, status=FAILED))
     failed = await one(storage, d2)
     assert (failed.status, failed.next_attempt_at, failed.last_status_code) == (FAILED, None, 500)
+
+
+BATCH = "batch_" + "b" * 26
+
+
+async def record_batch(storage: Storage, record: BatchOutcomeRecord) -> None:
+    fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    storage.record_batch_outcome(record, on_commit=fut.set_result)
+    await fut
+
+
+async def test_a_batch_outcome_updates_each_delivery_and_adds_an_attempt_each(
+        storage: Storage, fresh: list[FreshEvent], clock: FakeClock) -> None:
+    await storage.create_webhook(webhook("wh_a"))
+    ds = [(await submit(storage, fresh, ev(i), [("wh_a", True)]))[0] for i in range(4)]
+    # one failed batch: three stay pending (kept together), one reaches its max attempts
+    await record_batch(storage, BatchOutcomeRecord(
+        webhook_id="wh_a", batch_id=BATCH, delivery_ids=tuple(ds), statuses=(PENDING, PENDING, FAILED, PENDING),
+        attempts=(1, 1, 3, 1), next_attempt_at=T0 + 60, at=T0 + 1, duration_ms=7.5, status_code=503,
+        error="HTTP 503", response_body="busy", updated_at=T0 + 2))
+    rows = [await one(storage, d) for d in ds]
+    assert [(r.status, r.attempts, r.next_attempt_at, r.last_status_code, r.last_error, r.updated_at)
+            for r in rows] == [(PENDING, 1, T0 + 60, 503, "HTTP 503", T0 + 2)] * 2 + [
+        (FAILED, 3, None, 503, "HTTP 503", T0 + 2), (PENDING, 1, T0 + 60, 503, "HTTP 503", T0 + 2)]
+    due = await storage.take_due("wh_a", START, 10)
+    assert [(x.delivery_id, x.next_at, x.attempts) for x in due] == [(ds[0], T0 + 60, 1), (ds[1], T0 + 60, 1),
+                                                                      (ds[3], T0 + 60, 1)]
+    await record_batch(storage, BatchOutcomeRecord(
+        webhook_id="wh_a", batch_id=BATCH, delivery_ids=(ds[0], ds[1], ds[3]), statuses=(SUCCEEDED,) * 3,
+        attempts=(2, 2, 2), next_attempt_at=None, at=T0 + 61, duration_ms=3.0, status_code=200, error=None,
+        response_body="ok", updated_at=T0 + 62))
+    detail = await storage.delivery(ds[0])
+    assert detail is not None and detail.attempts == (
+        Attempt(T0 + 1, 7.5, 503, "HTTP 503", "busy", BATCH), Attempt(T0 + 61, 3.0, 200, None, "ok", BATCH))
+    assert await statuses(storage) == {ds[0]: SUCCEEDED, ds[1]: SUCCEEDED, ds[2]: FAILED, ds[3]: SUCCEEDED}
+    assert await storage.count_by_status() == {PENDING: 0, PAUSED: 0, SUCCEEDED: 3, FAILED: 1}
+    assert sorted(d.id for d in await storage.list_deliveries(DeliveryFilter(batch_id=BATCH))) == ds
+    assert await storage.count_deliveries(DeliveryFilter(batch_id=BATCH, statuses=(SUCCEEDED,))) == 3
+    assert await storage.count_deliveries(DeliveryFilter(batch_id="batch_" + "c" * 26)) == 0
+    stats = (await storage.webhook_stats(clock()))["wh_a"]
+    assert (stats.succeeded_24h, stats.failed_24h, stats.last_attempt_at, stats.last_status_code) == (
+        3, 4, T0 + 61, 200)  # per delivery: 4 failed attempts, then 3 successes
+    assert await storage.hourly_counts(H0, H0 + HOUR) == [HourCount(int(H0), succeeded=3, failed=4)]
+
+
+async def test_a_batch_outcome_for_deleted_deliveries_is_dropped(storage: Storage, fresh: list[FreshEvent]) -> None:
+    await storage.create_webhook(webhook("wh_a"))
+    await storage.create_webhook(webhook("wh_b"))
+    a = (await submit(storage, fresh, ev(1), [("wh_a", True)]))[0]
+    b = (await submit(storage, fresh, ev(2), [("wh_b", True)]))[0]
+    await storage.delete_webhook("wh_b")
+    await record_batch(storage, BatchOutcomeRecord(
+        webhook_id="wh_b", batch_id=BATCH, delivery_ids=(b,), statuses=(SUCCEEDED,), attempts=(1,),
+        next_attempt_at=None, at=T0, duration_ms=1.0, status_code=200, error=None, response_body="", updated_at=T0))
+    assert await storage.delivery(b) is None
+    assert await storage.count_deliveries(DeliveryFilter(batch_id=BATCH)) == 0
+    assert await storage.count_by_status() == {PENDING: 1, PAUSED: 0, SUCCEEDED: 0, FAILED: 0}
+    assert await statuses(storage) == {a: PENDING}
 
 
 async def test_outcomes_count_in_stats_and_hourly_counts(storage: Storage, fresh: list[FreshEvent],

@@ -400,7 +400,8 @@ async def test_delivery_show_retry_and_attempt_log(cli: Cli, h: Harness, make_re
     shown = (await cli.ok("deliveries", "show", did, "--json")).json
     assert shown["status"] == "succeeded" and shown["attempts"] == 1
     [attempt] = shown["attempt_log"]
-    assert set(attempt) == {"at", "duration_ms", "status_code", "error", "response_body"}
+    assert set(attempt) == {"at", "duration_ms", "status_code", "error", "response_body", "batch_id"}
+    assert attempt["batch_id"] is None  # a single-event attempt
     assert attempt["status_code"] == 200
     assert attempt["error"] is None
     assert attempt["response_body"] == '{"received": true}'

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from webhookd.batching import OFF, Batching
 from webhookd.config import ConfigError, load_config
 from webhookd.declared import REMOVED_FROM_CONFIG, DeclaredWebhook, plan, render, to_json
 from webhookd.filters import EMPTY_FILTER, WebhookFilter
@@ -80,6 +81,18 @@ def test_no_webhooks_without_a_config_file_or_entries(tmp_path: Path) -> None:
     ('name = "a"\nurl = "https://a.example/"\ndescription = 3', "webhooks[0].description", "string"),
     ('name = "a"\nurl = "https://a.example/"\nsecret = "whsec_x"', "webhooks[0].secret", "unknown key"),
     ('name = "a"\nurl = "https://a.example/"\nsecret_file = "missing"', "webhooks[0].secret_file", "cannot read"),
+    ('name = "a"\nurl = "https://a.example/"\nbatch_max_events = 1001', "webhooks[0].batch_max_events",
+     "must be between 0 and 1000, got 1001"),
+    ('name = "a"\nurl = "https://a.example/"\nbatch_max_events = "100"', "webhooks[0].batch_max_events",
+     "must be an integer"),
+    ('name = "a"\nurl = "https://a.example/"\nbatch_max_bytes = 99999999999999', "webhooks[0].batch_max_bytes",
+     "between 1024 and 4194304"),
+    ('name = "a"\nurl = "https://a.example/"\nbatch_linger = "1h"', "webhooks[0].batch_linger",
+     "must be a duration"),
+    ('name = "a"\nurl = "https://a.example/"\nbatch_linger = 10', "webhooks[0].batch_linger",
+     "between 0ms and 5s"),
+    ('name = "a"\nurl = "https://a.example/"\nbatch_linger = true', "webhooks[0].batch_linger",
+     "must be a duration"),
 ])
 def test_entry_errors_name_the_dotted_key(tmp_path: Path, entry: str, key: str, words: str) -> None:
     path = config(tmp_path, '[[webhooks]]\nname = "ok"\nurl = "https://ok.example/"\n[[webhooks]]\n'
@@ -161,6 +174,18 @@ def test_webhooks_d_file_errors_name_the_file(tmp_path: Path) -> None:
         load(path)
 
 
+def test_batch_settings_are_declared(tmp_path: Path) -> None:
+    path = config(tmp_path, '[[webhooks]]\nname = "plain"\nurl = "https://a.example/"\n'
+                  '[[webhooks]]\nname = "bulk"\nurl = "https://b.example/"\nbatch_max_events = 100\n'
+                  'batch_max_bytes = 262144\nbatch_linger = "50ms"\n')
+    write(tmp_path / "webhooks.d" / "more.toml",
+          '[[webhooks]]\nname = "more"\nurl = "https://c.example/"\nbatch_max_events = 10\n')
+    plain, bulk, more = load(path)
+    assert plain.batching == OFF
+    assert bulk.batching == Batching(100, 262144, 0.05)
+    assert more.batching == Batching(10, 1048576, 0.0)
+
+
 # -- the plan ---------------------------------------------------------------------------------------
 def declared(name: str, **kw: Any) -> DeclaredWebhook:
     base: dict[str, Any] = dict(name=name, url=f"https://{name}.example/h", events=("*",), description="",
@@ -192,6 +217,12 @@ CASES: list[tuple[str, list[DeclaredWebhook], list[WebhookRecord], list[str]]] =
      ["~ update a: url https://a.example/h → https://new.example/h"]),
     ("events and filter", [declared("a", events=("opened",), filter=VIP)], [stored("a")],
      ["~ update a: events all → opened", "~ update a: filter (none) → tag vip"]),
+    ("batching", [declared("a", batching=Batching(100, 65536, 0.05))], [stored("a")],
+     ["~ update a: batching off → 100 events, 65536 bytes, linger 50ms"]),
+    ("create batching", [declared("a", batching=Batching(10))], [],
+     ["+ create a https://a.example/h all (batching 10 events, 1048576 bytes, linger 0ms; secret generated)"]),
+    ("batching in step", [declared("a", batching=Batching(10))], [stored("a", batching=Batching(10))],
+     ["no changes"]),
     ("description", [declared("a", description="new")], [stored("a", description="old")],
      ["~ update a: description 'old' → 'new'"]),
     ("moved to another file", [declared("a", source="/etc/webhookd/webhooks.d/a.toml")], [stored("a")],
@@ -237,6 +268,13 @@ def test_plan_json_never_holds_a_secret() -> None:
     assert docs[0]["changes"] == {"url": {"old": "https://a.example/h", "new": "https://n.example/"}}
     assert docs[0]["secret"] == "changed" and docs[1]["secret"] == "from_file"
     assert SECRET not in repr(docs) and "whsec_old" not in repr(docs)
+
+
+def test_plan_json_shows_batch_settings() -> None:
+    docs = to_json(plan([declared("a", batching=Batching(10)), declared("b", batching=Batching(5, 4096, 1.0))],
+                        [stored("a")]))
+    assert docs[0]["changes"] == {"batching": {"old": OFF.to_json(), "new": Batching(10).to_json()}}
+    assert (docs[1]["batch_max_events"], docs[1]["batch_max_bytes"], docs[1]["batch_linger"]) == (5, 4096, "1000ms")
 
 
 def test_plan_matches_by_name_not_url() -> None:

@@ -2,7 +2,8 @@
 recipient columns, each webhook's last attempt and the attempts per hour, adds the search
 indexes, and loses nothing; v4 → v5 gives every webhook the empty filter; v5 → v6 leaves every
 webhook undeclared (no name, no file) and makes names unique; v6 → v7 adds the (empty) table
-of scoped API tokens."""
+of scoped API tokens; v7 → v8 turns batching off for every webhook and leaves every old attempt
+outside any batch."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import orjson
 import pytest
 
 from tests.conftest import db_rows
+from webhookd.batching import OFF, Batching
 from webhookd.events import parse_event
 from webhookd.filters import EMPTY_FILTER
 from webhookd.store import (
@@ -24,6 +26,7 @@ from webhookd.store import (
     SUCCEEDED,
     DeliveryFilter,
     HourCount,
+    OutcomeRecord,
     SqliteStorage,
     StoreError,
     WebhookStats,
@@ -75,7 +78,7 @@ BEFORE = {  # what every table held, column by column, to compare after the migr
     "webhooks": f"SELECT {WEBHOOK_COLUMNS} FROM webhooks ORDER BY id",
     "events": "SELECT id, uid, idempotency_key, type, body, created_at FROM events ORDER BY id",
     "deliveries": "SELECT * FROM deliveries ORDER BY id",
-    "attempts": "SELECT * FROM attempts ORDER BY id",
+    "attempts": "SELECT id, delivery_id, at, duration_ms, status_code, error, response_body FROM attempts ORDER BY id",
     "meta": "SELECT * FROM meta ORDER BY key",
 }
 
@@ -109,7 +112,7 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     return {table: db_rows(path, sql) for table, sql in BEFORE.items()}
 
 
-@pytest.fixture(params=[6, 5, 4, 2, 1], ids=["from-v6", "from-v5", "from-v4", "from-v2", "from-v1"])
+@pytest.fixture(params=[7, 6, 5, 4, 2, 1], ids=["from-v7", "from-v6", "from-v5", "from-v4", "from-v2", "from-v1"])
 async def migrated(request: pytest.FixtureRequest,
                    tmp_path: Path) -> AsyncIterator[tuple[SqliteStorage, dict[str, Any]]]:
     path = tmp_path / "old.db"
@@ -126,13 +129,13 @@ async def test_schema_reaches_the_current_version_and_keeps_every_row(
 ) -> None:
     storage, before = migrated
     path = storage.path
-    assert SCHEMA_VERSION == 7
-    assert db_rows(path, "PRAGMA user_version") == [(7,)]
+    assert SCHEMA_VERSION == 8
+    assert db_rows(path, "PRAGMA user_version") == [(8,)]
     assert snapshot(path) == before  # nothing pre-existing is lost or changed
     assert [len(before[t]) for t in ("webhooks", "events", "deliveries", "attempts")] == [3, 4, 6, 5]
     names = {r[0] for r in db_rows(path, "SELECT name FROM sqlite_master WHERE type IN ('index', 'table')")}
     assert {"deliveries_finished", "deliveries_event", "events_message_id", "events_recipient",
-            "attempt_hours", "api_tokens"} <= names
+            "attempt_hours", "api_tokens", "attempts_batch"} <= names
     assert db_rows(path, "SELECT count(*) FROM api_tokens") == [(0,)]
     assert await storage.list_tokens() == []
     assert db_rows(path, "PRAGMA integrity_check") == [("ok",)]
@@ -254,3 +257,27 @@ async def test_a_failed_migration_leaves_the_old_database_as_it_was(tmp_path: Pa
     assert snapshot(path) == before
     columns = {r[1] for r in db_rows(path, "PRAGMA table_info(events)")}
     assert "message_id" not in columns
+
+
+async def test_every_old_webhook_has_batching_off_and_old_attempts_no_batch(
+    migrated: tuple[SqliteStorage, dict[str, Any]],
+) -> None:
+    storage, _ = migrated
+    loaded = await storage.load_webhooks()
+    assert [(w.id, w.batching) for w in loaded] == [("wh_1", OFF), ("wh_2", OFF), ("wh_3", OFF)]
+    assert db_rows(storage.path, "SELECT count(*) FROM attempts WHERE batch_id IS NOT NULL") == [(0,)]
+    detail = await storage.delivery(2)
+    assert detail is not None and [a.batch_id for a in detail.attempts] == [None, None, None]
+    # and the new columns work on the migrated database
+    await storage.update_webhook("wh_1", url="https://wh_1.example/h", events=("*",), description="",
+                                 filter=EMPTY_FILTER, updated_at=T, batching=Batching(100, 65536, 0.05))
+    [first, *_] = await storage.load_webhooks()
+    assert first.batching == Batching(100, 65536, 0.05)
+    bid = "batch_" + "a" * 26
+    storage.record_outcome(OutcomeRecord(delivery_id=5, webhook_id="wh_1", status=SUCCEEDED, attempts=1,
+                                         next_attempt_at=None, at=T, duration_ms=1.0, status_code=200, error=None,
+                                         response_body="ok", updated_at=T, batch_id=bid))
+    await storage.update_webhook("wh_3", url="https://wh_3.example/h", events=("*",), description="",
+                                 filter=EMPTY_FILTER, updated_at=T)  # a write after it: the outcome committed
+    assert [d.id for d in await storage.list_deliveries(DeliveryFilter(batch_id=bid))] == [5]
+    assert await storage.count_deliveries(DeliveryFilter(batch_id=bid)) == 1

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
+from webhookd import batching
 from webhookd.events import parse_event
 from webhookd.signing import SECRET_PREFIX, Signer, generate_secret, legacy_signature, standard_signature
 
@@ -38,6 +39,11 @@ BODIES: list[bytes] = [
     b"\n \t",
 ]
 assert any(b >= 0x80 for b in BODIES[1]) and b"\\u" in BODIES[1]  # non-ASCII and escapes both present
+# A batch body as a batching webhook gets it (webhookd.batching): the three payloads above, each with
+# its event id, in one JSON array; inserted fourth, so every test of BODIES[:N_JSON] signs a batch too.
+BATCH = batching.body([(f"evt_01jb{i}", body) for i, body in enumerate(BODIES[:3])])
+BODIES.insert(3, BATCH)
+N_JSON = 4  # BODIES[:N_JSON] are JSON
 
 
 def doc_python_verify(payload_body: bytes, signature: str, secret: str) -> bool:
@@ -192,7 +198,7 @@ def test_legacy_signature_is_accepted_by_the_documented_php_snippet(tmp_path: Pa
 # -- Standard Webhooks ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body", BODIES[:3], ids=range(3))
+@pytest.mark.parametrize("body", BODIES[:N_JSON], ids=range(N_JSON))
 def test_standard_signature_matches_the_reference_library(body: bytes) -> None:
     ts = 1771842602
     ours = standard_signature(SECRET_A, "evt_01jb", ts, body)
@@ -221,7 +227,7 @@ def headers_for(signer: Signer, body: bytes, *, ts: int | None = None) -> dict[s
                           timestamp=int(time.time()) if ts is None else ts, user_agent="webhookd/0.1.0")
 
 
-@pytest.mark.parametrize("body", BODIES[:3], ids=range(3))
+@pytest.mark.parametrize("body", BODIES[:N_JSON], ids=range(N_JSON))
 def test_signer_headers_verify_with_standardwebhooks(body: bytes) -> None:
     headers = headers_for(Signer([SECRET_B]), body)
     assert Webhook(SECRET_B).verify(body, headers) == json.loads(body)
@@ -234,7 +240,7 @@ def test_signer_headers_verify_with_standardwebhooks(body: bytes) -> None:
         Webhook(SECRET_B).verify(body, tampered)
 
 
-@pytest.mark.parametrize("body", BODIES[:3], ids=range(3))
+@pytest.mark.parametrize("body", BODIES[:N_JSON], ids=range(N_JSON))
 def test_during_rotation_each_secret_alone_verifies(body: bytes) -> None:
     signer = Signer([SECRET_C, SECRET_B, SECRET_A])  # newest first
     headers = headers_for(signer, body)
@@ -292,3 +298,16 @@ def test_signer_rejects_timestamps_outside_tolerance_via_the_library() -> None:
 def test_signer_needs_at_least_one_secret(bad: list[str] | tuple[str, ...] | str) -> None:
     with pytest.raises(ValueError, match="non-empty"):
         Signer(bad)
+
+
+def test_a_batch_body_is_signed_like_any_body_and_each_element_keeps_its_payload() -> None:
+    batch_id = batching.batch_id("wh_1", ["evt_01jb0", "evt_01jb1", "evt_01jb2"])
+    headers = Signer([SECRET_B]).headers(event_id=batch_id, event_type=batching.EVENT_TYPE, body=BATCH,
+                                         timestamp=int(time.time()), user_agent="webhookd/0.1.0")
+    assert headers["webhook-id"] == headers["X-Webhook-Id"] == batch_id
+    assert doc_python_verify(BATCH, headers["X-Webhook-Signature"], SECRET_B)
+    elements = Webhook(SECRET_B).verify(BATCH, headers)
+    assert [e["id"] for e in elements] == ["evt_01jb0", "evt_01jb1", "evt_01jb2"]
+    assert [{k: v for k, v in e.items() if k != "id"} for e in elements] == [json.loads(b) for b in BODIES[:3]]
+    with pytest.raises(WebhookVerificationError):  # the batch id is signed: another id does not verify
+        Webhook(SECRET_B).verify(BATCH, {**headers, "webhook-id": "evt_01jb0"})

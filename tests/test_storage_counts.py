@@ -20,6 +20,7 @@ from webhookd.store import (
     PAUSED,
     PENDING,
     SUCCEEDED,
+    BatchOutcomeRecord,
     DeliveryFilter,
     OutcomeRecord,
     SqliteStorage,
@@ -86,6 +87,12 @@ async def test_counts_follow_every_kind_of_write(storage: SqliteStorage) -> None
     await s.set_webhook_state("wh_a", WebhookState(False, "manual", 0, 0.0, 2.0), pause_pending=True)
     check(s)  # a disable pauses the pending ones
     s.record_outcome(outcome(a_ids[20], "wh_a", PAUSED))  # an outcome after the disable: paused → paused
+    batch = a_ids[21:26]  # a batch's outcome after the disable: paused → each its status
+    s.record_batch_outcome(BatchOutcomeRecord(
+        "wh_a", "batch_" + "a" * 26, tuple(batch), (SUCCEEDED, FAILED, PAUSED, PENDING, SUCCEEDED), (1,) * 5,
+        2_000_000.0, 1_000_000.0, 5.0, 200, None, "", 1_000_000.0))
+    await s.set_webhook_state("wh_a", WebhookState(False, "manual", 0, 0.0, 2.5))  # flush behind it
+    check(s)
     assert await s.enable_webhook("wh_a", now=3.0, drop_backlog=False) > 0
     check(s)
     assert await s.enable_webhook("wh_b", now=3.0, drop_backlog=True) == 30

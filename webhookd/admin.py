@@ -18,12 +18,14 @@ from webhookd.apimodel import (
     delivery_number,
     parse_rfc3339,
     reply,
+    validate_batching,
     validate_description,
     validate_events,
     validate_filter,
     validate_url,
     webhook_stats_json,
 )
+from webhookd.batching import FIELDS as BATCH_FIELDS
 from webhookd.events import EVENT_TYPES, EventError, format_timestamp
 from webhookd.filters import FilterError, parse_domains
 from webhookd.ids import new_id
@@ -52,7 +54,7 @@ __all__ = [  # re-exported: the dashboard and the tests import them from here
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_LIST = 1000
-WEBHOOK_FIELDS = frozenset({"url", "events", "description", "filter"})
+WEBHOOK_FIELDS = frozenset({"url", "events", "description", "filter", *BATCH_FIELDS})
 TOKEN_FIELDS = frozenset({"domains", "read_only", "description"})
 
 # Who may call each route: every route of the admin app is here (tests/test_tokens.py fails
@@ -297,7 +299,9 @@ class AdminApi:
         description = validate_description(body.get("description"))
         filter_ = validate_filter(body.get("filter"))
         _check_covers(principal_of(request), filter_)
-        wh = await self.ops.create(url=url, events=events, description=description, filter=filter_)
+        batching = validate_batching(body)
+        wh = await self.ops.create(url=url, events=events, description=description, filter=filter_,
+                                   batching=batching)
         return reply({**wh.public(), "secret": wh.secret}, 201)
 
     async def list_webhooks(self, request: web.Request) -> web.Response:
@@ -318,7 +322,9 @@ class AdminApi:
         filter_ = validate_filter(body["filter"]) if "filter" in body else None  # replaced whole; null/{} clears
         if filter_ is not None:
             _check_covers(principal_of(request), filter_)
-        await self.ops.update(wh, url=url, events=events, description=description, filter=filter_)
+        batching = validate_batching(body, wh.batching) if set(BATCH_FIELDS) & set(body) else None
+        await self.ops.update(wh, url=url, events=events, description=description, filter=filter_,
+                              batching=batching)
         return reply(wh.public())
 
     async def delete_webhook(self, request: web.Request) -> web.Response:
@@ -425,7 +431,7 @@ class AdminApi:
 
     async def retry_failed(self, request: web.Request) -> web.Response:
         body = await self._body(request)
-        unknown = set(body) - {"webhook_id", "event", "message_id", "to", "since", "until"}
+        unknown = set(body) - {"webhook_id", "event", "message_id", "to", "since", "until", "batch"}
         if unknown:
             raise ApiError(400, f"unknown field {sorted(unknown)[0]!r}")
         if not all(isinstance(v, str) for v in body.values()):
@@ -449,7 +455,7 @@ class AdminApi:
         if attempts:
             doc["attempt_log"] = [
                 {"at": format_timestamp(a.at), "duration_ms": a.duration_ms, "status_code": a.status_code,
-                 "error": a.error, "response_body": a.response_body}
+                 "error": a.error, "response_body": a.response_body, "batch_id": a.batch_id}
                 for a in found.attempts
             ]
         return doc

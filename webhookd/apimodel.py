@@ -9,6 +9,7 @@ from urllib.parse import urlsplit
 import orjson
 from aiohttp import web
 
+from webhookd.batching import OFF, Batching, BatchingError
 from webhookd.events import EVENT_TYPES, EventError, format_timestamp, normalise_timestamp
 from webhookd.filters import FilterError, WebhookFilter
 from webhookd.store import DELIVERY_STATUSES, Delivery, DeliveryFilter, WebhookStats
@@ -79,6 +80,15 @@ def validate_filter(value: object) -> WebhookFilter:
         raise ApiError(400, str(exc)) from None
 
 
+def validate_batching(body: dict[str, Any], base: Batching = OFF) -> Batching:
+    """The batch_* fields of a webhook's POST or PATCH over `base` (the defaults, or the
+    webhook's settings: a PATCH changes only the fields it gives)."""
+    try:
+        return base.updated(body)
+    except BatchingError as exc:
+        raise ApiError(400, str(exc)) from None
+
+
 def delivery_json(d: Delivery) -> dict[str, Any]:
     return {
         "id": f"dlv_{d.id}",
@@ -118,8 +128,18 @@ def delivery_filter(q: Any) -> DeliveryFilter:
     return DeliveryFilter(
         webhook_id=q.get("webhook_id") or None, statuses=statuses, event_type=event_type,
         message_id=q.get("message_id") or None, recipient=q.get("to") or None,
-        since=times["since"], until=times["until"],
+        since=times["since"], until=times["until"], batch_id=batch_param(q.get("batch")),
     )
+
+
+def batch_param(value: object) -> str | None:
+    """A `batch` filter: a batch id as webhookd makes them (`batch_` + 26 base32 characters)."""
+    if not value:
+        return None
+    if not isinstance(value, str) or not (value.startswith("batch_") and len(value) == 32
+                                         and value[6:].isalnum() and value.isascii()):
+        raise ApiError(400, f"batch must be a batch id such as batch_{'a' * 26}, got {str(value)[:60]!r}")
+    return value
 
 
 def delivery_number(raw: str) -> int | None:

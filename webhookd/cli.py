@@ -134,6 +134,13 @@ def _filter_flags(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _batch_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The batch settings given on the command line (only those; the daemon validates them)."""
+    given = {"batch_max_events": args.batch_max_events, "batch_max_bytes": args.batch_max_bytes,
+             "batch_linger": args.batch_linger}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
     action: str = args.action
     if action == "create":
@@ -143,6 +150,7 @@ def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
         fields = _filter_flags(args)
         if fields:
             body["filter"] = fields
+        body.update(_batch_flags(args))
         return _call(args, config, "POST", "/v1/webhooks", body, show_webhook)
     if action == "list":
         return _call(args, config, "GET", "/v1/webhooks", None, show_webhooks)
@@ -166,9 +174,10 @@ def cmd_webhooks(args: argparse.Namespace, config: Config) -> int:
                 message = current.get("error") if isinstance(current, dict) else None
                 raise CliError(_one_line(str(message)) if message else f"the daemon answered HTTP {status}")
             body["filter"] = {**(current.get("filter") or {}), **fields}
+        body.update(_batch_flags(args))
         if not body:
-            raise CliError("nothing to update: give --url, --events, --description, a filter flag or --clear-filter",
-                           EX_USAGE)
+            raise CliError("nothing to update: give --url, --events, --description, a filter flag, --clear-filter"
+                           " or a --batch-... flag", EX_USAGE)
         return _call(args, config, "PATCH", base, body, show_webhook)
     if action == "delete":
         return _call(args, config, "DELETE", base, None, show_deleted)
@@ -210,7 +219,7 @@ def cmd_deliveries(args: argparse.Namespace, config: Config) -> int:
             ("message_id", args.message_id), ("to", args.to),
             ("since", _since(args.since) if args.since else None),
             ("until", _since(args.until) if args.until else None),
-            ("before", args.before), ("limit", args.limit),
+            ("before", args.before), ("limit", args.limit), ("batch", args.batch),
         )
         chosen = [(k, v) for k, v in given if v is not None]
         if action == "retry-failed":
@@ -481,6 +490,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     wh_parser = sub.add_parser("webhooks", parents=[common], help="manage webhooks")
     wh = wh_parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    def batch_flags(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("batched delivery (a JSON array of events per POST; see docs/behaviour.md)")
+        g.add_argument("--batch-max-events", type=int, metavar="N",
+                       help="up to N events per POST (0 or 1: off, one event per POST; at most 1000)")
+        g.add_argument("--batch-max-bytes", type=int, metavar="BYTES",
+                       help="at most this many bytes of body per POST (1024 to 4194304; default 1048576)")
+        g.add_argument("--batch-linger", metavar="DURATION",
+                       help="wait up to this long for more events before sending a partial batch (e.g. 50ms;"
+                            " at most 5s; default 0ms)")
+
     def filter_flags(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("filter (an event must match every field given; see docs/behaviour.md)")
         g.add_argument("--from-domain", action="append", metavar="DOMAIN",
@@ -498,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", default="all", help="comma-separated event names, or all (default)")
     p.add_argument("--description", help="free text for operators")
     filter_flags(p)
+    batch_flags(p)
     leaf(wh, "list", cmd_webhooks, "list webhooks")
     leaf(wh, "show", cmd_webhooks, "show one webhook", with_id=True)
     p = leaf(wh, "update", cmd_webhooks, "change a webhook's url, events, description or filter", with_id=True)
@@ -505,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", help="comma-separated event names, or all")
     p.add_argument("--description")
     filter_flags(p)
+    batch_flags(p)
     p.add_argument("--clear-filter", action="store_true",
                    help="remove the filter (every event of its types); filter flags given with it make the new one. "
                         "Without it, each filter flag given replaces that field only ('' empties it)")
@@ -534,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--to", metavar="ADDRESS", help="only the deliveries of events for this recipient")
         p.add_argument("--since", metavar="TIME", help="created at or after TIME (RFC 3339, or 6h, 30m, 2d ago)")
         p.add_argument("--until", metavar="TIME", help="created before TIME (same forms as --since)")
+        p.add_argument("--batch", metavar="BATCH_ID", help="only the deliveries attempted in this batch (batch_...)")
         p.set_defaults(status=None, before=None, limit=None)
         if pages:
             p.add_argument("--before", metavar="DLV_ID", help="the page after this delivery (keyset pagination)")

@@ -135,7 +135,12 @@ def show_delivery(data: Any) -> None:
          _text(a.get("response_body"), 50)]
         for a in log
     ]
-    _table(["AT", "MS", "CODE", "ERROR", "RESPONSE"], rows)
+    headers = ["AT", "MS", "CODE", "ERROR", "RESPONSE"]
+    if any(a.get("batch_id") for a in log):  # batched: which batch each attempt went in
+        headers.append("BATCH")
+        for row, a in zip(rows, log, strict=True):
+            row.append(_text(a.get("batch_id")) or "-")
+    _table(headers, rows)
 
 
 def show_test(data: Any) -> None:

@@ -23,12 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from webhookd.batching import FIELDS as BATCH_FIELDS
+from webhookd.batching import OFF, Batching, BatchingError
 from webhookd.filters import FilterError, WebhookFilter
 from webhookd.signing import SECRET_PREFIX
 
 REMOVED_FROM_CONFIG = "removed_from_config"
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
-FIELDS = ("name", "url", "events", "filter", "description", "secret_file")
+FIELDS = ("name", "url", "events", "filter", "description", "secret_file", *BATCH_FIELDS)
 DIR_NAME = "webhooks.d"
 MIN_SECRET_BYTES = 24
 
@@ -54,6 +56,7 @@ class DeclaredWebhook:
     source: str  # the file it is declared in (absolute)
     secret: str | None = field(default=None, repr=False)  # from secret_file; None: generated, then kept
     secret_file: str | None = None
+    batching: Batching = OFF  # batch_max_events, batch_max_bytes, batch_linger (webhookd.batching)
 
 
 # -- parsing ---------------------------------------------------------------------------------------
@@ -123,6 +126,10 @@ def _entry(raw: object, key: str, source: Path, *, production: bool) -> Declared
         filter_ = WebhookFilter.parse(raw.get("filter"))
     except FilterError as exc:
         raise DeclaredError(f"{key}.filter", str(exc)) from None
+    try:
+        batching = OFF.updated(raw, prefix=f"{key}.")
+    except BatchingError as exc:
+        raise DeclaredError(exc.field, exc.reason) from None
     secret = secret_file = None
     if "secret_file" in raw:
         text = raw["secret_file"]
@@ -131,7 +138,7 @@ def _entry(raw: object, key: str, source: Path, *, production: bool) -> Declared
         path = Path(os.path.normpath(source.parent / text))
         secret, secret_file = read_secret_file(path, f"{key}.secret_file"), str(path)
     return DeclaredWebhook(name=name, url=url, events=events, description=description, filter=filter_,
-                           source=str(source), secret=secret, secret_file=secret_file)
+                           source=str(source), secret=secret, secret_file=secret_file, batching=batching)
 
 
 def parse_entries(value: object, source: Path, prefix: str, *, production: bool) -> list[DeclaredWebhook]:
@@ -197,6 +204,8 @@ class Stored(Protocol):
     @property
     def filter(self) -> WebhookFilter: ...
     @property
+    def batching(self) -> Batching: ...
+    @property
     def secret(self) -> str: ...
     @property
     def enabled(self) -> bool: ...
@@ -212,7 +221,8 @@ class Change:
     name: str
     webhook_id: str | None = None
     declared: DeclaredWebhook | None = None
-    fields: tuple[tuple[str, Any, Any], ...] = ()  # (field, old, new) of url, events, description, filter, declared_in
+    # (field, old, new) of url, events, description, filter, batching, declared_in
+    fields: tuple[tuple[str, Any, Any], ...] = ()
     secret_changed: bool = False
     enable: bool = False  # re-enable a webhook disabled as removed_from_config
 
@@ -233,7 +243,8 @@ def plan(declared: Sequence[DeclaredWebhook], stored: Sequence[Stored]) -> list[
         fields = tuple(
             (name, old, new) for name, old, new in (
                 ("url", s.url, d.url), ("events", s.events, d.events), ("description", s.description, d.description),
-                ("filter", s.filter, d.filter), ("declared_in", s.declared_in, d.source),
+                ("filter", s.filter, d.filter), ("batching", s.batching, d.batching),
+                ("declared_in", s.declared_in, d.source),
             ) if old != new
         )
         secret_changed = d.secret is not None and d.secret != s.secret
@@ -254,6 +265,8 @@ def _show(field_name: str, value: Any) -> str:
         return "all" if value == ("*",) else ",".join(value)
     if isinstance(value, WebhookFilter):
         return value.summary(limit=100) or "(none)"
+    if isinstance(value, Batching):
+        return value.describe()
     if field_name == "description":
         return repr(value)
     return str(value)
@@ -270,6 +283,8 @@ def render(changes: Sequence[Change]) -> list[str]:
             d = c.declared
             line = f"+ create {c.name} {d.url} {_show('events', d.events)}"
             extra = [f"filter {d.filter.summary(limit=100)}"] if not d.filter.empty else []
+            if d.batching.on:
+                extra.append(f"batching {d.batching.describe()}")
             extra.append("secret from " + d.secret_file if d.secret_file else "secret generated")
             lines.append(line + f" ({'; '.join(extra)})")
         elif c.kind == "update":
@@ -289,7 +304,9 @@ def render(changes: Sequence[Change]) -> list[str]:
 
 def to_json(changes: Sequence[Change]) -> list[dict[str, Any]]:
     def value(name: str, v: Any) -> Any:
-        return v.to_json() if isinstance(v, WebhookFilter) else list(v) if isinstance(v, tuple) else v
+        if isinstance(v, WebhookFilter | Batching):
+            return v.to_json()
+        return list(v) if isinstance(v, tuple) else v
 
     out: list[dict[str, Any]] = []
     for c in changes:
@@ -297,7 +314,8 @@ def to_json(changes: Sequence[Change]) -> list[dict[str, Any]]:
         if c.kind == "create" and c.declared is not None:
             d = c.declared
             doc.update(url=d.url, events=list(d.events), description=d.description, filter=d.filter.to_json(),
-                       declared_in=d.source, secret="from_file" if d.secret_file else "generated")
+                       **d.batching.to_json(), declared_in=d.source,
+                       secret="from_file" if d.secret_file else "generated")
         elif c.kind == "update":
             doc["changes"] = {n: {"old": value(n, o), "new": value(n, v)} for n, o, v in c.fields}
             doc["secret"] = "changed" if c.secret_changed else "unchanged"

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import structlog
 
 from webhookd import policy
+from webhookd.batching import OFF, Batching
 from webhookd.declared import REMOVED_FROM_CONFIG, Change, DeclaredWebhook, plan
 from webhookd.dispatcher import Outcome
 from webhookd.events import synthetic_event
@@ -59,12 +60,13 @@ class Operations:
     async def create(
         self, *, url: str, events: tuple[str, ...], description: str, filter: WebhookFilter = EMPTY_FILTER,
         name: str | None = None, declared_in: str | None = None, secret: str | None = None,
+        batching: Batching = OFF,
     ) -> Webhook:
         now = self.clock
         wh = Webhook(
             id=new_id("wh"), url=url, events=events, description=description, secret=secret or generate_secret(),
             previous_secret=None, previous_secret_expires_at=None, created_at=now, updated_at=now, filter=filter,
-            name=name, declared_in=declared_in,
+            name=name, declared_in=declared_in, batching=batching,
         )
         wh.boundary = None  # a new webhook has nothing pending
         await self.storage.create_webhook(wh.record(), on_commit=lambda _: self.scheduler.add(wh))
@@ -72,17 +74,18 @@ class Operations:
 
     async def update(
         self, wh: Webhook, *, url: str | None, events: tuple[str, ...] | None, description: str | None,
-        filter: WebhookFilter | None = None,
+        filter: WebhookFilter | None = None, batching: Batching | None = None,
     ) -> Webhook:
         """Change what is given (None: keep it). Like a create, it applies to the events
         submitted after its commit: memory (the fan-out included) changes then. Conflict for
-        a declared webhook (`editable`)."""
+        a declared webhook (`editable`). New batch settings apply from the pump's next turn."""
         self.editable(wh)
-        return await self._update(wh, url=url, events=events, description=description, filter=filter)
+        return await self._update(wh, url=url, events=events, description=description, filter=filter,
+                                  batching=batching)
 
     async def _update(
         self, wh: Webhook, *, url: str | None, events: tuple[str, ...] | None, description: str | None,
-        filter: WebhookFilter | None = None,
+        filter: WebhookFilter | None = None, batching: Batching | None = None,
     ) -> Webhook:
         now = self.clock
         new_url = wh.url if url is None else url
@@ -94,11 +97,14 @@ class Operations:
             wh.url, wh.events, wh.description, wh.updated_at = new_url, new_events, new_description, now
             if new_filter != wh.filter:
                 wh.set_filter(new_filter)
+            if batching is not None and batching != wh.batching:
+                wh.batching = batching
+                wh.wake.set()  # the pump takes the new settings on its next turn
             self.scheduler.changed_subscriptions()
 
         await self.storage.update_webhook(
             wh.id, url=new_url, events=new_events, description=new_description, filter=new_filter, updated_at=now,
-            on_commit=committed,
+            batching=batching, on_commit=committed,
         )
         return wh
 
@@ -160,7 +166,7 @@ class Operations:
             if change.kind == "create":
                 assert d is not None
                 wh = await self.create(url=d.url, events=d.events, description=d.description, filter=d.filter,
-                                       name=d.name, declared_in=d.source, secret=d.secret)
+                                       name=d.name, declared_in=d.source, secret=d.secret, batching=d.batching)
                 log.info("declared webhook created", webhook_id=wh.id, name=d.name, declared_in=d.source)
                 continue
             assert change.webhook_id is not None
@@ -168,8 +174,9 @@ class Operations:
             if change.kind == "update":
                 assert d is not None
                 names = change.fieldnames()
-                if {"url", "events", "description", "filter"} & set(names):
-                    await self._update(wh, url=d.url, events=d.events, description=d.description, filter=d.filter)
+                if {"url", "events", "description", "filter", "batching"} & set(names):
+                    await self._update(wh, url=d.url, events=d.events, description=d.description, filter=d.filter,
+                                       batching=d.batching)
                 if "declared_in" in names:
                     await self._declare(wh, d.source)
                 if change.secret_changed and d.secret is not None:

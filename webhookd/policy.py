@@ -20,7 +20,7 @@ fails for good after `max_attempts`.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from webhookd.config import DeliveryConfig
@@ -97,6 +97,45 @@ def decide(
         return Decision(new, FAILED, None, changed, disabled)
     next_at = now + backoff(attempts, base=cfg.retry_base, cap=cfg.retry_max, rand=rand)
     return Decision(new, PENDING, next_at, changed, disabled)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchDecision:
+    """What one batch attempt's outcome changes: the gate once, each delivery's status."""
+
+    gate: Gate
+    statuses: tuple[str, ...]  # per delivery, in the batch's order
+    next_at: float | None  # when the still-pending ones are attempted again, together
+    gate_changed: bool
+    disabled: bool
+
+
+def decide_batch(
+    gate: Gate,
+    *,
+    success: bool,
+    retry_after: float | None,
+    attempt_epoch: int,
+    attempts: Sequence[int],
+    cfg: DeliveryConfig,
+    now: float,
+    rand: Callable[[], float] = random.random,
+) -> BatchDecision:
+    """`decide` for a batch: one POST is one attempt for the gate (its failure counter, probe,
+    backoff and disabling move once, exactly as for one delivery), and each delivery (its
+    `attempts`, this one included) is succeeded, or failed at `max_attempts`, or paused, or
+    pending again; the pending ones share one retry time, from the largest attempt count
+    among them, so the batch is retried together."""
+    d = decide(gate, success=success, retry_after=retry_after, attempt_epoch=attempt_epoch,
+               attempts=1, cfg=replace(cfg, max_attempts=max(2, cfg.max_attempts)), now=now, rand=rand)
+    if success:
+        return BatchDecision(d.gate, (SUCCEEDED,) * len(attempts), None, d.gate_changed, d.disabled)
+    if not d.gate.enabled:
+        return BatchDecision(d.gate, (PAUSED,) * len(attempts), None, d.gate_changed, d.disabled)
+    statuses = tuple(FAILED if a >= cfg.max_attempts else PENDING for a in attempts)
+    retried = [a for a, st in zip(attempts, statuses, strict=True) if st == PENDING]
+    next_at = now + backoff(max(retried), base=cfg.retry_base, cap=cfg.retry_max, rand=rand) if retried else None
+    return BatchDecision(d.gate, statuses, next_at, d.gate_changed, d.disabled)
 
 
 def limit(gate: Gate, per_webhook_concurrency: int) -> int:

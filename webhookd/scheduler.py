@@ -24,7 +24,7 @@ from typing import Protocol
 import orjson
 import structlog
 
-from webhookd import __version__, policy
+from webhookd import __version__, batching, policy
 from webhookd.config import DeliveryConfig
 from webhookd.dispatcher import Outcome
 from webhookd.events import Event
@@ -32,7 +32,7 @@ from webhookd.filters import EventFacts, Matcher, parents_of
 from webhookd.metrics import Metrics
 from webhookd.reasons import Lead, Reason
 from webhookd.store.base import Storage
-from webhookd.store.model import PENDING, DueItem, FreshEvent, OutcomeRecord, Subscriber
+from webhookd.store.model import PENDING, BatchOutcomeRecord, DueItem, FreshEvent, OutcomeRecord, Subscriber
 from webhookd.webhooks import START, Webhook
 
 log = structlog.get_logger("webhookd.scheduler")
@@ -53,6 +53,8 @@ def window_size(cfg: DeliveryConfig, smallest: int = MIN_WINDOW) -> int:
     """Deliveries of one webhook held in memory (refilled from storage below half)."""
     return max(smallest, 4 * cfg.per_webhook_concurrency)
 
+
+BATCH_WINDOW = 16  # batches a batching webhook's window holds
 
 MAX_VARIANTS = 256
 
@@ -164,6 +166,13 @@ class Scheduler:
     @property
     def window(self) -> int:
         return window_size(self.cfg, self.min_window)
+
+    def _window_of(self, wh: Webhook, cfg: DeliveryConfig | None = None) -> int:
+        """A webhook's window: a batching one holds at least BATCH_WINDOW batches' worth (at
+        most 1000 events each): a backlog that keeps up with intake stays in memory instead
+        of being read back from storage."""
+        base = window_size(cfg or self.cfg, self.min_window)
+        return max(base, BATCH_WINDOW * wh.batching.max_events) if wh.batching.on else base
 
     # -- start, reconfigure, stop ----------------------------------------------------
     async def load(self) -> None:
@@ -300,8 +309,9 @@ class Scheduler:
                     wh.push(fe.item(i))
         window = self.window
         for wh in touched:
-            if len(wh.items) > 2 * window:
-                wh.trim(window)
+            keep = self._window_of(wh) if wh.batching.on else window
+            if len(wh.items) > 2 * keep:
+                wh.trim(keep)
             wh.wake.set()
 
     # -- the pump ----------------------------------------------------------------------------
@@ -312,8 +322,11 @@ class Scheduler:
             if not wh.enabled:
                 await wh.wake.wait()
                 continue
-            if wh.boundary is not None and len(wh.items) < window_size(cfg, self.min_window) // 2 and not wh.refilling:
+            if wh.boundary is not None and len(wh.items) < self._window_of(wh, cfg) // 2 and not wh.refilling:
                 await self._refill(wh)
+                continue
+            if wh.batching.on or wh.forming:
+                await self._batch_turn(wh, cfg)
                 continue
             item = wh.peek()
             if item is None:
@@ -453,8 +466,174 @@ class Scheduler:
     async def _refill(self, wh: Webhook) -> None:
         wh.refilling = True
         after = wh.boundary if wh.boundary is not None else START
-        limit = self.window
+        limit = self._window_of(wh)
         try:
             await self.storage.take_due(wh.id, after, limit, on_commit=lambda rows: wh.load(after, rows, limit))
         finally:
             wh.refilling = False
+
+    # -- batches (webhookd.batching; a webhook with batch_max_events > 1) ------------------------
+    async def _wait(self, wh: Webhook, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wh.wake.wait(), timeout=min(seconds, 3600.0))
+
+    async def _batch_turn(self, wh: Webhook, cfg: DeliveryConfig) -> None:
+        """One turn of a batching webhook's pump. Due deliveries are taken, in order, into the
+        batch being formed (`wh.forming`) until it is full (batch_max_events, or the next one
+        would pass batch_max_bytes); a batch that is not full waits until `batch_linger`
+        after its first delivery became due. A failed batch's deliveries (`DueItem.batch`)
+        are retried together, alone and at once. The gate and the slots are those of a
+        single attempt: one batch is one attempt."""
+        settings = wh.batching
+        if not settings.on:
+            wh.unform()  # batching was turned off: back to single deliveries
+            return
+        first = next(iter(wh.forming.values()), None) or wh.peek()
+        if first is None:
+            await wh.wake.wait()
+            return
+        at = policy.start_at(wh.gate, active=wh.active, next_at=first.next_at,
+                             per_webhook_concurrency=cfg.per_webhook_concurrency)
+        if at is None:
+            await wh.wake.wait()  # at its limit: an attempt's end wakes it
+            return
+        now = self.clock()
+        if at > now:
+            await self._wait(wh, at - now)
+            return
+        kept = first.batch if not wh.forming else None
+        if kept is None:
+            more = self._gather(wh, settings, now)
+            if not more and not batching.full(len(wh.forming), wh.forming_bytes, settings):
+                linger_end = first.next_at + settings.linger
+                if linger_end > now:
+                    await self._wait(wh, linger_end - now)
+                    return
+        if self._used >= cfg.concurrency or (wh.active and wh.active >= self._fair_share()):
+            self._slot_waiters.append(wh)
+            await wh.wake.wait()
+            return
+        if kept is None:
+            items = wh.take_formed()
+        else:
+            items = [wh.pop()]
+            while (nxt := wh.peek()) is not None and nxt.batch == kept and nxt.next_at == first.next_at:
+                items.append(wh.pop())
+        self._start_batch(wh, items)
+
+    @staticmethod
+    def _gather(wh: Webhook, settings: batching.Batching, now: float) -> bool:
+        """Take due deliveries into the batch being formed; True if the next due one does not
+        fit (the batch is full by bytes)."""
+        forming = wh.forming
+        while len(forming) < settings.max_events:
+            nxt = wh.peek()
+            if nxt is None or nxt.next_at > now or nxt.batch is not None:
+                return False
+            if forming and wh.forming_bytes + batching.element_size(nxt.event_uid, nxt.body) + 1 > settings.max_bytes:
+                return True
+            wh.form(wh.pop())
+        return False
+
+    def _start_batch(self, wh: Webhook, items: list[DueItem]) -> None:
+        self._used += 1
+        wh.active += 1
+        for item in items:
+            wh.inflight.add(item.delivery_id)
+        task = asyncio.create_task(self._attempt_batch(wh, items, wh.gate.epoch))
+        self._attempts.add(task)
+        task.add_done_callback(self._attempts.discard)
+
+    async def _attempt_batch(self, wh: Webhook, items: list[DueItem], epoch: int) -> None:
+        at = self.clock()
+        batch_id = batching.batch_id(wh.id, [item.event_uid for item in items])
+        try:
+            body = batching.body([(item.event_uid, item.body) for item in items])
+            headers = wh.signer(at).headers(event_id=batch_id, event_type=batching.EVENT_TYPE, body=body,
+                                            timestamp=int(at), user_agent=USER_AGENT)
+            outcome = await self.dispatcher.post(wh.url, body, headers)
+        except Exception as exc:  # a bug or bad stored data: a failure, as for one delivery
+            log.exception("batch attempt failed inside webhookd", webhook_id=wh.id, batch_id=batch_id)
+            outcome = Outcome(False, None, Lead.INTERNAL.text(f": {type(exc).__name__}: {exc}"), 0.0, b"",
+                              reason=Reason.INTERNAL)
+        except asyncio.CancelledError:
+            # as for one delivery: they stay pending in storage, schedule unchanged
+            self._release_slot(wh)
+            for item in items:
+                wh.inflight.discard(item.delivery_id)
+            log.warning("batch attempt abandoned at shutdown", webhook_id=wh.id, batch_id=batch_id,
+                        deliveries=len(items))
+            raise
+        self._release_slot(wh)
+        self.record_batch(wh, items, batch_id, epoch, outcome, at)
+
+    def record_batch(
+        self, wh: Webhook, items: list[DueItem], batch_id: str, epoch: int, outcome: Outcome, at: float
+    ) -> None:
+        """Apply a batch attempt's outcome: the gate once (policy.decide_batch), every delivery's
+        status, one attempt row each (carrying the batch id); the still-pending ones go back
+        into the window together, marked with the batch, due at the same time."""
+        now = self.clock()
+        if self.webhooks.get(wh.id) is not wh:
+            for item in items:
+                wh.inflight.discard(item.delivery_id)
+            return  # deleted meanwhile
+        for item in items:
+            item.attempts += 1
+        d = policy.decide_batch(
+            wh.gate, success=outcome.success, retry_after=outcome.retry_after, attempt_epoch=epoch,
+            attempts=[item.attempts for item in items], cfg=self.cfg, now=now,
+        )
+        wh.gate = d.gate
+        if d.gate_changed:
+            wh.updated_at = now
+        if d.disabled:
+            wh.forget_queue()
+            self._fanouts.clear()
+            wh.wake.set()
+        if self.metrics is not None:
+            self.metrics.observe_attempt(outcome.reason, outcome.duration_ms / 1000)
+            if d.disabled:
+                self.metrics.auto_disabled.inc()
+        log.info(
+            "batch attempt", webhook_id=wh.id, batch_id=batch_id, deliveries=len(items),
+            first_delivery_id=items[0].delivery_id, status_code=outcome.status_code,
+            duration_ms=round(outcome.duration_ms, 1), succeeded=outcome.success, error=outcome.error,
+            retried=sum(1 for st in d.statuses if st == PENDING),
+        )
+        if d.disabled:
+            log.warning("webhook disabled", webhook_id=wh.id, url=wh.url, reason=policy.CONSECUTIVE_FAILURES,
+                        consecutive_failures=wh.consecutive_failures)
+        next_at = d.next_at
+        pending: list[DueItem] = []
+        if next_at is not None:
+            for item, status in zip(items, d.statuses, strict=True):
+                if status == PENDING:
+                    item.next_at = next_at
+                    item.batch = batch_id
+                    pending.append(item)
+        record = BatchOutcomeRecord(
+            webhook_id=wh.id, batch_id=batch_id, delivery_ids=tuple([item.delivery_id for item in items]),
+            statuses=d.statuses, attempts=tuple([item.attempts for item in items]), next_attempt_at=next_at, at=at,
+            duration_ms=outcome.duration_ms, status_code=outcome.status_code, error=outcome.error,
+            response_body=outcome.response_body[:1024].decode("utf-8", "replace"), updated_at=now,
+        )
+
+        def committed(_: None) -> None:
+            inflight = wh.inflight
+            for item in items:
+                inflight.discard(item.delivery_id)
+            if pending and wh.enabled and self.webhooks.get(wh.id) is wh:
+                for item in pending:
+                    wh.push(item)
+                wh.wake.set()
+
+        self.storage.record_batch_outcome(record, on_commit=committed)
+        if d.gate_changed:
+            def state_committed(_: None) -> None:
+                if self.on_disabled is not None:
+                    self.on_disabled(wh)
+
+            self.storage.set_webhook_state(
+                wh.id, wh.state(), pause_pending=d.disabled, on_commit=state_committed if d.disabled else None
+            )

@@ -13,6 +13,7 @@ import heapq
 from dataclasses import dataclass, field
 from typing import Any
 
+from webhookd.batching import OFF, Batching, array_size, element_size
 from webhookd.events import format_timestamp
 from webhookd.filters import EMPTY_FILTER, Matcher, WebhookFilter
 from webhookd.policy import Gate
@@ -38,6 +39,7 @@ class Webhook:
     filter: WebhookFilter = EMPTY_FILTER  # change it with set_filter: fan-out runs `matcher`
     name: str | None = None  # a declared webhook's stable name (webhookd/declared.py)
     declared_in: str | None = None  # the file declaring it: url, events, filter, description, secret are its
+    batching: Batching = OFF  # batched delivery (webhookd.batching); the scheduler reads it on each turn
     gate: Gate = field(default_factory=Gate)
     # runtime
     heap: list[tuple[float, int]] = field(default_factory=list)
@@ -48,6 +50,10 @@ class Webhook:
     refilling: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    # a batch being formed (batching on): due deliveries taken from the window, in order,
+    # not yet attempted (still pending in storage); `forming_bytes` is its array's size
+    forming: dict[int, DueItem] = field(default_factory=dict)
+    forming_bytes: int = 0
     _signer: tuple[tuple[str, ...], Signer] | None = None  # (the secrets it signs with, the signer)
     matcher: Matcher | None = field(init=False, repr=False, default=None)  # the compiled filter; None: all
 
@@ -66,7 +72,8 @@ class Webhook:
             id=r.id, url=r.url, events=r.events, description=r.description, secret=r.secret,
             previous_secret=r.previous_secret, previous_secret_expires_at=r.previous_secret_expires_at,
             created_at=r.created_at, updated_at=r.updated_at, filter=r.filter, name=r.name,
-            declared_in=r.declared_in, gate=Gate(enabled=r.enabled, consecutive_failures=r.consecutive_failures,
+            declared_in=r.declared_in, batching=r.batching,
+            gate=Gate(enabled=r.enabled, consecutive_failures=r.consecutive_failures,
                       backoff_until=r.backoff_until, disabled_reason=r.disabled_reason),
         )
 
@@ -78,6 +85,7 @@ class Webhook:
             backoff_until=g.backoff_until, secret=self.secret, previous_secret=self.previous_secret,
             previous_secret_expires_at=self.previous_secret_expires_at, created_at=self.created_at,
             updated_at=self.updated_at, filter=self.filter, name=self.name, declared_in=self.declared_in,
+            batching=self.batching,
         )
 
     def state(self) -> WebhookState:
@@ -124,6 +132,7 @@ class Webhook:
             "filter": self.filter.to_json(),
             "name": self.name,
             "declared_in": self.declared_in,
+            **self.batching.to_json(),
             "created_at": format_timestamp(self.created_at),
             "updated_at": format_timestamp(self.updated_at),
         }
@@ -137,8 +146,13 @@ class Webhook:
 
     def reschedule(self, item: DueItem, next_at: float) -> None:
         """Move a delivery that may already be in the window to `next_at`."""
+        item.batch = None  # rescheduled alone: no longer kept with a batch
+        if self.forming.pop(item.delivery_id, None) is not None:
+            self.forming_bytes = (array_size([element_size(i.event_uid, i.body) for i in self.forming.values()])
+                                  if self.forming else 0)
         known = self.items.get(item.delivery_id)
         if known is not None:
+            known.batch = None
             known.next_at = next_at
             heapq.heappush(self.heap, known.key)  # the old entry goes stale
         else:
@@ -176,7 +190,7 @@ class Webhook:
         if self.boundary != after:
             return  # the window was reset meanwhile (disable/enable); the pump refills again
         for item in rows:
-            if item.delivery_id in self.inflight or item.delivery_id in self.items:
+            if item.delivery_id in self.inflight or item.delivery_id in self.items or item.delivery_id in self.forming:
                 continue
             self.items[item.delivery_id] = item
             heapq.heappush(self.heap, item.key)
@@ -185,4 +199,27 @@ class Webhook:
     def forget_queue(self) -> None:
         self.items.clear()
         self.heap.clear()
+        self.forming.clear()
+        self.forming_bytes = 0
         self.boundary = START
+
+    # -- a batch being formed (webhookd.batching) ----------------------------------------
+    def form(self, item: DueItem) -> None:
+        """Take the delivery just popped into the batch being formed."""
+        self.forming[item.delivery_id] = item
+        size = element_size(item.event_uid, item.body)
+        self.forming_bytes += size + 1 if self.forming_bytes else size + 2
+
+    def unform(self) -> None:
+        """Put the batch being formed back into the window (batching was turned off)."""
+        for item in self.forming.values():
+            self.items[item.delivery_id] = item
+            heapq.heappush(self.heap, item.key)
+        self.forming.clear()
+        self.forming_bytes = 0
+
+    def take_formed(self) -> list[DueItem]:
+        items = list(self.forming.values())
+        self.forming.clear()
+        self.forming_bytes = 0
+        return items

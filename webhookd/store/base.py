@@ -20,10 +20,12 @@ import asyncio
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from webhookd.batching import Batching
 from webhookd.events import Event
 from webhookd.filters import WebhookFilter
 from webhookd.store.model import (
     ApiToken,
+    BatchOutcomeRecord,
     Delivery,
     DeliveryDetail,
     DeliveryFilter,
@@ -101,6 +103,12 @@ class Storage(Protocol):
         """Queue an attempt's outcome (internal: retried until it commits)."""
         ...
 
+    def record_batch_outcome(
+        self, record: BatchOutcomeRecord, *, on_commit: Callable[[None], None] | None = None
+    ) -> None:
+        """Queue a batch attempt's outcome for all its deliveries (internal: retried until it commits)."""
+        ...
+
     def set_webhook_state(
         self,
         webhook_id: str,
@@ -130,6 +138,7 @@ class Storage(Protocol):
         description: str,
         filter: WebhookFilter,
         updated_at: float,
+        batching: Batching | None = None,
         on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
         """Replace the webhook's url, events, description and filter. A backend keeps the

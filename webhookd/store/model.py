@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from webhookd.batching import OFF, Batching
 from webhookd.filters import EMPTY_FILTER, WebhookFilter
 from webhookd.reasons import Reason
 
@@ -54,6 +55,7 @@ class WebhookRecord:
     filter: WebhookFilter = EMPTY_FILTER  # which of its types' events it gets (webhookd.filters)
     name: str | None = None  # a declared webhook's stable name (webhookd.declared); unique when set
     declared_in: str | None = None  # the file that declares it (then read-only through the API)
+    batching: Batching = OFF  # batched delivery (webhookd.batching); off by default
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +80,7 @@ class DueItem:
     event_uid: str
     event_type: str
     body: bytes
+    batch: str | None = None  # in memory: the id of the failed batch it is retried with (kept together)
 
     @property
     def key(self) -> tuple[float, int]:
@@ -129,6 +132,26 @@ class OutcomeRecord:
     error: str | None
     response_body: str  # the stored start of the receiver's answer
     updated_at: float
+    batch_id: str | None = None  # the batch this attempt was part of (webhookd.batching)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchOutcomeRecord:
+    """One batch attempt's result (webhookd.batching) and each of its deliveries' state after
+    it: one attempt row per delivery, all carrying `batch_id`."""
+
+    webhook_id: str
+    batch_id: str
+    delivery_ids: tuple[int, ...]
+    statuses: tuple[str, ...]  # each delivery's new status
+    attempts: tuple[int, ...]  # each delivery's attempt count, this one included
+    next_attempt_at: float | None  # for the pending ones
+    at: float
+    duration_ms: float
+    status_code: int | None
+    error: str | None
+    response_body: str
+    updated_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +180,7 @@ class Attempt:
     status_code: int | None
     error: str | None
     response_body: str | None
+    batch_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +201,7 @@ class DeliveryFilter:
     recipient: str | None = None
     since: float | None = None  # created_at >= since
     until: float | None = None  # created_at < until
+    batch_id: str | None = None  # deliveries with an attempt in this batch
 
 
 @dataclass(frozen=True, slots=True)

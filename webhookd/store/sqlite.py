@@ -20,6 +20,7 @@ import aiosqlite
 import orjson
 import structlog
 
+from webhookd.batching import Batching
 from webhookd.events import Event
 from webhookd.filters import WebhookFilter
 from webhookd.store.base import FreshSink
@@ -28,6 +29,7 @@ from webhookd.store.model import (
     PAUSED,
     PENDING,
     ApiToken,
+    BatchOutcomeRecord,
     DeliveryFilter,
     DueItem,
     OutcomeRecord,
@@ -38,7 +40,7 @@ from webhookd.store.model import (
     WebhookRecord,
     WebhookState,
 )
-from webhookd.store.sqlite_batch import Conn, Events, EventSink, Ids, Outcomes, in_thread
+from webhookd.store.sqlite_batch import BatchOutcomes, Conn, Events, EventSink, Ids, Outcomes, in_thread
 from webhookd.store.sqlite_read import Reads
 from webhookd.store.sqlite_rows import (
     DUE_SELECT,
@@ -132,6 +134,7 @@ class SqliteStorage(Reads):
         self._counts = Counts()
         self._events = Events(clock, self._ids, self._counts, self._sink)
         self._outcomes = Outcomes(self._counts)
+        self._batch_outcomes = BatchOutcomes(self._counts)
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -260,6 +263,11 @@ class SqliteStorage(Reads):
     def record_outcome(self, record: OutcomeRecord, *, on_commit: Callable[[None], None] | None = None) -> None:
         self._writer.add(self._outcomes, record, on_commit=on_commit, internal=True)
 
+    def record_batch_outcome(
+        self, record: BatchOutcomeRecord, *, on_commit: Callable[[None], None] | None = None
+    ) -> None:
+        self._writer.add(self._batch_outcomes, record, on_commit=on_commit, internal=True)
+
     def set_webhook_state(
         self, webhook_id: str, state: WebhookState, *, pause_pending: bool = False,
         on_commit: Callable[[None], None] | None = None,
@@ -289,24 +297,29 @@ class SqliteStorage(Reads):
 
         async def write(db: Conn) -> None:
             await db.execute(
-                f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
+                f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",  # noqa: S608
                 (w.id, w.url, orjson.dumps(list(w.events)).decode(), w.description, int(w.enabled),
                  w.disabled_reason, w.consecutive_failures, w.backoff_until, w.secret, w.previous_secret,
                  w.previous_secret_expires_at, w.created_at, w.updated_at, filter_text(w.filter), w.name,
-                 w.declared_in),
+                 w.declared_in, w.batching.max_events, w.batching.max_bytes, w.batching.linger),
             )
 
         return self._writer.run(write, on_commit=on_commit)
 
     def update_webhook(
         self, webhook_id: str, *, url: str, events: tuple[str, ...], description: str, filter: WebhookFilter,
-        updated_at: float, on_commit: Callable[[None], None] | None = None,
+        updated_at: float, batching: Batching | None = None, on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
         async def write(db: Conn) -> None:
             await db.execute(
                 "UPDATE webhooks SET url = ?, events = ?, description = ?, filter = ?, updated_at = ? WHERE id = ?",
                 (url, orjson.dumps(list(events)).decode(), description, filter_text(filter), updated_at, webhook_id),
             )
+            if batching is not None:
+                await db.execute(
+                    "UPDATE webhooks SET batch_max_events = ?, batch_max_bytes = ?, batch_linger = ? WHERE id = ?",
+                    (batching.max_events, batching.max_bytes, batching.linger, webhook_id),
+                )
 
         return self._writer.run(write, on_commit=on_commit)
 

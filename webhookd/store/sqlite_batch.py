@@ -17,7 +17,7 @@ import aiosqlite
 
 from webhookd.events import Event
 from webhookd.ids import new_id
-from webhookd.store.model import PAUSED, PENDING, FreshEvent, OutcomeRecord, Subscriber
+from webhookd.store.model import PAUSED, PENDING, BatchOutcomeRecord, FreshEvent, OutcomeRecord, Subscriber
 from webhookd.store.sqlite_rows import HOUR, Counts
 
 Conn = aiosqlite.Connection
@@ -158,9 +158,9 @@ class Outcomes:
              for r in items if r.delivery_id in before],
         )
         conn.executemany(
-            "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body)"
-            " VALUES (?,?,?,?,?,?)",
-            [(r.delivery_id, r.at, round(r.duration_ms, 3), r.status_code, r.error, r.response_body)
+            "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body, batch_id)"
+            " VALUES (?,?,?,?,?,?,?)",
+            [(r.delivery_id, r.at, round(r.duration_ms, 3), r.status_code, r.error, r.response_body, r.batch_id)
              for r in items if r.delivery_id in before],
         )
         hours: Counter[tuple[int, str, bool]] = Counter()
@@ -188,4 +188,73 @@ class Outcomes:
         return [None] * len(items)
 
     def committed(self, items: list[OutcomeRecord], results: list[None]) -> None:
+        pass
+
+
+BATCH_UPDATE = ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status_code = ?,"
+                " last_error = ?, updated_at = ? WHERE id IN (")
+
+
+class BatchOutcomes:
+    """Writes a run of batch attempts' outcomes (webhookd.batching): per batch, its deliveries'
+    rows in one UPDATE per (status, attempts) (normally one), an attempt row each with the
+    batch id, and the hour counts and last attempt once. Batch and single outcomes touch
+    disjoint deliveries (a delivery is attempted in one way at a time)."""
+
+    def __init__(self, counts: Counts) -> None:
+        self._counts = counts
+
+    def execute(self, conn: sqlite3.Connection, items: list[BatchOutcomeRecord]) -> list[None]:
+        """On the database thread, inside the writer's transaction (as every batcher)."""
+        before = _statuses(conn, [did for r in items for did in r.delivery_ids])
+        attempt_rows: list[tuple[Any, ...]] = []
+        hours: Counter[tuple[int, str, bool]] = Counter()
+        last: dict[str, BatchOutcomeRecord] = {}
+        for r in items:
+            groups: dict[tuple[str, int], list[int]] = {}
+            moves: Counter[tuple[str, str]] = Counter()
+            for did, status, attempts in zip(r.delivery_ids, r.statuses, r.attempts, strict=True):
+                old = before.get(did)
+                if old is None:
+                    continue  # its webhook was deleted meanwhile
+                groups.setdefault((status, attempts), []).append(did)
+                moves[(old, status)] += 1
+            for (old, status), n in moves.items():
+                self._counts.move(r.webhook_id, old, status, n)
+            if not groups:
+                continue
+            for (status, attempts), ids in groups.items():
+                next_at = r.next_attempt_at if status == PENDING else None
+                for start in range(0, len(ids), 500):
+                    chunk = ids[start : start + 500]
+                    sql = BATCH_UPDATE + ",".join("?" * len(chunk)) + ")"
+                    conn.execute(sql, (status, attempts, next_at, r.status_code, r.error, r.updated_at, *chunk))
+            shared = (r.at, round(r.duration_ms, 3), r.status_code, r.error, r.response_body, r.batch_id)
+            n = 0
+            for ids in groups.values():
+                attempt_rows.extend((did, *shared) for did in ids)
+                n += len(ids)
+            hours[(int(r.at // HOUR) * HOUR, r.webhook_id, r.error is None)] += n
+            seen = last.get(r.webhook_id)
+            if seen is None or r.at >= seen.at:
+                last[r.webhook_id] = r
+        conn.executemany(
+            "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body, batch_id)"
+            " VALUES (?,?,?,?,?,?,?)",
+            attempt_rows,
+        )
+        conn.executemany(
+            "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed) VALUES (?,?,?,?)"
+            " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = succeeded + excluded.succeeded,"
+            " failed = failed + excluded.failed",
+            [(hour, wid, n if ok else 0, 0 if ok else n) for (hour, wid, ok), n in hours.items()],
+        )
+        conn.executemany(
+            "UPDATE webhooks SET last_attempt_at = ?, last_status_code = ?, last_error = ?"
+            " WHERE id = ? AND (last_attempt_at IS NULL OR last_attempt_at <= ?)",
+            [(r.at, r.status_code, r.error, wid, r.at) for wid, r in last.items()],
+        )
+        return [None] * len(items)
+
+    def committed(self, items: list[BatchOutcomeRecord], results: list[None]) -> None:
         pass

@@ -41,7 +41,7 @@ class Reads:
     async def list_deliveries(
         self, where: DeliveryFilter, *, before: int | None = None, limit: int = 100
     ) -> list[Delivery]:
-        walks = where.message_id is None and where.recipient is None and (
+        walks = where.message_id is None and where.recipient is None and where.batch_id is None and (
             bool(where.statuses) or where.webhook_id is not None)
         if walks:
             rows = await self._on_reader(lambda conn: _walks(conn, where, before, limit))
@@ -62,13 +62,13 @@ class Reads:
         if not rows:
             return None
         attempts = await self._read(
-            "SELECT at, duration_ms, status_code, error, response_body FROM attempts WHERE delivery_id = ?"
+            "SELECT at, duration_ms, status_code, error, response_body, batch_id FROM attempts WHERE delivery_id = ?"
             " ORDER BY id",
             (delivery_id,),
         )
         return DeliveryDetail(
             delivery_row(rows[0]), bytes(rows[0][13]),
-            tuple(Attempt(float(a[0]), float(a[1]), a[2], a[3], a[4]) for a in attempts),
+            tuple(Attempt(float(a[0]), float(a[1]), a[2], a[3], a[4], a[5]) for a in attempts),
         )
 
     async def count_by_status(self) -> dict[str, int]:

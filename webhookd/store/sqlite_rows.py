@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 
+from webhookd.batching import OFF, Batching, BatchingError
 from webhookd.filters import FilterError, WebhookFilter
 from webhookd.reasons import Lead
 from webhookd.store.model import (
@@ -26,7 +27,8 @@ DAY = 24 * HOUR
 
 WEBHOOK_COLUMNS = (
     "id, url, events, description, enabled, disabled_reason, consecutive_failures, backoff_until,"
-    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at, filter, name, declared_in"
+    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at, filter, name, declared_in,"
+    " batch_max_events, batch_max_bytes, batch_linger"
 )
 DELIVERY_SELECT = (
     "SELECT d.id, e.uid, d.webhook_id, e.type, d.status, d.attempts, d.next_attempt_at,"
@@ -54,7 +56,16 @@ def webhook_row(row: Sequence[Any]) -> WebhookRecord:
         disabled_reason=row[5], consecutive_failures=int(row[6]), backoff_until=float(row[7]), secret=row[8],
         previous_secret=row[9], previous_secret_expires_at=row[10], created_at=float(row[11]),
         updated_at=float(row[12]), filter=stored_filter(row[0], row[13]), name=row[14], declared_in=row[15],
+        batching=stored_batching(row[0], row[16], row[17], row[18]),
     )
+
+
+def stored_batching(webhook_id: str, max_events: object, max_bytes: object, linger: object) -> Batching:
+    """Stored batch settings, read back as strictly as the API reads them."""
+    try:
+        return OFF.updated({"batch_max_events": max_events, "batch_max_bytes": max_bytes, "batch_linger": linger})
+    except BatchingError as exc:
+        raise StoreError(f"webhook {webhook_id}: its stored batch settings cannot be read ({exc})") from None
 
 
 def stored_filter(webhook_id: str, text: str) -> WebhookFilter:
@@ -109,6 +120,9 @@ def where_clause(f: DeliveryFilter, before: int | None = None) -> tuple[str, lis
     if f.until is not None:
         clauses.append("d.created_at < ?")
         params.append(f.until)
+    if f.batch_id is not None:
+        clauses.append("d.id IN (SELECT delivery_id FROM attempts WHERE batch_id = ?)")
+        params.append(f.batch_id)
     if before is not None:
         clauses.append("d.id < ?")
         params.append(before)

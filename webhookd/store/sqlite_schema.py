@@ -130,6 +130,16 @@ MIGRATIONS: tuple[str, ...] = (
         revoked_at REAL
     );
     """,
+    # v8: batched delivery, opt-in per webhook (webhookd/batching.py): its settings (0 events:
+    # off, which every webhook made before has), and on each attempt the batch it was part
+    # of (NULL for a single-event attempt), indexed to list a batch's deliveries.
+    """
+    ALTER TABLE webhooks ADD COLUMN batch_max_events INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE webhooks ADD COLUMN batch_max_bytes INTEGER NOT NULL DEFAULT 1048576;
+    ALTER TABLE webhooks ADD COLUMN batch_linger REAL NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN batch_id TEXT;
+    CREATE INDEX attempts_batch ON attempts (batch_id) WHERE batch_id IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -20,7 +20,7 @@ from webhookd.events import EventError
 from webhookd.store.model import DeliveryFilter
 
 _LOCAL = re.compile(r"(\d{4}-\d{2}-\d{2})[T ](\d{2}:\d{2})(:\d{2})?(\.\d+)?")
-FILTER_NAMES = ("webhook_id", "event", "message_id", "to", "since", "until")
+FILTER_NAMES = ("webhook_id", "event", "message_id", "to", "since", "until", "batch")
 
 
 Query = MultiMapping[str]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from webhookd.batching import EVENT_TYPE
 from webhookd.scheduler import USER_AGENT
 from webhookd.signing import Signer, generate_secret
 from webhookd.store.model import Delivery
@@ -83,12 +84,13 @@ function verifySignature($body, $signature, $secret) {{
     return [Snippet("python", "Python", python), Snippet("node", "Node.js", node), Snippet("php", "PHP", php)]
 
 
-def sent_headers(d: Delivery, attempt_at: float | None) -> list[tuple[str, str]]:
+def sent_headers(d: Delivery, attempt_at: float | None, batch_id: str | None = None) -> list[tuple[str, str]]:
     """The headers of the delivery's request at `attempt_at` (None: not attempted yet),
-    with every signature value replaced by ELIDED."""
+    with every signature value replaced by ELIDED; a batch attempt's carry the batch's id."""
     ts = int(attempt_at) if attempt_at is not None else 0
     headers = Signer([generate_secret()]).headers(
-        event_id=d.event_uid, event_type=d.event_type, body=b"", timestamp=ts, user_agent=USER_AGENT
+        event_id=batch_id or d.event_uid, event_type=EVENT_TYPE if batch_id else d.event_type, body=b"",
+        timestamp=ts, user_agent=USER_AGENT,
     )
     for name in SIGNATURE_HEADERS:
         headers[name] = ELIDED

@@ -133,10 +133,13 @@ class DeliveryViews:
             raise NotFound(f"no delivery with id 'dlv_{did}'")
         d = found.delivery
         last_at = found.attempts[-1].at if found.attempts else None
+        last_batch = found.attempts[-1].batch_id if found.attempts else None
         return dash.page(request, "delivery.html", {
             "d": d,
             "payload": pretty_json(found.body),
-            "headers": sent_headers(d, last_at),
+            "headers": sent_headers(d, last_at, last_batch),
+            "last_batch": last_batch,
+            "batches": list(dict.fromkeys(a.batch_id for a in found.attempts if a.batch_id)),
             "attempted": last_at is not None,
             "attempts": found.attempts,
             "wh": dash.ops.scheduler.webhooks.get(d.webhook_id),

@@ -7,7 +7,16 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from multidict import MultiDictProxy
 
-from webhookd.apimodel import ApiError, validate_description, validate_events, validate_filter, validate_url
+from webhookd.apimodel import (
+    ApiError,
+    validate_batching,
+    validate_description,
+    validate_events,
+    validate_filter,
+    validate_url,
+)
+from webhookd.batching import FIELDS as BATCH_FIELDS
+from webhookd.batching import OFF, Batching
 from webhookd.events import EVENT_TYPES
 from webhookd.filters import MAX_METADATA, WebhookFilter
 from webhookd.store.model import DeliveryFilter, WebhookStats
@@ -59,21 +68,41 @@ def filter_values(f: WebhookFilter) -> dict[str, str]:
     }
 
 
+def read_batch_form(form: MultiDictProxy[str]) -> Batching:
+    """The three batch inputs (an empty one: its default); the API's rules and texts."""
+    fields: dict[str, object] = {}
+    for name in ("batch_max_events", "batch_max_bytes"):
+        text = form.get(name, "").strip()
+        if text:
+            fields[name] = int(text) if text.isdigit() and len(text) <= 18 else text
+    linger = form.get("batch_linger", "").strip()
+    if linger:
+        fields["batch_linger"] = linger
+    return validate_batching(fields)
+
+
+def batch_values(b: Batching) -> dict[str, str]:
+    """Batch settings as the form's inputs show them."""
+    return {k: str(v) for k, v in b.to_json().items()}
+
+
 def read_webhook_form(
     form: MultiDictProxy[str], *, production: bool
-) -> tuple[str, tuple[str, ...], str, WebhookFilter]:
+) -> tuple[str, tuple[str, ...], str, WebhookFilter, Batching]:
     events = form.getall("events", [])
     return (
         validate_url(form.get("url", "").strip(), production=production),
         validate_events(["*"] if "*" in events else events),
         validate_description(form.get("description", "")),
         read_filter_form(form),
+        read_batch_form(form),
     )
 
 
 def form_values(form: MultiDictProxy[str]) -> dict[str, Any]:
     return {"url": form.get("url", ""), "events": form.getall("events", []),
-            "description": form.get("description", ""), **{k: form.get(k, "") for k in FILTER_INPUTS}}
+            "description": form.get("description", ""), **{k: form.get(k, "") for k in FILTER_INPUTS},
+            **{k: form.get(k, "") for k in BATCH_FIELDS}}
 
 
 class WebhookViews:
@@ -98,7 +127,7 @@ class WebhookViews:
 
     async def new(self, request: web.Request) -> web.Response:
         return self._new_form(request, {"url": "", "events": ["*"], "description": "",
-                                        **filter_values(WebhookFilter())})
+                                        **filter_values(WebhookFilter()), **batch_values(OFF)})
 
     def _new_form(self, request: web.Request, values: dict[str, Any], error: str | None = None,
                   status: int = 200) -> web.Response:
@@ -109,11 +138,12 @@ class WebhookViews:
     async def create(self, request: web.Request) -> web.Response:
         form = form_of(request)
         try:
-            url, events, description, filter_ = read_webhook_form(form, production=self.dash.production)
+            url, events, description, filter_, batching = read_webhook_form(form, production=self.dash.production)
             self.dash.check_covers(request, filter_)
         except ApiError as exc:
             return self._new_form(request, form_values(form), exc.message, status=exc.status)
-        wh = await self.dash.ops.create(url=url, events=events, description=description, filter=filter_)
+        wh = await self.dash.ops.create(url=url, events=events, description=description, filter=filter_,
+                                        batching=batching)
         session = session_of(request)
         assert session is not None
         session.secret = SecretFlash(wh.id, wh.secret, "created")
@@ -142,7 +172,7 @@ class WebhookViews:
             "snippets": verification_snippets(wh.id, secret.secret) if secret is not None else [],
             "test": test,
             "values": values or {"url": wh.url, "events": list(wh.events), "description": wh.description,
-                                 **filter_values(wh.filter)},
+                                 **filter_values(wh.filter), **batch_values(wh.batching)},
             "error": error,
             "event_types": EVENT_TYPES,
             "events_text": events_text,
@@ -154,11 +184,12 @@ class WebhookViews:
         wh = self._webhook(request)
         form = form_of(request)
         try:
-            url, events, description, filter_ = read_webhook_form(form, production=self.dash.production)
+            url, events, description, filter_, batching = read_webhook_form(form, production=self.dash.production)
             self.dash.check_covers(request, filter_)
         except ApiError as exc:
             return await self._detail(request, wh, values=form_values(form), error=exc.message, status=exc.status)
-        await self.dash.ops.update(wh, url=url, events=events, description=description, filter=filter_)
+        await self.dash.ops.update(wh, url=url, events=events, description=description, filter=filter_,
+                                   batching=batching)
         session = session_of(request)
         assert session is not None
         session.flash("Changes saved.")
