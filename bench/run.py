@@ -1,7 +1,7 @@
 """webhookd benchmark: each figure beside a ceiling or target measured in the same run. Prints JSON.
 
     .venv/bin/python bench/run.py [--only intake,delivery,latency,backlog,isolation,batched]
-        [--events 50000] [--deliveries 5000] [--latency-rate 500] [--latency-seconds 10]
+        [--events 50000] [--deliveries 5000] [--latency-rate 500] [--latency-seconds 5] [--latency-rounds 3]
         [--backlog 1000000] [--backlog-connections 4] [--isolation-events 3000] [--hanging 50]
         [--late-events 1000] [--batched-events 50000] [--batch-max-events 100] [--profile DIR]
         [--backend sqlite|postgresql]
@@ -17,11 +17,16 @@ private cluster in a temporary directory, as the tests start it: tests/pg.py), b
 SQLite figures of the same run.
 
 Phases:
-  intake     durable intake over the Unix socket vs batched SQLite inserts
+  intake     durable intake over the Unix socket vs batched SQLite inserts (the target's floor: a
+             simple two-table schema; beside it the same rows into webhookd's own schema), both
+             on the daemon's core
   delivery   end-to-end deliveries/s, one webhook, vs a bare aiohttp client
   latency    intake -> receiver latency at a steady rate (each event carries time.time_ns() in
              data.metadata.sent_ns; the receiver subtracts it from its own clock on arrival)
-             vs a bare aiohttp client POSTing the same bodies to the receiver at that rate
+             vs a bare aiohttp client POSTing the same bodies to the receiver at that rate, and
+             the ack beside the floors measured on the daemon's core after it stopped: one bare
+             SQLite commit (WAL, synchronous=FULL) of a small insert, and one fsync, paced alike
+Each target prints as {figure, floor, ratio, target_ratio_..., met}.
   backlog    N deliveries queued behind a refused port (retry_base 1h): submit time, peak RSS
              (VmHWM), database size, SIGTERM, restart-to-ready, RSS after restart
   isolation  a healthy webhook's deliveries/s beside N webhooks whose receivers accept and never
@@ -61,6 +66,11 @@ DAEMON_CORE, LOAD_CORE = "0", "1"
 PHASES = ("intake", "delivery", "latency", "backlog", "isolation", "batched")
 MIB = 1024 * 1024
 
+# Targets from issue 14 (ratios to floors measured in the same run).
+TARGET_INTAKE_RATIO = 0.6  # intake >= 0.6 of SQLite's batched inserts
+TARGET_ACK_P50_X_COMMIT = 3.0  # ack p50 <= 3 x a bare commit's p50
+TARGET_E2E_P50_X_FLOOR = 2.0  # intake -> receiver p50 <= 2 x (commit p50 + bare POST p50)
+TARGET_E2E_P99_MS = 25.0
 # Targets from issue 5.
 TARGET_BACKLOG_PEAK_RSS_MIB = 150
 TARGET_RESTART_S = 3.0
@@ -376,6 +386,94 @@ def sqlite_ceiling(path: Path, n: int, batch: int = 1000) -> float:
     return n / elapsed
 
 
+def sqlite_daemon_schema_ceiling(path: Path, n: int, batch: int = 1000) -> float:
+    """Events/s for the rows webhookd writes per event (the event with its message-id and
+    recipient, one pending delivery) into webhookd's own schema and indexes (every migration),
+    WAL + synchronous=FULL, batched like sqlite_ceiling: what SQLite alone costs for the
+    daemon's rows, beside the simpler table sqlite_ceiling measures."""
+    from webhookd.store.sqlite_schema import MIGRATIONS, split_sql
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    for migration in MIGRATIONS:
+        for statement in split_sql(migration):
+            conn.execute(statement)
+    bodies = [event_line(i) for i in range(n)]
+    started = time.perf_counter()
+    for start in range(0, n, batch):
+        ids = range(start + 1, min(n, start + batch) + 1)
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany("INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id,"
+                         " recipient) VALUES (?,?,?,?,?,?,?,?)",
+                         [(i, f"evt_{i:026d}", None, "delivered", bodies[i - 1], 0.0,
+                           f"<bench-{i}@mail.example.com>", f"customer{i}@example.org") for i in ids])
+        conn.executemany("INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
+                         " updated_at) VALUES (?,?,?,?,?,?,?)",
+                         [(i, i, "wh_1", "pending", 0.0, 0.0, 0.0) for i in ids])
+        conn.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    conn.close()
+    return n / elapsed
+
+
+def commit_floor(directory: Path, rate: float, seconds: float) -> dict[str, list[int]]:
+    """The floors of one acknowledgement, on the daemon's core: the times (ns) of bare SQLite
+    commits of a small insert (WAL, synchronous=FULL, BEGIN IMMEDIATE: the daemon's pragmas) and
+    of fsyncs of a small append, each paced at `rate` like the latency phase's events."""
+    directory.mkdir(parents=True, exist_ok=True)
+    count = max(100, round(rate * seconds))
+    body = event_line(0)
+
+    def paced_times(op: Callable[[], None]) -> list[int]:
+        times: list[int] = []
+        start = time.perf_counter()
+        for k in range(count):
+            delay = start + k / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            t0 = time.perf_counter_ns()
+            op()
+            times.append(time.perf_counter_ns() - t0)
+        return times
+
+    pin_self(DAEMON_CORE)
+    try:
+        conn = sqlite3.connect(directory / "commit.db", isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("CREATE TABLE IF NOT EXISTS t (id INTEGER PRIMARY KEY, body BLOB)")
+
+        def commit() -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT INTO t (body) VALUES (?)", (body,))
+            conn.execute("COMMIT")
+
+        commits = paced_times(commit)
+        conn.close()
+        fd = os.open(directory / "fsync.bin", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+        def append() -> None:
+            os.write(fd, body)
+            os.fsync(fd)
+
+        try:
+            fsyncs = paced_times(append)
+        finally:
+            os.close(fd)
+    finally:
+        pin_self(LOAD_CORE)
+    return {"sqlite_commit": commits, "fsync": fsyncs}
+
+
+def against(figure: float, floor: float, target: float, *, at_most: bool) -> dict[str, Any]:
+    """A figure beside its floor: the ratio, the target ratio and whether it is met."""
+    ratio = figure / floor if floor else float("inf")
+    return {"figure": round(figure, 3), "floor": round(floor, 3), "ratio": round(ratio, 3),
+            ("target_ratio_at_most" if at_most else "target_ratio_at_least"): target,
+            "met": ratio <= target if at_most else ratio >= target}
+
+
 # -- receivers -------------------------------------------------------------------------------------------
 class Receiver:
     """bench/receiver.py in a subprocess on the load core."""
@@ -452,7 +550,13 @@ class Hanging:
 # -- phases ------------------------------------------------------------------------------------------------
 def phase_intake(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
     out: dict[str, Any] = {"events": args.events}
-    out["sqlite_batched_insert_events_per_s"] = round(sqlite_ceiling(root / "ceiling.db", args.events))
+    pin_self(DAEMON_CORE)  # the floors run on the core the daemon gets
+    try:
+        out["sqlite_batched_insert_events_per_s"] = round(sqlite_ceiling(root / "ceiling.db", args.events))
+        out["sqlite_batched_insert_daemon_schema_events_per_s"] = round(
+            sqlite_daemon_schema_ceiling(root / "ceiling-schema.db", args.events))
+    finally:
+        pin_self(LOAD_CORE)
     daemon = Daemon(root / "intake")
     out["daemon_start_s"] = round(daemon.start(), 3)
     try:
@@ -472,6 +576,11 @@ def phase_intake(root: Path, args: argparse.Namespace, results: dict[str, Any]) 
         out["postgresql_intake_events_per_s"] = round(args.events / elapsed)
         out["postgresql_to_sqlite_intake"] = round(
             out["postgresql_intake_events_per_s"] / out["intake_events_per_s"], 3)
+    out["ratio_to_sqlite_daemon_schema"] = round(
+        out["intake_events_per_s"] / out["sqlite_batched_insert_daemon_schema_events_per_s"], 3)
+    out["target"] = {"intake_vs_sqlite_batched_insert": against(
+        out["intake_events_per_s"], out["sqlite_batched_insert_events_per_s"], TARGET_INTAKE_RATIO, at_most=False)}
+    out["met"] = out["target"]["intake_vs_sqlite_batched_insert"]["met"]
     results["intake"] = out
 
 
@@ -647,8 +756,9 @@ async def paced_posts(url: str, rate: float, count: int, first: int) -> None:
 
 
 async def latency_run(recv: Receiver, rate: float, seconds: float, warmup: int,
-                      send: Callable[[int, int], Any]) -> tuple[dict[str, Any], Any]:
-    """Warm up (not counted), reset the receiver, then `send(count, first)` at the pace; percentiles."""
+                      send: Callable[[int, int], Any]) -> tuple[dict[str, Any], Any, list[int]]:
+    """Warm up (not counted), reset the receiver, then `send(count, first)` at the pace;
+    percentiles, what `send` returned, and the receiver's latencies (ns)."""
     import aiohttp
 
     count = round(rate * seconds)
@@ -664,11 +774,17 @@ async def latency_run(recv: Receiver, rate: float, seconds: float, warmup: int,
         if not await recv.wait_count(session, count, 60):
             raise SystemExit(f"only {await recv.count(session)} of {count} timed events arrived")
         lat = await recv.latencies(session)
-    return {**percentiles_ms(lat), "sent_per_s": round(count / sent_s, 1)}, extra
+    return {**percentiles_ms(lat), "sent_per_s": round(count / sent_s, 1)}, extra, lat
 
 
 def phase_latency(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
-    rate, seconds, warmup = args.latency_rate, args.latency_seconds, 100
+    """Rounds of: the daemon at the pace, then the floors on its core while it idles (a bare
+    commit and an fsync, paced alike; a bare aiohttp client POSTing to the same receiver), so
+    other work on the machine weighs on figures and floors alike. The targets compare the
+    percentiles of all rounds' samples pooled; each round's ratios are printed too."""
+    rate, seconds, warmup, rounds = args.latency_rate, args.latency_seconds, 100, args.latency_rounds
+    pooled: dict[str, list[int]] = {"e2e": [], "ack": [], "post": [], "sqlite_commit": [], "fsync": []}
+    per_round: list[dict[str, Any]] = []
     recv = Receiver("--latency")
     try:
         daemon = Daemon(root / "latency")
@@ -676,25 +792,53 @@ def phase_latency(root: Path, args: argparse.Namespace, results: dict[str, Any])
         try:
             hook = daemon.cli("webhooks", "create", "--url", recv.url, "--json")
             assert hook.returncode == 0, hook.stderr
-            with profiled(daemon.pid, args.profile, "latency"):
-                figure, acks = asyncio.run(latency_run(
-                    recv, rate, seconds, warmup, lambda n, first: paced_intake(daemon.intake, rate, n, first)))
+            for r in range(rounds):
+                base = r * 1_000_000  # distinct event numbers each round
+                with profiled(daemon.pid, args.profile if r == 0 else None, "latency"):
+                    _, acks, e2e = asyncio.run(latency_run(
+                        recv, rate, seconds, warmup,
+                        lambda n, first: paced_intake(daemon.intake, rate, n, first + base)))  # noqa: B023
+                floors = commit_floor(root / "floor", rate, min(seconds, 2.0))
+                pin_self(DAEMON_CORE)  # the ceiling client gets the daemon's core (it idles meanwhile)
+                try:
+                    _, _, post = asyncio.run(latency_run(
+                        recv, rate, seconds, warmup,
+                        lambda n, first: paced_posts(recv.url, rate, n, first + base)))  # noqa: B023
+                finally:
+                    pin_self(LOAD_CORE)
+                got = {"e2e": e2e, "ack": acks, "post": post, **floors}
+                for key, values in got.items():
+                    pooled[key].extend(values)
+                p50 = {key: percentiles_ms(values)["p50_ms"] for key, values in got.items()}
+                per_round.append({**{f"{k}_p50_ms": v for k, v in p50.items()},
+                                  "ack_x_commit": round(p50["ack"] / p50["sqlite_commit"], 2),
+                                  "e2e_x_commit_plus_post": round(p50["e2e"] / (p50["sqlite_commit"] + p50["post"]), 2),
+                                  "e2e_p99_ms": percentiles_ms(e2e)["p99_ms"], "loadavg_1m": loadavg()})
         finally:
             daemon.stop()
-        pin_self(DAEMON_CORE)  # the ceiling client gets the core the daemon had
-        try:
-            ceiling, _ = asyncio.run(latency_run(
-                recv, rate, seconds, warmup, lambda n, first: paced_posts(recv.url, rate, n, first)))
-        finally:
-            pin_self(LOAD_CORE)
     finally:
         recv.stop()
+    figure, ack, ceiling = (percentiles_ms(pooled[k]) for k in ("e2e", "ack", "post"))
+    commit, fsync = percentiles_ms(pooled["sqlite_commit"]), percentiles_ms(pooled["fsync"])
+    commit_p50, post_p50, e2e_p99 = commit["p50_ms"], ceiling["p50_ms"], figure["p99_ms"]
+    target = {
+        "ack_p50_ms_vs_commit_p50": against(ack["p50_ms"], commit_p50, TARGET_ACK_P50_X_COMMIT, at_most=True),
+        "intake_to_receiver_p50_ms_vs_commit_plus_post_p50": against(
+            figure["p50_ms"], commit_p50 + post_p50, TARGET_E2E_P50_X_FLOOR, at_most=True),
+        "intake_to_receiver_p99_ms": {"figure": e2e_p99, "target_at_most": TARGET_E2E_P99_MS,
+                                      "met": e2e_p99 <= TARGET_E2E_P99_MS},
+    }
     results["latency"] = {
         "rate_per_s": rate,
-        "seconds": seconds,
+        "seconds_per_round": seconds,
+        "rounds": rounds,
         "intake_to_receiver": figure,
-        "intake_ack": percentiles_ms(acks),
+        "intake_ack": ack,
         "ceiling_bare_aiohttp_post": ceiling,
+        "floor": {"paced_per_s": rate, "sqlite_commit": commit, "fsync": fsync},
+        "target": target,
+        "met": all(t["met"] for t in target.values()),
+        "per_round": per_round,
     }
 
 
@@ -1065,7 +1209,9 @@ def main() -> None:
     ap.add_argument("--deliveries", type=int, default=5_000, help="delivery: deliveries per round")
     ap.add_argument("--rounds", type=int, default=3, help="delivery: alternating rounds of daemon and bare client")
     ap.add_argument("--latency-rate", type=float, default=500.0, help="latency: events/s")
-    ap.add_argument("--latency-seconds", type=float, default=10.0, help="latency: seconds at that rate")
+    ap.add_argument("--latency-seconds", type=float, default=5.0, help="latency: seconds at that rate, each round")
+    ap.add_argument("--latency-rounds", type=int, default=3,
+                    help="latency: rounds of daemon, floors and bare client, alternating")
     ap.add_argument("--backlog", type=int, default=1_000_000, help="backlog: deliveries queued")
     ap.add_argument("--backlog-connections", type=int, default=4, help="backlog: pipelining connections")
     ap.add_argument("--backlog-timeout", type=float, default=1800.0, help="backlog: give up submitting after")

@@ -221,3 +221,46 @@ async def test_http_token_and_size_limits(start_daemon: Any) -> None:
     assert (await _post(h, event(), token="s3cret-token-0123456789"))[0] == 202
     status, _body = await _post(h, event(subject="y" * 4000), token="s3cret-token-0123456789")
     assert status == 413
+
+
+async def test_answers_wait_for_the_head_and_keep_their_order() -> None:
+    """LineProtocol waits on the head's commit only (one callback per wait, not per event); a
+    later event resolved first (refused while closing, say) is answered after the head, in order."""
+    from webhookd.events import Event
+    from webhookd.intake import IntakeStats, LineProtocol
+    from webhookd.store import StoreError
+
+    loop = asyncio.get_running_loop()
+    futures: list[asyncio.Future[str]] = []
+
+    def submit(_event: Event) -> asyncio.Future[str]:
+        futures.append(loop.create_future())
+        return futures[-1]
+
+    class Transport:
+        def __init__(self) -> None:
+            self.out = b""
+
+        def write(self, data: bytes) -> None:
+            self.out += data
+
+        def pause_reading(self) -> None: ...
+        def resume_reading(self) -> None: ...
+        def close(self) -> None: ...
+
+    proto = LineProtocol(submit, max_line=10_000, max_connections=10, stats=IntakeStats())
+    transport = Transport()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto.data_received(b"".join(orjson.dumps(event("delivered", i)) + b"\n" for i in range(3)) + b"{bad\n")
+    assert len(futures) == 3 and transport.out == b""
+    futures[2].set_exception(StoreError("unavailable: daemon is shutting down"))
+    futures[1].set_result("evt_b")
+    await asyncio.sleep(0)
+    assert transport.out == b""  # the head is not committed yet
+    assert proto.waiting is futures[0]  # the one future _flush waits on
+    futures[0].set_result("evt_a")
+    await asyncio.sleep(0)
+    lines = [orjson.loads(line) for line in transport.out.splitlines()]
+    assert [line["ok"] for line in lines] == [True, True, False, False]
+    assert [line.get("id") for line in lines[:2]] == ["evt_a", "evt_b"]
+    assert lines[2]["error"].startswith("unavailable") and proto.stats.accepted == 2

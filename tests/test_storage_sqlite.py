@@ -8,6 +8,7 @@ import sqlite3
 import stat
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 import pytest
@@ -22,7 +23,7 @@ from webhookd.store.sqlite_schema import SCHEMA_VERSION
 pytest.register_assert_rewrite("tests.storage_contract")  # not a test_*.py: its asserts explain themselves too
 
 from tests.storage_contract import *  # noqa: E402, F403 - the contract's tests and fixtures, run on SQLite
-from tests.storage_contract import FakeClock, MakeStorage, ev, webhook  # noqa: E402
+from tests.storage_contract import T0, FakeClock, MakeStorage, ev, outcome, webhook  # noqa: E402
 
 
 def db_path(tmp_path: Path) -> Path:
@@ -171,3 +172,39 @@ async def test_close_gives_up_on_ops_that_can_never_commit(tmp_path: Path) -> No
         fut.result()
     assert s._db is None and s._reader is None
 
+
+
+async def test_a_batch_of_intake_outcomes_and_refills_is_one_hand_off(sqlite_storage: SqliteStorage,
+                                                                      tmp_path: Path) -> None:
+    """The hot path's transaction (events, outcomes, a refill, a webhook's state) is one call on
+    the database thread, BEGIN to COMMIT, and behaves as the stepwise one did: in queue order,
+    the refill sees the events queued before it, the counts move only at the commit."""
+    s = sqlite_storage
+    await s.create_webhook(webhook("wh_a"))
+    [first] = [await s.submit(ev(0), [("wh_a", True)])]
+    db = s._db
+    assert db is not None
+    hand_offs = 0
+    real = db._execute
+
+    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal hand_offs
+        hand_offs += 1
+        return await real(fn, *args, **kwargs)
+
+    db._execute = counting  # type: ignore[method-assign]
+    try:
+        events = [s.submit(ev(i), [("wh_a", True)]) for i in range(1, 4)]
+        s.record_outcome(outcome(1, "wh_a", ok=True, at=T0))
+        due = s.take_due("wh_a", (0.0, 0), 10)
+        state = s.set_webhook_state("wh_a", WebhookState(True, None, 0, 0.0, 5.0))
+        uids = await asyncio.gather(*events)
+        items = await due
+        await state
+    finally:
+        del db._execute
+    assert hand_offs == 1
+    assert [item.event_uid for item in items] == uids  # the three new ones; the first has succeeded
+    assert first not in uids
+    assert (await s.count_by_status()) == {"pending": 3, "paused": 0, "succeeded": 1, "failed": 0}
+    assert db_rows(db_path(tmp_path), "SELECT count(*) FROM attempts") == [(1,)]

@@ -6,6 +6,8 @@ tests for the storage verbs are in tests/storage_contract.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -17,6 +19,7 @@ import pytest
 from tests.conftest import Harness, event, eventually, free_port
 from tests.test_ui import UI, Clock, login_csrf
 from webhookd.admin import ROUTES
+from webhookd.store.model import ApiToken
 from webhookd.tokens import PREFIX, TokenAuth, new_token, token_hash
 from webhookd.ui.security import UI_ROUTES
 
@@ -502,3 +505,27 @@ async def test_the_dashboard_scopes_creates_refuses_read_only_writes_and_ends_re
     finally:
         await ui.close()
         await ro.close()
+
+
+async def test_a_use_during_the_last_use_write_is_written_too() -> None:
+    """A token used while another's last use is being written (the write task still runs, so
+    no new one starts) must not be left pending until some later use."""
+    release = asyncio.Event()
+    written: list[list[tuple[str, float]]] = []
+
+    class Store:
+        async def touch_tokens(self, used: list[tuple[str, float]]) -> None:
+            written.append(list(used))
+            await release.wait()
+
+    auth = TokenAuth(Store(), clock=lambda: 100.0)  # type: ignore[arg-type]
+    a = ApiToken(id="tok_a", hash="a", domains=("a.example",), read_only=False, description="",
+                 created_at=1.0, last_used_at=None, revoked_at=None)
+    auth._used(a)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    assert written == [[("tok_a", 100.0)]]  # in flight
+    auth._used(dataclasses.replace(a, id="tok_b"))
+    release.set()
+    await asyncio.wait_for(auth.drain(), 5)
+    assert written == [[("tok_a", 100.0)], [("tok_b", 100.0)]]

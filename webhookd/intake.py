@@ -77,6 +77,7 @@ class LineProtocol(asyncio.Protocol):
         self.buffer = b""
         self.discarding = False
         self.pending: deque[bytes | asyncio.Future[str]] = deque()
+        self.waiting: asyncio.Future[str] | None = None  # the unanswered head whose commit wakes _flush
         self.eof = False
         self.closed = False
         self.reading_paused = False
@@ -175,9 +176,7 @@ class LineProtocol(asyncio.Protocol):
             self.stats.reject(exc.reason)
             self._answer_now(error_line(str(exc)))
             return
-        fut = self.submit(event)
-        self.pending.append(fut)
-        fut.add_done_callback(self._on_commit)
+        self.pending.append(self.submit(event))  # every caller of _line flushes afterwards
 
     def _answer_now(self, response: bytes) -> None:
         self.pending.append(response)
@@ -202,6 +201,12 @@ class LineProtocol(asyncio.Protocol):
                     self.stats.reject(reason)
                     out.append(error_line(text))
             else:
+                # Answers go in order, so only the head's commit can make more of them
+                # writable: one callback per wait, not one per event (a group commit
+                # resolves a whole read's events at once).
+                if self.waiting is not head:
+                    self.waiting = head
+                    head.add_done_callback(self._on_commit)
                 break
             pending.popleft()
         transport = self.transport

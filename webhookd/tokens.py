@@ -105,11 +105,12 @@ class TokenAuth:
 
     async def _write(self) -> None:
         await asyncio.sleep(0)  # gather every use of this loop turn into one write
-        used, self._pending = list(self._pending.items()), {}
-        try:
-            await self.storage.touch_tokens(used)
-        except Exception as exc:
-            log.warning("token last use not recorded", error=str(exc))
+        while self._pending:  # and the uses that came while it was being written
+            used, self._pending = list(self._pending.items()), {}
+            try:
+                await self.storage.touch_tokens(used)
+            except Exception as exc:
+                log.warning("token last use not recorded", error=str(exc))
 
     async def drain(self) -> None:
         """Wait for the last-use write in flight (tests, shutdown)."""

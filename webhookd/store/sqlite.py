@@ -78,6 +78,36 @@ class _Transactions:
         self._backend._counts.rollback()
         await conn.execute("ROLLBACK")
 
+    async def call(self, conn: Conn, fn: Callable[[sqlite3.Connection], None]) -> None:
+        await in_thread(conn, fn)
+
+    async def atomic(self, fn: Callable[[sqlite3.Connection], None]) -> None:
+        """The whole transaction on aiosqlite's thread: BEGIN, `fn`, COMMIT (ROLLBACK on any
+        failure, COMMIT's included), one hand-off each way. The counts' deltas recorded meanwhile
+        apply here, on the event loop, once it has committed."""
+        b = self._backend
+        db = b._db
+        assert db is not None
+        b._counts.rollback()
+        b._events.reset()
+
+        def transaction(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.execute("ROLLBACK")
+                raise
+
+        try:
+            await in_thread(db, transaction)
+        except BaseException:
+            b._counts.rollback()
+            raise
+        b._counts.commit()
+
     def describe(self, exc: BaseException) -> str:
         return describe(exc)
 
@@ -99,7 +129,7 @@ class SqliteStorage(Reads):
         self._sink = EventSink(on_fresh or (lambda _events: None))
         self._db: Conn | None = None
         self._reader: Conn | None = None
-        self._writer: Writer[Conn] = Writer(_Transactions(self))
+        self._writer: Writer[Conn, sqlite3.Connection] = Writer(_Transactions(self))
         self._ids = Ids()
         self._counts = Counts()
         self._events = Events(clock, self._ids, self._counts, self._sink)
@@ -224,13 +254,11 @@ class SqliteStorage(Reads):
         self, webhook_id: str, after: tuple[float, int], limit: int, *,
         on_commit: Callable[[list[DueItem]], None] | None = None,
     ) -> asyncio.Future[list[DueItem]]:
-        async def read(db: Conn) -> list[DueItem]:
-            sql = (DUE_SELECT + " WHERE d.webhook_id = ? AND d.status = 'pending'"
-                   " AND (d.next_attempt_at, d.id) > (?, ?) ORDER BY d.next_attempt_at, d.id LIMIT ?")
-            async with db.execute(sql, (webhook_id, after[0], after[1], limit)) as cur:
-                return [due_row(r) for r in await cur.fetchall()]
+        def read(conn: sqlite3.Connection) -> list[DueItem]:
+            rows = conn.execute(_TAKE_DUE, (webhook_id, after[0], after[1], limit)).fetchall()
+            return [due_row(r) for r in rows]
 
-        return self._writer.run(read, on_commit=on_commit, internal=True)
+        return self._writer.call(read, on_commit=on_commit, internal=True)
 
     def record_outcome(self, record: OutcomeRecord, *, on_commit: Callable[[None], None] | None = None) -> None:
         self._writer.add(self._outcomes, record, on_commit=on_commit, internal=True)
@@ -244,22 +272,22 @@ class SqliteStorage(Reads):
         self, webhook_id: str, state: WebhookState, *, pause_pending: bool = False,
         on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
-        async def write(db: Conn) -> None:
-            await db.execute(
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE webhooks SET enabled = ?, consecutive_failures = ?, backoff_until = ?,"
                 " disabled_reason = ?, updated_at = ? WHERE id = ?",
                 (int(state.enabled), state.consecutive_failures, state.backoff_until, state.disabled_reason,
                  state.updated_at, webhook_id),
             )
             if pause_pending:
-                cur = await db.execute(
+                cur = conn.execute(
                     "UPDATE deliveries SET status = 'paused', next_attempt_at = NULL, updated_at = ?"
                     " WHERE webhook_id = ? AND status = 'pending'",
                     (state.updated_at, webhook_id),
                 )
                 self._counts.move(webhook_id, PENDING, PAUSED, int(cur.rowcount))
 
-        return self._writer.run(write, on_commit=on_commit, internal=True)
+        return self._writer.call(write, on_commit=on_commit, internal=True)
 
     # -- webhook administration ---------------------------------------------------------------
     def create_webhook(
@@ -451,10 +479,7 @@ class SqliteStorage(Reads):
 
     # -- tracking -------------------------------------------------------------------------------
     def track_hits(self, hits: Sequence[TrackingHit], *, now: float) -> asyncio.Future[list[TrackingFacts]]:
-        async def write(db: Conn) -> list[TrackingFacts]:
-            return await in_thread(db, lambda conn: [_track_one(conn, hit, now) for hit in hits])
-
-        return self._writer.run(write)
+        return self._writer.call(lambda conn: [_track_one(conn, hit, now) for hit in hits])
 
     def set_opt_out(self, opt_out_hash: str, *, opted_out: bool, now: float) -> asyncio.Future[bool]:
         async def write(db: Conn) -> bool:
@@ -526,6 +551,8 @@ class SqliteStorage(Reads):
         return self._writer.run(write)
 
 
+_TAKE_DUE = (DUE_SELECT + " WHERE d.webhook_id = ? AND d.status = 'pending'"  # a webhook's next deliveries, in order
+             " AND (d.next_attempt_at, d.id) > (?, ?) ORDER BY d.next_attempt_at, d.id LIMIT ?")
 _TOKEN_COLUMNS = "id, hash, domains, read_only, description, created_at, last_used_at, revoked_at"  # noqa: S105 - column names
 
 

@@ -1,5 +1,9 @@
 """The SQLite backend's batchers: a run of submitted events, a run of attempt outcomes,
-each written with a few executemany in the writer's transaction."""
+each written with a few executemany in the writer's transaction. They run on the writer
+connection's thread (aiosqlite's), synchronously on the raw sqlite3 connection, inside
+the one call that makes the whole transaction (`store/writer.py`): they touch only the
+writer's own state there (ids, the runs, the counts' pending deltas); what is shared with
+the event loop changes in `committed`, on the loop."""
 
 from __future__ import annotations
 
@@ -69,10 +73,11 @@ class Events:
         self._clock, self._ids, self._counts, self._sink = clock, ids, counts, sink
         self._runs: deque[tuple[list[FreshEvent], list[str]]] = deque()  # this transaction's, in order
 
-    async def execute(self, db: Conn, items: list[tuple[Event, Sequence[Subscriber]]]) -> list[str]:
+    def execute(self, conn: sqlite3.Connection, items: list[tuple[Event, Sequence[Subscriber]]]) -> list[str]:
+        """On the database thread, inside the writer's transaction (as every batcher)."""
         now = self._clock()
         keys = [ev.idempotency_key for ev, _ in items if ev.idempotency_key is not None]
-        known = await in_thread(db, lambda conn: _known_keys(conn, keys)) if keys else {}
+        known = _known_keys(conn, keys) if keys else {}
         event_rows: list[tuple[Any, ...]] = []
         delivery_rows: list[tuple[Any, ...]] = []
         results: list[str] = []
@@ -102,21 +107,18 @@ class Events:
             event_id += 1
             results.append(uid)
 
-        def insert(conn: sqlite3.Connection) -> None:
-            if event_rows:
-                conn.executemany(
-                    "INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id, recipient)"
-                    " VALUES (?,?,?,?,?,?,?,?)",
-                    event_rows,
-                )
-            if delivery_rows:
-                conn.executemany(
-                    "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
-                    " updated_at) VALUES (?,?,?,?,?,?,?)",
-                    delivery_rows,
-                )
-
-        await in_thread(db, insert)
+        if event_rows:
+            conn.executemany(
+                "INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id, recipient)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                event_rows,
+            )
+        if delivery_rows:
+            conn.executemany(
+                "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
+                " updated_at) VALUES (?,?,?,?,?,?,?)",
+                delivery_rows,
+            )
         # Only now, with every statement done: a failed batch leaves the ids as they were. What
         # each run made is handed on at its own place after the commit (runs commit in the
         # order they ran); `reset`, at each transaction's start, forgets a rolled-back one's.
@@ -144,13 +146,10 @@ class Outcomes:
     def __init__(self, counts: Counts) -> None:
         self._counts = counts
 
-    async def execute(self, db: Conn, items: list[OutcomeRecord]) -> list[None]:
-        return await in_thread(db, lambda conn: self._write(conn, items))
-
-    def _write(self, conn: sqlite3.Connection, items: list[OutcomeRecord]) -> list[None]:
-        """All of a run's statements in one call on the database thread. The statuses the
-        deliveries had (normally pending; paused if a disable came first; gone if the
-        webhook was deleted) move the counts."""
+    def execute(self, conn: sqlite3.Connection, items: list[OutcomeRecord]) -> list[None]:
+        """All of a run's statements, on the database thread. The statuses the deliveries
+        had (normally pending; paused if a disable came first; gone if the webhook was
+        deleted) move the counts."""
         before = _statuses(conn, [r.delivery_id for r in items])
         conn.executemany(
             "UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status_code = ?,"
@@ -205,10 +204,8 @@ class BatchOutcomes:
     def __init__(self, counts: Counts) -> None:
         self._counts = counts
 
-    async def execute(self, db: Conn, items: list[BatchOutcomeRecord]) -> list[None]:
-        return await in_thread(db, lambda conn: self._write(conn, items))
-
-    def _write(self, conn: sqlite3.Connection, items: list[BatchOutcomeRecord]) -> list[None]:
+    def execute(self, conn: sqlite3.Connection, items: list[BatchOutcomeRecord]) -> list[None]:
+        """On the database thread, inside the writer's transaction (as every batcher)."""
         before = _statuses(conn, [did for r in items for did in r.delivery_ids])
         attempt_rows: list[tuple[Any, ...]] = []
         hours: Counter[tuple[int, str, bool]] = Counter()

@@ -5,6 +5,15 @@ transaction and commits once, so throughput grows with load instead of being cap
 by fsyncs (group commit). The items of one `Batcher` (events from intake, attempt
 outcomes) queued between two plain operations run as one call (one executemany).
 
+Batchers and the operations queued with `call` are synchronous functions of the backend's
+raw connection, run on its database thread. A transaction made only of those (the hot
+path: intake, outcomes, refills, webhook state) is one hand-off to that thread and back:
+BEGIN, every statement and COMMIT in one call (`Transactions.atomic`), so an event's
+acknowledgement waits for one thread wake-up each way instead of one per statement. An
+asynchronous operation (`run`, admin writes) in the batch makes it a stepwise
+transaction: `begin`, each asynchronous operation awaited in turn, each stretch of
+synchronous ones as one `Transactions.call`, `commit`.
+
 After the commit, in queue order and synchronously, before the next batch is built,
 each operation's `on_commit(result)` runs and its future resolves; each batch run's
 `Batcher.committed` runs at its place in that order. Whoever queued an operation
@@ -20,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
@@ -31,29 +41,41 @@ from webhookd.store.model import StoreError
 
 log = structlog.get_logger("webhookd.store")
 
-C = TypeVar("C")  # the backend's connection
+C = TypeVar("C")  # the backend's connection (asynchronous)
+R = TypeVar("R")  # the backend's raw connection, used synchronously on its database thread
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - an item of a batched operation
-C_contra = TypeVar("C_contra", contravariant=True)
+R_contra = TypeVar("R_contra", contravariant=True)
+R_co = TypeVar("R_co", covariant=True)  # (it is only ever handed to the backend's functions)
 
 CLOSE_RETRIES = 3  # failed commits of internal operations tolerated while closing
 SHUTTING_DOWN = Lead.UNAVAILABLE.text(": daemon is shutting down")
 
 
-class Transactions(Protocol[C]):
+class Transactions(Protocol[C, R_co]):
     """What the writer needs from a backend: one connection and its transactions."""
 
     async def begin(self) -> C: ...
     async def commit(self, conn: C) -> None: ...
     async def rollback(self, conn: C) -> None: ...
+
+    async def call(self, conn: C, fn: Callable[[R_co], None]) -> None:
+        """`fn(raw)` on the database thread, inside the transaction `begin` opened: one hand-off."""
+        ...
+
+    async def atomic(self, fn: Callable[[R_co], None]) -> None:
+        """BEGIN, `fn(raw)` and COMMIT in one hand-off to the database thread; on any failure
+        roll back and raise (what `begin`, `commit` and `rollback` do, in one call)."""
+        ...
+
     def describe(self, exc: BaseException) -> str: ...
 
 
-class Batcher(Protocol[C_contra, I, T]):
+class Batcher(Protocol[R_contra, I, T]):
     """Runs the items of queued operations of one kind in one call."""
 
-    async def execute(self, conn: C_contra, items: list[I]) -> list[T]:
-        """One result per item, in order."""
+    def execute(self, conn: R_contra, items: list[I]) -> list[T]:
+        """One result per item, in order; runs on the database thread, synchronously."""
         ...
 
     def committed(self, items: list[I], results: list[T]) -> None:
@@ -71,8 +93,19 @@ class _Op(Generic[C, T]):
 
 
 @dataclass(slots=True)
-class _Item(Generic[C, I, T]):
-    batcher: Batcher[C, I, T]
+class _Call(Generic[R, T]):
+    """A plain operation that is a synchronous function of the raw connection."""
+
+    fn: Callable[[R], T]
+    future: asyncio.Future[T]
+    on_commit: Callable[[T], None] | None
+    internal: bool
+    result: Any = None
+
+
+@dataclass(slots=True)
+class _Item(Generic[R, I, T]):
+    batcher: Batcher[R, I, T]
     item: I
     future: asyncio.Future[T]
     on_commit: Callable[[T], None] | None
@@ -80,13 +113,15 @@ class _Item(Generic[C, I, T]):
     result: Any = None
 
 
-_Queued = _Op[Any, Any] | _Item[Any, Any, Any]
+_Queued = _Op[Any, Any] | _Call[Any, Any] | _Item[Any, Any, Any]
+_Plain = _Op[Any, Any] | _Call[Any, Any]
+_Run = _Plain | list[_Item[Any, Any, Any]]
 
 
-class Writer(Generic[C]):
+class Writer(Generic[C, R]):
     """The one writer of a database."""
 
-    def __init__(self, tx: Transactions[C], *, retry_delay: float = 0.05) -> None:
+    def __init__(self, tx: Transactions[C, R], *, retry_delay: float = 0.05) -> None:
         self._tx = tx
         self._queue: list[_Queued] = []
         self._wake = asyncio.Event()
@@ -130,9 +165,21 @@ class Writer(Generic[C]):
         fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         return self._enqueue(_Op(fn, fut, on_commit, internal))
 
+    def call(
+        self,
+        fn: Callable[[R], T],
+        *,
+        on_commit: Callable[[T], None] | None = None,
+        internal: bool = False,
+    ) -> asyncio.Future[T]:
+        """Queue `fn(raw)`, a synchronous function run on the database thread inside the next
+        write transaction (like `run`, but it keeps that transaction one hand-off)."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        return self._enqueue(_Call(fn, fut, on_commit, internal))
+
     def add(
         self,
-        batcher: Batcher[C, I, T],
+        batcher: Batcher[R, I, T],
         item: I,
         *,
         on_commit: Callable[[T], None] | None = None,
@@ -190,25 +237,32 @@ class Writer(Generic[C]):
             self.commits += 1
             self._succeed(runs)
 
-    async def _execute(self, runs: list[_Op[Any, Any] | list[_Item[Any, Any, Any]]]) -> None:
+    async def _execute(self, runs: list[_Run]) -> None:
+        if not any(isinstance(run, _Op) for run in runs):
+            await self._tx.atomic(lambda raw: _apply(raw, runs))  # the hot path: one hand-off
+            return
         conn = await self._tx.begin()
         try:
+            stretch: list[_Run] = []  # synchronous runs since the last asynchronous one
             for run in runs:
-                if isinstance(run, _Op):
-                    run.result = await run.fn(conn)
+                if not isinstance(run, _Op):
+                    stretch.append(run)
                     continue
-                results = await run[0].batcher.execute(conn, [i.item for i in run])
-                for queued, result in zip(run, results, strict=True):
-                    queued.result = result
+                if stretch:
+                    await self._tx.call(conn, functools.partial(_apply, runs=stretch))
+                    stretch = []
+                run.result = await run.fn(conn)
+            if stretch:
+                await self._tx.call(conn, functools.partial(_apply, runs=stretch))
             await self._tx.commit(conn)
         except BaseException:
             with contextlib.suppress(Exception):
                 await self._tx.rollback(conn)
             raise
 
-    def _succeed(self, runs: list[_Op[Any, Any] | list[_Item[Any, Any, Any]]]) -> None:
+    def _succeed(self, runs: list[_Run]) -> None:
         for run in runs:
-            if isinstance(run, _Op):
+            if not isinstance(run, list):
                 _finish(run)
                 continue
             try:
@@ -235,6 +289,18 @@ class Writer(Generic[C]):
         return retry
 
 
+def _apply(raw: Any, runs: list[_Run]) -> None:
+    """Synchronous runs on the database thread, in order: each result kept on its operation."""
+    for run in runs:
+        if isinstance(run, _Call):
+            run.result = run.fn(raw)
+            continue
+        assert isinstance(run, list)
+        results = run[0].batcher.execute(raw, [i.item for i in run])
+        for queued, result in zip(run, results, strict=True):
+            queued.result = result
+
+
 def _finish(op: _Queued) -> None:
     if op.on_commit is not None:
         try:
@@ -245,16 +311,16 @@ def _finish(op: _Queued) -> None:
         op.future.set_result(op.result)
 
 
-def _runs(ops: list[_Queued]) -> list[_Op[Any, Any] | list[_Item[Any, Any, Any]]]:
+def _runs(ops: list[_Queued]) -> list[_Run]:
     """Plain operations stay alone, in order. Between two of them, the items of each
     batcher are gathered into one run (in their queued order), so events and outcomes
     that arrive interleaved still make one executemany each. Batchers must therefore
     touch disjoint rows (new events vs. existing deliveries): only their order relative
     to plain operations is kept."""
-    runs: list[_Op[Any, Any] | list[_Item[Any, Any, Any]]] = []
+    runs: list[_Run] = []
     segment: dict[int, list[_Item[Any, Any, Any]]] = {}
     for op in ops:
-        if isinstance(op, _Op):
+        if not isinstance(op, _Item):
             runs.extend(segment.values())
             segment = {}
             runs.append(op)
