@@ -21,6 +21,7 @@ PGPASSFILE / ~/.pgpass), which asyncpg reads itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -122,6 +123,21 @@ class _Transactions:
         if conn.is_closed():
             self._backend._drop_connection()
 
+    async def call(self, conn: Conn, fn: Callable[[Conn], None]) -> None:
+        """asyncpg has no database thread to hand off to: every batcher and operation of this
+        backend is asynchronous, so a synchronous function here touches memory only."""
+        fn(conn)
+
+    async def atomic(self, fn: Callable[[Conn], None]) -> None:
+        conn = await self.begin()
+        try:
+            fn(conn)
+            await self.commit(conn)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.rollback(conn)
+            raise
+
     def describe(self, exc: BaseException) -> str:
         return describe(exc)
 
@@ -151,7 +167,7 @@ class PostgresStorage(Reads):
         self._sink = EventSink(on_fresh or (lambda _events: None))
         self._conn: Conn | None = None
         self._pool: asyncpg.Pool | None = None
-        self._writer: Writer[Conn] = Writer(_Transactions(self))
+        self._writer: Writer[Conn, Conn] = Writer(_Transactions(self))
         self._events = Events(clock, self._sink)
         self._outcomes = Outcomes()
         self._lost_at: float | None = None  # monotonic time the writer's connection was found lost

@@ -6,7 +6,10 @@ by fsyncs (group commit). The items of one `Batcher` (events from intake, attemp
 outcomes) queued between two plain operations run as one call (one executemany).
 
 Batchers and the operations queued with `call` are synchronous functions of the backend's
-raw connection, run on its database thread. A transaction made only of those (the hot
+raw connection, run on its database thread (SQLite). A backend whose driver is itself
+asynchronous (PostgreSQL on asyncpg) has no such thread: its batchers are `AsyncBatcher`s,
+awaited on the connection like `run` operations, and its `call`/`atomic` run the function
+in place. A transaction made only of those (the hot
 path: intake, outcomes, refills, webhook state) is one hand-off to that thread and back:
 BEGIN, every statement and COMMIT in one call (`Transactions.atomic`), so an event's
 acknowledgement waits for one thread wake-up each way instead of one per statement. An
@@ -30,9 +33,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar, cast
 
 import structlog
 
@@ -46,6 +50,7 @@ R = TypeVar("R")  # the backend's raw connection, used synchronously on its data
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - an item of a batched operation
 R_contra = TypeVar("R_contra", contravariant=True)
+C_contra = TypeVar("C_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)  # (it is only ever handed to the backend's functions)
 
 CLOSE_RETRIES = 3  # failed commits of internal operations tolerated while closing
@@ -83,6 +88,19 @@ class Batcher(Protocol[R_contra, I, T]):
         ...
 
 
+class AsyncBatcher(Protocol[C_contra, I, T]):
+    """A `Batcher` of a backend with an asynchronous driver: `execute` is awaited on the
+    writer's connection, inside the transaction, between the synchronous stretches."""
+
+    async def execute(self, conn: C_contra, items: list[I]) -> list[T]:
+        """One result per item, in order."""
+        ...
+
+    def committed(self, items: list[I], results: list[T]) -> None:
+        """Runs right after the commit, at this run's place in queue order."""
+        ...
+
+
 @dataclass(slots=True)
 class _Op(Generic[C, T]):
     fn: Callable[[C], Awaitable[T]]
@@ -105,7 +123,7 @@ class _Call(Generic[R, T]):
 
 @dataclass(slots=True)
 class _Item(Generic[R, I, T]):
-    batcher: Batcher[R, I, T]
+    batcher: Batcher[R, I, T] | AsyncBatcher[Any, I, T]
     item: I
     future: asyncio.Future[T]
     on_commit: Callable[[T], None] | None
@@ -179,7 +197,7 @@ class Writer(Generic[C, R]):
 
     def add(
         self,
-        batcher: Batcher[R, I, T],
+        batcher: Batcher[R, I, T] | AsyncBatcher[C, I, T],
         item: I,
         *,
         on_commit: Callable[[T], None] | None = None,
@@ -238,20 +256,27 @@ class Writer(Generic[C, R]):
             self._succeed(runs)
 
     async def _execute(self, runs: list[_Run]) -> None:
-        if not any(isinstance(run, _Op) for run in runs):
+        if not any(_asynchronous(run) for run in runs):
             await self._tx.atomic(lambda raw: _apply(raw, runs))  # the hot path: one hand-off
             return
         conn = await self._tx.begin()
         try:
             stretch: list[_Run] = []  # synchronous runs since the last asynchronous one
             for run in runs:
-                if not isinstance(run, _Op):
+                if not _asynchronous(run):
                     stretch.append(run)
                     continue
                 if stretch:
                     await self._tx.call(conn, functools.partial(_apply, runs=stretch))
                     stretch = []
-                run.result = await run.fn(conn)
+                if isinstance(run, _Op):
+                    run.result = await run.fn(conn)
+                    continue
+                assert isinstance(run, list)
+                asynchronous = cast(AsyncBatcher[Any, Any, Any], run[0].batcher)
+                results = await asynchronous.execute(conn, [i.item for i in run])
+                for queued, result in zip(run, results, strict=True):
+                    queued.result = result
             if stretch:
                 await self._tx.call(conn, functools.partial(_apply, runs=stretch))
             await self._tx.commit(conn)
@@ -289,6 +314,18 @@ class Writer(Generic[C, R]):
         return retry
 
 
+@functools.lru_cache(maxsize=64)
+def _async_batcher(kind: type) -> bool:
+    return inspect.iscoroutinefunction(getattr(kind, "execute", None))
+
+
+def _asynchronous(run: _Run) -> bool:
+    """An operation queued with `run`, or a run of an `AsyncBatcher`'s items."""
+    if isinstance(run, _Op):
+        return True
+    return isinstance(run, list) and _async_batcher(type(run[0].batcher))
+
+
 def _apply(raw: Any, runs: list[_Run]) -> None:
     """Synchronous runs on the database thread, in order: each result kept on its operation."""
     for run in runs:
@@ -296,7 +333,8 @@ def _apply(raw: Any, runs: list[_Run]) -> None:
             run.result = run.fn(raw)
             continue
         assert isinstance(run, list)
-        results = run[0].batcher.execute(raw, [i.item for i in run])
+        batcher = cast(Batcher[Any, Any, Any], run[0].batcher)  # not an AsyncBatcher: _asynchronous said so
+        results = batcher.execute(raw, [i.item for i in run])
         for queued, result in zip(run, results, strict=True):
             queued.result = result
 
