@@ -18,15 +18,36 @@ from tests.pg import Cluster, new_schema, pg_dsn  # noqa: F401
 
 pytest.register_assert_rewrite("tests.storage_contract")  # before its first import (test_storage_*.py do too)
 
-from tests.storage_contract import T0, FakeClock, api_token, ev, outcome, record, webhook  # noqa: E402
+from tests.storage_contract import (  # noqa: E402
+    T0,
+    FakeClock,
+    api_token,
+    ev,
+    outcome,
+    record,
+    record_batch,
+    webhook,
+)
 from tests.test_process import Proc, ThreadReceiver, lines, receiver, wait_until  # noqa: E402, F401
 from tests.test_storage_postgresql_process import storage_table  # noqa: E402
+from webhookd.batching import Batching  # noqa: E402
 from webhookd.filters import WebhookFilter  # noqa: E402
-from webhookd.store import DeliveryFilter, FreshEvent, SqliteStorage, StoreError, TrackingHit, WebhookState  # noqa: E402
+from webhookd.store import (  # noqa: E402
+    FAILED,
+    PENDING,
+    BatchOutcomeRecord,
+    DeliveryFilter,
+    FreshEvent,
+    SqliteStorage,
+    StoreError,
+    TrackingHit,
+    WebhookState,
+)
 from webhookd.store.copy import TABLES, sqlite_to_postgres  # noqa: E402
 from webhookd.store.postgres import PostgresStorage  # noqa: E402
 
 EVERYTHING = DeliveryFilter()
+BATCH = "batch_" + "m" * 26
 
 
 async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_path: Path,
@@ -37,7 +58,7 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
     await lite.open()
     shop = replace(webhook("wh_shop", filter=WebhookFilter.parse({"from_domains": ["shop.example"]})),
                    name="shop", declared_in="/etc/webhookd/webhooks.d/shop.toml", previous_secret="whsec_old",
-                   previous_secret_expires_at=T0 + 86400)
+                   previous_secret_expires_at=T0 + 86400, batching=Batching(50, 65536, 0.25))
     await lite.create_webhook(shop)
     await lite.create_webhook(webhook("wh_off", enabled=False, created_at=T0 + 1))
     await lite.create_webhook(webhook("wh_gate", created_at=T0 + 2))
@@ -50,6 +71,10 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
                  outcome(ids[1][0], "wh_shop", ok=False, at=T0 + 6, status="failed"),
                  outcome(ids[2][2], "wh_gate", ok=False, at=T0 + 7),
                  outcome(ids[2][2], "wh_gate", ok=False, at=T0 + 8, attempts=2))
+    await record_batch(lite, BatchOutcomeRecord(  # a batch attempt: its rows carry the batch id
+        webhook_id="wh_shop", batch_id=BATCH, delivery_ids=(ids[3][0], ids[4][0]), statuses=(PENDING, FAILED),
+        attempts=(1, 5), next_attempt_at=T0 + 70, at=T0 + 10, duration_ms=3.25, status_code=503, error="HTTP 503",
+        response_body="busy", updated_at=T0 + 10))
     await lite.create_token(api_token(1))
     await lite.revoke_token("tok_1", now=T0 + 9)
     await lite.set_opt_out("h" * 16, opted_out=True, now=T0)
@@ -57,7 +82,8 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
     await lite.delete_webhook("wh_none")  # nothing to delete, but next_delivery_id is kept now
     expected = {
         "webhooks": await lite.load_webhooks(), "deliveries": await lite.list_deliveries(EVERYTHING, limit=1000),
-        "details": [await lite.delivery(i) for row in ids[:3] for i in row],
+        "details": [await lite.delivery(i) for row in ids[:5] for i in row],
+        "batch": await lite.list_deliveries(DeliveryFilter(batch_id=BATCH)),
         "tokens": await lite.list_tokens(), "stats": await lite.webhook_stats(T0),
         "hours": await lite.hourly_counts(T0 - 86400, T0 + 86400), "counts": await lite.count_by_status(),
     }
@@ -65,7 +91,7 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
 
     copied = await sqlite_to_postgres(path, pg_dsn)
     assert copied["webhooks"] == 3 and copied["events"] == 30 and copied["deliveries"] == 90
-    assert copied["attempts"] == 4 and copied["api_tokens"] == 1 and copied["tracking_opt_outs"] == 1
+    assert copied["attempts"] == 6 and copied["api_tokens"] == 1 and copied["tracking_opt_outs"] == 1
     assert set(copied) == {t.name for t in TABLES}
 
     fresh: list[FreshEvent] = []
@@ -74,7 +100,11 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
     try:
         assert await pg.load_webhooks() == expected["webhooks"]  # secrets, gate, filter, name: all of it
         assert await pg.list_deliveries(EVERYTHING, limit=1000) == expected["deliveries"]
-        assert [await pg.delivery(i) for row in ids[:3] for i in row] == expected["details"]
+        assert [await pg.delivery(i) for row in ids[:5] for i in row] == expected["details"]
+        assert [a.batch_id for a in expected["details"][9].attempts] == [BATCH]  # (what was compared)
+        assert expected["webhooks"][0].batching == Batching(50, 65536, 0.25)
+        assert [d.id for d in await pg.list_deliveries(DeliveryFilter(batch_id=BATCH))] == [
+            d.id for d in expected["batch"]] == [ids[4][0], ids[3][0]]
         assert await pg.list_tokens() == expected["tokens"]
         assert await pg.webhook_stats(T0) == expected["stats"]
         assert await pg.hourly_counts(T0 - 86400, T0 + 86400) == expected["hours"]

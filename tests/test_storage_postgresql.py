@@ -13,15 +13,28 @@ import asyncpg
 import pytest
 
 from tests.pg import SECRET_PASSWORD, SECRET_USER, SUPERUSER, Cluster, new_schema, pg_dsn  # noqa: F401
+from webhookd.batching import OFF, Batching
+from webhookd.filters import EMPTY_FILTER
 from webhookd.reasons import Reason
-from webhookd.store import DeliveryFilter, FreshEvent, FreshSink, Storage, StoreError, Subscriber
+from webhookd.store import (
+    FAILED,
+    PENDING,
+    SUCCEEDED,
+    BatchOutcomeRecord,
+    DeliveryFilter,
+    FreshEvent,
+    FreshSink,
+    Storage,
+    StoreError,
+    Subscriber,
+)
 from webhookd.store.postgres import PostgresStorage
-from webhookd.store.postgres_schema import SCHEMA_VERSION
+from webhookd.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION
 
 pytest.register_assert_rewrite("tests.storage_contract")  # not a test_*.py: its asserts explain themselves too
 
 from tests.storage_contract import *  # noqa: E402, F403 - the contract's tests and fixtures, run on PostgreSQL
-from tests.storage_contract import T0, FakeClock, MakeStorage, ev, outcome, webhook  # noqa: E402
+from tests.storage_contract import T0, FakeClock, MakeStorage, ev, outcome, record_batch, webhook  # noqa: E402
 
 
 async def open_pg(dsn: str, *, clock: Callable[[], float] | None = None,
@@ -249,3 +262,122 @@ async def test_read_webhooks_reads_without_migrating(pg_dsn: str) -> None:  # no
     await s.create_webhook(webhook("wh_a"))
     await s.close()
     assert await read_webhooks(pg_dsn) == [webhook("wh_a")]
+
+
+# -- batched delivery on PostgreSQL (its schema v2) -----------------------------------------------
+BATCH = "batch_" + "p" * 26
+
+
+async def _at_v1(dsn: str) -> asyncpg.Connection:
+    """A database as a webhookd with only schema v1 left it (before batched delivery)."""
+    conn = await _raw(dsn)
+    await conn.execute("CREATE TABLE webhookd_schema (version integer PRIMARY KEY,"
+                       " applied_at double precision NOT NULL)")
+    await conn.execute(MIGRATIONS[0])
+    await conn.execute("INSERT INTO meta (key, value) VALUES ('created_at', '0')")
+    await conn.execute("INSERT INTO webhookd_schema VALUES (1, 0)")
+    return conn
+
+
+async def test_a_v1_database_with_data_migrates_to_v2_and_keeps_every_row(pg_dsn: str) -> None:  # noqa: F811
+    assert SCHEMA_VERSION == 2
+    conn = await _at_v1(pg_dsn)
+    await conn.execute(
+        "INSERT INTO webhooks (id, url, events, secret, created_at, updated_at, filter, name)"
+        " VALUES ('wh_1', 'https://wh_1.example/h', '[\"*\"]', 'whsec_1', $1, $1, '{}', 'one'),"
+        " ('wh_2', 'https://wh_2.example/h', '[\"delivered\"]', 'whsec_2', $1, $1, '{}', NULL)", T0)
+    await conn.execute("INSERT INTO events (id, uid, type, body, created_at, message_id) VALUES"
+                       " (1, 'evt_1', 'delivered', '\\x7b7d', $1, '<m1@x>')", T0)
+    await conn.execute("INSERT INTO deliveries (id, event_id, webhook_id, status, attempts, next_attempt_at,"
+                       " last_status_code, created_at, updated_at) VALUES"
+                       " (1, 1, 'wh_1', 'pending', 2, $1, 500, $1, $1),"
+                       " (2, 1, 'wh_2', 'succeeded', 1, NULL, 200, $1, $1)", T0)
+    await conn.execute("INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body) VALUES"
+                       " (1, $1, 5, 500, 'HTTP 500', 'no'), (1, $1 + 1, 6, 500, 'HTTP 500', 'no'),"
+                       " (2, $1, 4, 200, NULL, 'ok')", T0)
+    tables = ("webhooks", "events", "deliveries", "attempts", "meta")
+    before = {t: [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t} ORDER BY 1")] for t in tables}
+
+    s = await open_pg(pg_dsn)
+    try:
+        assert [r[0] for r in await conn.fetch("SELECT version FROM webhookd_schema ORDER BY version")] == [1, 2]
+        after = {t: [tuple(r)[: len(before[t][0])] for r in await conn.fetch(f"SELECT * FROM {t} ORDER BY 1")]
+                 for t in tables}
+        assert after == before  # the new columns come last; nothing old is lost or changed
+        assert await conn.fetchval("SELECT to_regclass('attempts_batch') IS NOT NULL")
+        assert [(w.id, w.batching) for w in await s.load_webhooks()] == [("wh_1", OFF), ("wh_2", OFF)]
+        assert Batching(0, 1048576, 0.0) == OFF  # the columns' defaults are SQLite v8's
+        detail = await s.delivery(1)
+        assert detail is not None and [a.batch_id for a in detail.attempts] == [None, None]
+        # and the new columns work on the migrated database
+        await s.update_webhook("wh_1", url="https://wh_1.example/h", events=("*",), description="",
+                               filter=EMPTY_FILTER, updated_at=T0, batching=Batching(100, 65536, 0.05))
+        await s.update_webhook("wh_2", url="https://wh_2.example/h", events=("*",), description="x",
+                               filter=EMPTY_FILTER, updated_at=T0)  # no batching given: left as it is
+        assert [(w.id, w.batching) for w in await s.load_webhooks()] == [
+            ("wh_1", Batching(100, 65536, 0.05)), ("wh_2", OFF)]
+        await record_batch(s, BatchOutcomeRecord(
+            webhook_id="wh_1", batch_id=BATCH, delivery_ids=(1,), statuses=(SUCCEEDED,), attempts=(3,),
+            next_attempt_at=None, at=T0 + 2, duration_ms=1.0, status_code=200, error=None, response_body="ok",
+            updated_at=T0 + 2))
+        assert [d.id for d in await s.list_deliveries(DeliveryFilter(batch_id=BATCH))] == [1]
+        detail = await s.delivery(1)
+        assert detail is not None and [a.batch_id for a in detail.attempts] == [None, None, BATCH]
+    finally:
+        await conn.close()
+        await s.close()
+
+
+async def test_a_run_of_batch_outcomes_is_written_in_one_call_and_the_last_state_wins(
+        pg_dsn: str) -> None:  # noqa: F811
+    """Batch outcomes queued together run as one BatchOutcomes call (one UPDATE, one INSERT of
+    attempts, one of hours): a delivery in two of them (a batch retried before the commit) ends
+    in the later state with both attempts; single outcomes beside them write NULL batch ids."""
+    seen: list[FreshEvent] = []
+    s = await open_pg(pg_dsn, on_fresh=seen.extend)
+    calls: list[int] = []
+    real = s._batch_outcomes.execute
+
+    async def counting(conn: asyncpg.Connection, items: list[BatchOutcomeRecord]) -> list[None]:
+        calls.append(len(items))
+        return await real(conn, items)
+
+    s._batch_outcomes.execute = counting  # type: ignore[method-assign]
+    try:
+        await s.create_webhook(webhook("wh_a"))
+        ds = [ids_of(await s.submit(ev(i), [("wh_a", True)]), seen)[0] for i in range(5)]
+        loop = asyncio.get_running_loop()
+        done: list[asyncio.Future[None]] = [loop.create_future() for _ in range(3)]
+
+        def batch(bid: str, dids: tuple[int, ...], status: str, attempts: int, next_at: float | None, at: float,
+                  code: int | None, error: str | None) -> BatchOutcomeRecord:
+            return BatchOutcomeRecord(
+                webhook_id="wh_a", batch_id=bid, delivery_ids=dids, statuses=(status,) * len(dids),
+                attempts=(attempts,) * len(dids), next_attempt_at=next_at, at=at, duration_ms=2.0, status_code=code,
+                error=error, response_body="", updated_at=at)
+
+        s.record_batch_outcome(batch(BATCH, (ds[0], ds[1], ds[2]), PENDING, 1, T0 + 60, T0, 503, "HTTP 503"),
+                               on_commit=done[0].set_result)
+        s.record_batch_outcome(batch(BATCH, (ds[0], ds[1], ds[2]), SUCCEEDED, 2, None, T0 + 61, 200, None),
+                               on_commit=done[1].set_result)
+        s.record_batch_outcome(batch("batch_" + "q" * 26, (ds[3],), PENDING, 1, T0 + 90, T0 + 30, None, "timed out"),
+                               on_commit=done[2].set_result)
+        s.record_outcome(outcome(ds[4], "wh_a", ok=True, at=T0 + 5))
+        await asyncio.gather(*done)
+        assert calls == [3]
+        rows = [await s.delivery(d) for d in ds]
+        assert [(r.delivery.status, r.delivery.attempts, r.delivery.next_attempt_at, r.delivery.last_status_code)
+                for r in rows if r is not None] == [(SUCCEEDED, 2, None, 200)] * 3 + [
+            (PENDING, 1, T0 + 90, None), (SUCCEEDED, 1, None, 200)]
+        assert [[(a.status_code, a.batch_id) for a in r.attempts] for r in rows if r is not None] == [
+            [(503, BATCH), (200, BATCH)]] * 3 + [[(None, "batch_" + "q" * 26)], [(200, None)]]
+        stats = (await s.webhook_stats(T0))["wh_a"]
+        assert (stats.succeeded_24h, stats.failed_24h, stats.last_attempt_at) == (4, 4, T0 + 61)
+        assert await s.count_deliveries(DeliveryFilter(batch_id=BATCH, statuses=(SUCCEEDED,))) == 3
+        # a retry of failed deliveries may be narrowed to one batch
+        await s.reschedule(ds[0], status=FAILED, next_attempt_at=None, now=T0 + 70)
+        await s.reschedule(ds[4], status=FAILED, next_attempt_at=None, now=T0 + 70)
+        assert await s.retry_failed(DeliveryFilter(batch_id=BATCH), [("wh_a", True)], now=T0 + 80) == 1
+        assert [d.id for d in await s.list_deliveries(DeliveryFilter(statuses=(FAILED,)))] == [ds[4]]
+    finally:
+        await s.close()

@@ -237,3 +237,44 @@ def test_a_second_daemon_on_the_same_database_refuses_to_start(
     finally:
         shutil.rmtree(run, ignore_errors=True)
     assert first.proc is not None and first.proc.poll() is None and first.cli("status").returncode == 0
+
+
+def test_serve_on_postgresql_sends_signed_batches_and_lists_them(
+    pg_cluster: Cluster, proc: Callable[..., Proc], aiohttp_receiver: AiohttpReceiver,
+) -> None:
+    """Batched delivery on PostgreSQL: a batching webhook's receiver gets JSON arrays whose
+    signatures verify and that hold every submitted event once; the attempts name the batch
+    (read back from PostgreSQL) and `deliveries list/count --batch` find its deliveries."""
+    dsn = asyncio.run(new_schema(pg_cluster))
+    d = proc()
+    d.write_config(tables=storage_table(dsn))
+    d.start()
+    hook = d.json("webhooks", "create", "--url", aiohttp_receiver.url, "--batch-max-events", "5",
+                  "--batch-linger", "200ms")
+    assert (hook["batch_max_events"], hook["batch_linger"]) == (5, "200ms")
+    done = d.cli("submit", stdin=lines(12, "pgb"))
+    assert done.returncode == 0, done.stderr
+    uids = [json.loads(line)["id"] for line in done.stdout.splitlines()]
+    wait_until(lambda: sum(len(json.loads(b)) for _, b in aiohttp_receiver.received) >= 12,
+               what="12 events in batches")
+    seen: list[str] = []
+    for headers, body in aiohttp_receiver.received:
+        Webhook(hook["secret"]).verify(body, headers)  # raises if the signature does not verify
+        assert headers["webhook-id"].startswith("batch_") and headers["x-webhook-event"] == "batch"
+        elements = json.loads(body)
+        assert isinstance(elements, list) and 1 <= len(elements) <= 5
+        seen.extend(e["id"] for e in elements)
+    assert sorted(seen) == sorted(uids)  # each event once
+    headers, body = aiohttp_receiver.received[0]
+    batch_id, in_batch = headers["webhook-id"], sorted(e["id"] for e in json.loads(body))
+
+    def listed() -> list[dict[str, object]]:
+        found: list[dict[str, object]] = d.json("deliveries", "list", "--batch", batch_id)["deliveries"]
+        return found
+
+    wait_until(lambda: sorted(str(x["event_id"]) for x in listed()) == in_batch, what="the batch's outcome committed")
+    assert {x["status"] for x in listed()} == {"succeeded"}
+    assert d.json("deliveries", "count", "--batch", batch_id)["count"] == len(in_batch)
+    one = d.json("deliveries", "show", listed()[0]["id"])
+    assert [a["batch_id"] for a in one["attempt_log"]] == [batch_id]
+    assert [w["batch_max_events"] for w in d.json("webhooks", "list")["webhooks"]] == [5]  # stored in PostgreSQL

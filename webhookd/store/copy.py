@@ -1,7 +1,8 @@
 """`webhookd migrate-storage`: copy a SQLite database into an empty PostgreSQL one, with the
 daemon stopped. Everything is copied with its ids: webhooks (secrets, gate state, filters,
-declared names), events (bodies, idempotency keys), deliveries in every status, attempts,
-the hourly counts, tracking's first hits and opt-outs, and API tokens. The copy is one
+declared names, batch settings), events (bodies, idempotency keys), deliveries in every
+status, attempts (with their batch ids), the hourly counts, tracking's first hits and
+opt-outs, and API tokens. The copy is one
 PostgreSQL transaction (COPY in chunks), read from one SQLite read transaction; the
 target's id sequences then continue above every copied id. A target that already holds
 anything is refused.
@@ -50,12 +51,13 @@ TABLES: tuple[Table, ...] = (
     Table("webhooks", ("id", "url", "events", "description", "enabled", "disabled_reason", "consecutive_failures",
                        "backoff_until", "secret", "previous_secret", "previous_secret_expires_at", "created_at",
                        "updated_at", "filter", "name", "declared_in", "last_attempt_at", "last_status_code",
-                       "last_error"), frozenset({"enabled"})),
+                       "last_error", "batch_max_events", "batch_max_bytes", "batch_linger"), frozenset({"enabled"})),
     Table("events", ("id", "uid", "idempotency_key", "type", "body", "created_at", "message_id", "recipient"),
           order="id"),
     Table("deliveries", ("id", "event_id", "webhook_id", "status", "attempts", "next_attempt_at", "last_status_code",
                          "last_error", "created_at", "updated_at"), order="id"),
-    Table("attempts", ("id", "delivery_id", "at", "duration_ms", "status_code", "error", "response_body"), order="id"),
+    Table("attempts", ("id", "delivery_id", "at", "duration_ms", "status_code", "error", "response_body", "batch_id"),
+          order="id"),
     Table("attempt_hours", ("hour", "webhook_id", "succeeded", "failed"), order="hour, webhook_id"),
     Table("tracking_firsts", ("key", "at"), order="key"),
     Table("tracking_opt_outs", ("hash", "created_at"), order="hash"),

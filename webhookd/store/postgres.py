@@ -33,6 +33,7 @@ import asyncpg
 import orjson
 import structlog
 
+from webhookd.batching import Batching
 from webhookd.events import Event
 from webhookd.filters import WebhookFilter
 from webhookd.reasons import Lead
@@ -42,6 +43,7 @@ from webhookd.store.model import (
     PAUSED,
     PENDING,
     ApiToken,
+    BatchOutcomeRecord,
     DeliveryFilter,
     DueItem,
     OutcomeRecord,
@@ -52,7 +54,7 @@ from webhookd.store.model import (
     WebhookRecord,
     WebhookState,
 )
-from webhookd.store.postgres_batch import Conn, Events, EventSink, Outcomes
+from webhookd.store.postgres_batch import BatchOutcomes, Conn, Events, EventSink, Outcomes
 from webhookd.store.postgres_read import Reads
 from webhookd.store.postgres_rows import (
     CONNECTION_ERRORS,
@@ -170,6 +172,7 @@ class PostgresStorage(Reads):
         self._writer: Writer[Conn, Conn] = Writer(_Transactions(self))
         self._events = Events(clock, self._sink)
         self._outcomes = Outcomes()
+        self._batch_outcomes = BatchOutcomes()
         self._lost_at: float | None = None  # monotonic time the writer's connection was found lost
         self._retry_at = 0.0
         self._retry_in = RECONNECT_MIN
@@ -353,6 +356,11 @@ class PostgresStorage(Reads):
     def record_outcome(self, record: OutcomeRecord, *, on_commit: Callable[[None], None] | None = None) -> None:
         self._writer.add(self._outcomes, record, on_commit=on_commit, internal=True)
 
+    def record_batch_outcome(
+        self, record: BatchOutcomeRecord, *, on_commit: Callable[[None], None] | None = None
+    ) -> None:
+        self._writer.add(self._batch_outcomes, record, on_commit=on_commit, internal=True)
+
     def set_webhook_state(
         self, webhook_id: str, state: WebhookState, *, pause_pending: bool = False,
         on_commit: Callable[[None], None] | None = None,
@@ -382,18 +390,18 @@ class PostgresStorage(Reads):
         async def write(conn: Conn) -> None:
             await conn.execute(
                 f"INSERT INTO webhooks ({WEBHOOK_COLUMNS}) VALUES"  # noqa: S608
-                " ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16)",
+                " ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19)",
                 w.id, w.url, orjson.dumps(list(w.events)).decode(), w.description, w.enabled,
                 w.disabled_reason, w.consecutive_failures, w.backoff_until, w.secret, w.previous_secret,
                 w.previous_secret_expires_at, w.created_at, w.updated_at, filter_text(w.filter), w.name,
-                w.declared_in,
+                w.declared_in, w.batching.max_events, w.batching.max_bytes, w.batching.linger,
             )
 
         return self._writer.run(write, on_commit=on_commit)
 
     def update_webhook(
         self, webhook_id: str, *, url: str, events: tuple[str, ...], description: str, filter: WebhookFilter,
-        updated_at: float, on_commit: Callable[[None], None] | None = None,
+        updated_at: float, batching: Batching | None = None, on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
         async def write(conn: Conn) -> None:
             await conn.execute(
@@ -401,6 +409,11 @@ class PostgresStorage(Reads):
                 " WHERE id = $6",
                 url, orjson.dumps(list(events)).decode(), description, filter_text(filter), updated_at, webhook_id,
             )
+            if batching is not None:  # None: the settings stay as they are
+                await conn.execute(
+                    "UPDATE webhooks SET batch_max_events = $1, batch_max_bytes = $2, batch_linger = $3 WHERE id = $4",
+                    batching.max_events, batching.max_bytes, batching.linger, webhook_id,
+                )
 
         return self._writer.run(write, on_commit=on_commit)
 

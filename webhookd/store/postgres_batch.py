@@ -1,6 +1,7 @@
 """The PostgreSQL backend's batchers: a run of submitted events, a run of attempt outcomes,
-each written with a few multi-row statements (`unnest` of arrays) in the writer's
-transaction, and the id blocks that number their rows."""
+a run of batch attempts' outcomes (webhookd.batching), each written with a few multi-row
+statements (`unnest` of arrays) in the writer's transaction, and the id blocks that number
+their rows."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ import asyncpg
 
 from webhookd.events import Event
 from webhookd.ids import new_id
-from webhookd.store.model import PAUSED, PENDING, FreshEvent, OutcomeRecord, StoreError, Subscriber
+from webhookd.store.model import (
+    PAUSED,
+    PENDING,
+    BatchOutcomeRecord,
+    FreshEvent,
+    OutcomeRecord,
+    StoreError,
+    Subscriber,
+)
 from webhookd.store.postgres_schema import BLOCK_LOCK, ID_BLOCK
 from webhookd.store.sqlite_rows import HOUR
 
@@ -198,48 +207,114 @@ class Outcomes:
             [r.next_attempt_at for r in rows], [r.status_code for r in rows], [r.error for r in rows],
             [r.updated_at for r in rows],
         )
-        await _insert_attempts(conn, kept)
+        await _insert_attempts(conn, [_AttemptRow(r.delivery_id, r) for r in kept])
         hours: Counter[tuple[int, str, bool]] = Counter()
-        last: dict[str, OutcomeRecord] = {}
+        last: dict[str, _Attempted] = {}
         for r in kept:
             hours[(int(r.at // HOUR) * HOUR, r.webhook_id, r.error is None)] += 1
-            seen = last.get(r.webhook_id)
-            if seen is None or r.at >= seen.at:
-                last[r.webhook_id] = r
-        merged: Counter[tuple[int, str]] = Counter()
-        failed: Counter[tuple[int, str]] = Counter()
-        for (hour, wid, ok), n in hours.items():
-            (merged if ok else failed)[(hour, wid)] += n
-        hour_keys = sorted(set(merged) | set(failed))
-        await conn.execute(
-            "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed)"
-            " SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])"
-            " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = attempt_hours.succeeded + excluded.succeeded,"
-            " failed = attempt_hours.failed + excluded.failed",
-            [h for h, _ in hour_keys], [w for _, w in hour_keys], [merged[k] for k in hour_keys],
-            [failed[k] for k in hour_keys],
-        )
-        webhooks = sorted(last)
-        await conn.execute(
-            "UPDATE webhooks w SET last_attempt_at = u.at, last_status_code = u.code, last_error = u.error"
-            " FROM unnest($1::text[], $2::float8[], $3::int[], $4::text[]) AS u(id, at, code, error)"
-            " WHERE w.id = u.id AND (w.last_attempt_at IS NULL OR w.last_attempt_at <= u.at)",
-            webhooks, [last[w].at for w in webhooks], [last[w].status_code for w in webhooks],
-            [last[w].error for w in webhooks],
-        )
+            _note_last(last, r.webhook_id, r)
+        await _add_hours_and_last(conn, hours, last)
         return [None] * len(items)
 
     def committed(self, items: list[OutcomeRecord], results: list[None]) -> None:
         pass
 
 
-async def _insert_attempts(conn: Conn, kept: list[OutcomeRecord]) -> None:
-    """One row per outcome, in queue order (the attempts' ids are their order)."""
+class BatchOutcomes:
+    """Writes a run of batch attempts' outcomes (webhookd.batching), as SQLite's does: each
+    batch's deliveries get their new state (next_attempt_at for the pending ones only), an
+    attempt row each carrying the batch id, and the hour counts and the webhook's last
+    attempt once per batch; deliveries deleted meanwhile (their webhook went) record nothing.
+    The whole run is one UPDATE and one INSERT (`unnest` of arrays), whatever its size."""
+
+    async def execute(self, conn: Conn, items: list[BatchOutcomeRecord]) -> list[None]:
+        ids = sorted({did for r in items for did in r.delivery_ids})
+        present = {int(r[0]) for r in await conn.fetch(  # locked in id order, as Outcomes does
+            "SELECT id FROM deliveries WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", ids
+        )}
+        state: dict[int, tuple[str, int, float | None, BatchOutcomeRecord]] = {}
+        rows: list[_AttemptRow] = []
+        hours: Counter[tuple[int, str, bool]] = Counter()
+        last: dict[str, _Attempted] = {}
+        for r in items:
+            n = 0
+            for did, status, attempts in zip(r.delivery_ids, r.statuses, r.attempts, strict=True):
+                if did not in present:
+                    continue
+                state[did] = (status, attempts, r.next_attempt_at if status == PENDING else None, r)  # the last wins
+                rows.append(_AttemptRow(did, r))
+                n += 1
+            if n:
+                hours[(int(r.at // HOUR) * HOUR, r.webhook_id, r.error is None)] += n
+                _note_last(last, r.webhook_id, r)
+        if not rows:
+            return [None] * len(items)
+        order = sorted(state)
+        await conn.execute(
+            "UPDATE deliveries d SET status = u.status, attempts = u.attempts, next_attempt_at = u.next_at,"
+            " last_status_code = u.code, last_error = u.error, updated_at = u.updated_at FROM unnest("
+            "$1::bigint[], $2::text[], $3::int[], $4::float8[], $5::int[], $6::text[], $7::float8[])"
+            " AS u(id, status, attempts, next_at, code, error, updated_at) WHERE d.id = u.id",
+            order, [state[i][0] for i in order], [state[i][1] for i in order], [state[i][2] for i in order],
+            [state[i][3].status_code for i in order], [state[i][3].error for i in order],
+            [state[i][3].updated_at for i in order],
+        )
+        await _insert_attempts(conn, rows)
+        await _add_hours_and_last(conn, hours, last)
+        return [None] * len(items)
+
+    def committed(self, items: list[BatchOutcomeRecord], results: list[None]) -> None:
+        pass
+
+
+_Attempted = OutcomeRecord | BatchOutcomeRecord
+
+
+@dataclass(frozen=True, slots=True)
+class _AttemptRow:
+    delivery_id: int
+    of: _Attempted  # what it shares with its outcome (a batch's rows share all but the delivery)
+
+
+def _note_last(last: dict[str, _Attempted], webhook_id: str, r: _Attempted) -> None:
+    seen = last.get(webhook_id)
+    if seen is None or r.at >= seen.at:
+        last[webhook_id] = r
+
+
+async def _insert_attempts(conn: Conn, rows: list[_AttemptRow]) -> None:
+    """One row per attempted delivery, in queue order (the attempts' ids are their order)."""
     await conn.execute(
-        "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body)"
-        " SELECT u.delivery_id, u.at, u.duration_ms, u.code, u.error, u.body FROM unnest("
-        "$1::bigint[], $2::float8[], $3::float8[], $4::int[], $5::text[], $6::text[])"
-        " WITH ORDINALITY AS u(delivery_id, at, duration_ms, code, error, body, n) ORDER BY u.n",
-        [r.delivery_id for r in kept], [r.at for r in kept], [round(r.duration_ms, 3) for r in kept],
-        [r.status_code for r in kept], [r.error for r in kept], [r.response_body for r in kept],
+        "INSERT INTO attempts (delivery_id, at, duration_ms, status_code, error, response_body, batch_id)"
+        " SELECT u.delivery_id, u.at, u.duration_ms, u.code, u.error, u.body, u.batch_id FROM unnest("
+        "$1::bigint[], $2::float8[], $3::float8[], $4::int[], $5::text[], $6::text[], $7::text[])"
+        " WITH ORDINALITY AS u(delivery_id, at, duration_ms, code, error, body, batch_id, n) ORDER BY u.n",
+        [a.delivery_id for a in rows], [a.of.at for a in rows], [round(a.of.duration_ms, 3) for a in rows],
+        [a.of.status_code for a in rows], [a.of.error for a in rows], [a.of.response_body for a in rows],
+        [a.of.batch_id for a in rows],
+    )
+
+
+async def _add_hours_and_last(conn: Conn, hours: Counter[tuple[int, str, bool]], last: dict[str, _Attempted]) -> None:
+    """The attempts per hour and webhook, and each webhook's last attempt (never an older one)."""
+    merged: Counter[tuple[int, str]] = Counter()
+    failed: Counter[tuple[int, str]] = Counter()
+    for (hour, wid, ok), n in hours.items():
+        (merged if ok else failed)[(hour, wid)] += n
+    hour_keys = sorted(set(merged) | set(failed))
+    await conn.execute(
+        "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed)"
+        " SELECT * FROM unnest($1::bigint[], $2::text[], $3::bigint[], $4::bigint[])"
+        " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = attempt_hours.succeeded + excluded.succeeded,"
+        " failed = attempt_hours.failed + excluded.failed",
+        [h for h, _ in hour_keys], [w for _, w in hour_keys], [merged[k] for k in hour_keys],
+        [failed[k] for k in hour_keys],
+    )
+    webhooks = sorted(last)
+    await conn.execute(
+        "UPDATE webhooks w SET last_attempt_at = u.at, last_status_code = u.code, last_error = u.error"
+        " FROM unnest($1::text[], $2::float8[], $3::int[], $4::text[]) AS u(id, at, code, error)"
+        " WHERE w.id = u.id AND (w.last_attempt_at IS NULL OR w.last_attempt_at <= u.at)",
+        webhooks, [last[w].at for w in webhooks], [last[w].status_code for w in webhooks],
+        [last[w].error for w in webhooks],
     )

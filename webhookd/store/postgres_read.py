@@ -61,12 +61,12 @@ class Reads:
         if not rows:
             return None
         attempts = await self._fetch(
-            "SELECT at, duration_ms, status_code, error, response_body FROM attempts WHERE delivery_id = $1"
-            " ORDER BY id", delivery_id,
+            "SELECT at, duration_ms, status_code, error, response_body, batch_id FROM attempts"
+            " WHERE delivery_id = $1 ORDER BY id", delivery_id,
         )
         return DeliveryDetail(
             delivery_row(rows[0]), bytes(rows[0][13]),
-            tuple(Attempt(float(a[0]), float(a[1]), a[2], a[3], a[4]) for a in attempts),
+            tuple(Attempt(float(a[0]), float(a[1]), a[2], a[3], a[4], a[5]) for a in attempts),
         )
 
     async def count_by_status(self) -> dict[str, int]:

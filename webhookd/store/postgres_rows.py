@@ -10,11 +10,12 @@ import orjson
 
 from webhookd.reasons import Lead
 from webhookd.store.model import ApiToken, Delivery, DeliveryFilter, DueItem, StoreError, WebhookRecord
-from webhookd.store.sqlite_rows import stored_filter
+from webhookd.store.sqlite_rows import stored_batching, stored_filter
 
 WEBHOOK_COLUMNS = (
     "id, url, events, description, enabled, disabled_reason, consecutive_failures, backoff_until,"
-    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at, filter, name, declared_in"
+    " secret, previous_secret, previous_secret_expires_at, created_at, updated_at, filter, name, declared_in,"
+    " batch_max_events, batch_max_bytes, batch_linger"
 )
 DELIVERY_SELECT = (
     "SELECT d.id, e.uid, d.webhook_id, e.type, d.status, d.attempts, d.next_attempt_at,"
@@ -69,6 +70,7 @@ def webhook_row(row: asyncpg.Record) -> WebhookRecord:
         disabled_reason=row[5], consecutive_failures=int(row[6]), backoff_until=float(row[7]), secret=row[8],
         previous_secret=row[9], previous_secret_expires_at=row[10], created_at=float(row[11]),
         updated_at=float(row[12]), filter=stored_filter(row[0], row[13]), name=row[14], declared_in=row[15],
+        batching=stored_batching(row[0], row[16], row[17], row[18]),
     )
 
 
@@ -121,6 +123,8 @@ def where_clause(f: DeliveryFilter, p: Params, before: int | None = None) -> str
         clauses.append(f"d.created_at >= {p(f.since)}")
     if f.until is not None:
         clauses.append(f"d.created_at < {p(f.until)}")
+    if f.batch_id is not None:
+        clauses.append(f"d.id IN (SELECT delivery_id FROM attempts WHERE batch_id = {p(f.batch_id)})")  # noqa: S608
     if before is not None:
         clauses.append(f"d.id < {p(before)}")
     return " AND ".join(clauses)

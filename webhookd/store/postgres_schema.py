@@ -6,8 +6,8 @@ same transaction, while holding a session advisory lock (`MIGRATION_LOCK`): two 
 starting together on one database take turns, and the second finds the work done.
 
 The versions are PostgreSQL's own (they need not follow the SQLite schema's numbers):
-version 1 is the whole of SQLite's v1..v7 at once. The lead ports later SQLite changes
-here as new entries.
+version 1 is the whole of SQLite's v1..v7 at once, version 2 is SQLite's v8 (batched
+delivery). The lead ports later SQLite changes here as new entries.
 
 Ids: event and delivery ids come from sequences that hand out *blocks* of ids
 (`INCREMENT BY ID_BLOCK`): an instance takes a block with one `nextval` and numbers the
@@ -126,6 +126,16 @@ MIGRATIONS: tuple[str, ...] = (
         last_used_at double precision,
         revoked_at double precision
     );
+    """,
+    # v2 (SQLite's v8): batched delivery, opt-in per webhook (webhookd/batching.py): its
+    # settings (0 events: off, which every webhook made before has), and on each attempt the
+    # batch it was part of (NULL for a single-event attempt), indexed to list a batch's deliveries.
+    """
+    ALTER TABLE webhooks ADD COLUMN batch_max_events integer NOT NULL DEFAULT 0;
+    ALTER TABLE webhooks ADD COLUMN batch_max_bytes integer NOT NULL DEFAULT 1048576;
+    ALTER TABLE webhooks ADD COLUMN batch_linger double precision NOT NULL DEFAULT 0;
+    ALTER TABLE attempts ADD COLUMN batch_id text;
+    CREATE INDEX attempts_batch ON attempts (batch_id) WHERE batch_id IS NOT NULL;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
