@@ -2,7 +2,8 @@
 recipient columns, each webhook's last attempt and the attempts per hour, adds the search
 indexes, and loses nothing; v4 → v5 gives every webhook the empty filter; v5 → v6 leaves every
 webhook undeclared (no name, no file) and makes names unique; v6 → v7 adds the (empty) table
-of scoped API tokens."""
+of scoped API tokens; the deferred fan-out migration (FANOUT_SCHEMA_VERSION) gives every webhook
+its fan-out key, no cursor and nothing deferred."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from webhookd.store import (
     StoreError,
     WebhookStats,
 )
-from webhookd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, split_sql
+from webhookd.store.sqlite_schema import FANOUT_SCHEMA_VERSION, MIGRATIONS, SCHEMA_VERSION, split_sql
 
 HOUR = 3600.0
 T = 1_700_001_000.0  # "now": half past an hour
@@ -109,7 +110,7 @@ def snapshot(path: Path) -> dict[str, list[tuple[Any, ...]]]:
     return {table: db_rows(path, sql) for table, sql in BEFORE.items()}
 
 
-@pytest.fixture(params=[6, 5, 4, 2, 1], ids=["from-v6", "from-v5", "from-v4", "from-v2", "from-v1"])
+@pytest.fixture(params=[7, 6, 5, 4, 2, 1], ids=["from-v7", "from-v6", "from-v5", "from-v4", "from-v2", "from-v1"])
 async def migrated(request: pytest.FixtureRequest,
                    tmp_path: Path) -> AsyncIterator[tuple[SqliteStorage, dict[str, Any]]]:
     path = tmp_path / "old.db"
@@ -126,8 +127,8 @@ async def test_schema_reaches_the_current_version_and_keeps_every_row(
 ) -> None:
     storage, before = migrated
     path = storage.path
-    assert SCHEMA_VERSION == 7
-    assert db_rows(path, "PRAGMA user_version") == [(7,)]
+    assert SCHEMA_VERSION == 8
+    assert db_rows(path, "PRAGMA user_version") == [(8,)]
     assert snapshot(path) == before  # nothing pre-existing is lost or changed
     assert [len(before[t]) for t in ("webhooks", "events", "deliveries", "attempts")] == [3, 4, 6, 5]
     names = {r[0] for r in db_rows(path, "SELECT name FROM sqlite_master WHERE type IN ('index', 'table')")}
@@ -254,3 +255,24 @@ async def test_a_failed_migration_leaves_the_old_database_as_it_was(tmp_path: Pa
     assert snapshot(path) == before
     columns = {r[1] for r in db_rows(path, "PRAGMA table_info(events)")}
     assert "message_id" not in columns
+
+
+async def test_every_old_webhook_gets_a_fanout_key_and_nothing_deferred(
+    migrated: tuple[SqliteStorage, dict[str, Any]],
+) -> None:
+    storage, _ = migrated
+    assert FANOUT_SCHEMA_VERSION <= SCHEMA_VERSION
+    assert db_rows(storage.path, "SELECT webhook_id, key, cursor, deferred FROM fanout ORDER BY key") == [
+        ("wh_1", 1, None, 0), ("wh_2", 2, None, 0), ("wh_3", 3, None, 0),  # keys in creation order
+    ]
+    assert db_rows(storage.path, "SELECT count(*) FROM events WHERE deferred IS NOT NULL") == [(0,)]
+    # wh_2 was disabled: from now on its deliveries are deferred, and still listed and counted
+    uid = await storage.submit(parse_event(b'{"event": "delivered", "data": {"message_id": "<d@x>"}}', now=T),
+                               [("wh_1", True), ("wh_2", False)])
+    assert db_rows(storage.path, "SELECT deferred FROM events WHERE uid = ?", (uid,)) == [(",2,",)]
+    assert db_rows(storage.path, "SELECT webhook_id, cursor, deferred FROM fanout WHERE deferred > 0") == [
+        ("wh_2", 5, 1)]
+    assert (await storage.count_by_status())[PAUSED] == 2
+    found = await storage.list_deliveries(DeliveryFilter(message_id="<d@x>"))
+    assert sorted((d.webhook_id, d.status) for d in found) == [("wh_1", PENDING), ("wh_2", PAUSED)]
+    assert db_rows(storage.path, "SELECT cursor, deferred FROM fanout WHERE webhook_id = 'wh_2'") == [(None, 0)]
