@@ -352,7 +352,8 @@ class SqliteStorage(Reads):
             # its deferred deliveries: pending now, or made failed rows
             deferred = self._fanout.set_enabled(webhook_id, True)
             if drop_backlog:
-                deferred = await in_thread(db, lambda conn: self._materialise_all(conn, webhook_id, status=FAILED))
+                deferred = await in_thread(db, lambda conn: self._materialise_all(conn, webhook_id, status=FAILED,
+                                                                                   now=now))
             return int(cur.rowcount) + deferred
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
@@ -396,7 +397,7 @@ class SqliteStorage(Reads):
             total = 0
             if status_of(self._fanout.work.enabled.get(webhook_id, True)) in statuses:
                 # its deferred deliveries are among those replayed: rows first
-                made = await in_thread(db, lambda conn: self._materialise_all(conn, webhook_id))
+                made = await in_thread(db, lambda conn: self._materialise_all(conn, webhook_id, now=now))
                 if made and PENDING in statuses:
                     resync.append(webhook_id)
             for old in dict.fromkeys(statuses):  # one statement per status: exact counts
@@ -472,6 +473,7 @@ class SqliteStorage(Reads):
         enabled webhook, made rows now, in key order with the others (all of them are
         returned: the window's boundary may lie above their keys). None left: it stops lagging."""
         f = self._fanout
+        f.windows[webhook_id] = limit
         if not f.work.enabled.get(webhook_id, True):
             return rows
         if not f.has_deferred(webhook_id):
@@ -483,12 +485,13 @@ class SqliteStorage(Reads):
         return sorted([*rows, *made], key=lambda d: d.key)
 
     def _materialise_all(self, conn: sqlite3.Connection, webhook_id: str, *, status: str | None = None,
-                         limit: int | None = None) -> int:
+                         limit: int | None = None, now: float | None = None) -> int:
         """Make rows of the webhook's deferred deliveries (all, or up to `limit`); how many."""
         total = 0
+        at = self.clock() if now is None else now
         while self._fanout.has_deferred(webhook_id) and (limit is None or total < limit):
             chunk = CHUNK if limit is None else min(CHUNK, limit - total)
-            made, self._ids.delivery = self._fanout.materialise(conn, webhook_id, chunk, now=self.clock(),
+            made, self._ids.delivery = self._fanout.materialise(conn, webhook_id, chunk, now=at,
                                                                 next_id=self._ids.delivery, status=status)
             total += len(made)
         self._fanout.flush(conn)
@@ -512,7 +515,7 @@ class SqliteStorage(Reads):
             return  # deferred deliveries are pending or paused
         webhooks = self._fanout.deferred_in(None if where.webhook_id is None else [where.webhook_id])
         for webhook_id in webhooks:
-            while self._fanout.has_deferred(webhook_id):
+            while webhook_id in self._fanout.state.deferred:  # committed: no transaction is half-read
                 resync: list[str] = []
 
                 async def chunk(db: Conn, webhook_id: str = webhook_id, resync: list[str] = resync) -> int:

@@ -86,6 +86,7 @@ class Fanout:
         self._work: State | None = None  # this transaction's, once changed
         self._changed: set[str] = set()
         self._splits: dict[tuple[int, frozenset[str]], Split] = {}
+        self.windows: dict[str, int] = {}  # the last refill size asked per webhook (a hint, not state)
 
     # -- transactions --------------------------------------------------------------------
     @property
@@ -123,7 +124,7 @@ class Fanout:
             if cursor is not None and deferred:
                 s.cursor[wid], s.deferred[wid] = int(cursor), int(deferred)
                 self.counts.by[(wid, status_of(s.enabled.get(wid, True)))] += int(deferred)
-        s.lagging = frozenset(w for w in s.enabled if not s.enabled[w] or w in s.deferred)
+        s.lagging = frozenset(w for w in s.keys if not s.enabled.get(w, True) or w in s.deferred)
         self.state = s
         self.begin()
 
@@ -133,9 +134,13 @@ class Fanout:
         starts lagging (its deliveries of this run on are deferred). Returns those webhooks:
         the scheduler must read their windows again (what it holds may be all it will get)."""
         s = self.work
-        limit = self.defer_after
+        limit, windows = self.defer_after, self.windows
+        # past a few windows too: a webhook that has just caught up (its pending rows are at
+        # most its window in memory, its attempts and less than a window stored) must not
+        # start lagging again at once
         newly = [w for (w, status), n in self.counts.by.items()
-                 if status == PENDING and n > limit and w not in s.lagging and w in s.keys]
+                 if status == PENDING and n > limit and w not in s.lagging and w in s.keys
+                 and n > 4 * windows.get(w, 0)]
         if newly:
             self._lag(newly)
         return newly
