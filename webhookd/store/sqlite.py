@@ -235,7 +235,8 @@ class SqliteStorage(Reads):
                    " AND (d.next_attempt_at, d.id) > (?, ?) ORDER BY d.next_attempt_at, d.id LIMIT ?")
             async with db.execute(sql, (webhook_id, after[0], after[1], limit)) as cur:
                 rows = [due_row(r) for r in await cur.fetchall()]
-            if len(rows) < limit:  # its rows ran out: the next deferred deliveries (sqlite_fanout.py)
+            self._fanout.windows[webhook_id] = limit
+            if len(rows) < limit and self._fanout.refills(webhook_id):  # sqlite_fanout.py
                 rows = await in_thread(db, lambda conn: self._refill_deferred(conn, webhook_id, rows, limit))
             return rows
 
@@ -469,16 +470,11 @@ class SqliteStorage(Reads):
     # -- deferred fan-out (sqlite_fanout.py) -----------------------------------------------------
     def _refill_deferred(self, conn: sqlite3.Connection, webhook_id: str, rows: list[DueItem],
                          limit: int) -> list[DueItem]:
-        """take_due found fewer than `limit` rows: add the next deferred deliveries of an
-        enabled webhook, made rows now, in key order with the others (all of them are
-        returned: the window's boundary may lie above their keys). None left: it stops lagging."""
+        """take_due found fewer than `limit` rows of an enabled webhook with deferred
+        deliveries (`Fanout.refills`): add the next ones, made rows now, in key order with
+        the others (all of them are returned: the window's boundary may lie above their
+        keys). None left: it stops lagging."""
         f = self._fanout
-        f.windows[webhook_id] = limit
-        if not f.work.enabled.get(webhook_id, True):
-            return rows
-        if not f.has_deferred(webhook_id):
-            f.lagging_without_deferred(webhook_id)
-            return rows
         made, self._ids.delivery = f.materialise(conn, webhook_id, limit - len(rows), now=self.clock(),
                                                  next_id=self._ids.delivery, bodies=True)
         f.flush(conn)

@@ -285,12 +285,19 @@ class Fanout:
         self.counts.move(webhook_id, None, virtual, int(n) - s.deferred[webhook_id])
         s.deferred[webhook_id] = int(n)
 
-    def lagging_without_deferred(self, webhook_id: str) -> None:
-        """A refill found nothing deferred left: an enabled webhook stops lagging."""
+    def refills(self, webhook_id: str) -> bool:
+        """A refill (take_due) found fewer rows than it asked for: should it make deferred ones rows?
+        Yes for an enabled webhook that has some; an enabled one that lags with none left
+        stops lagging here (its window will hold everything: new rows must reach it)."""
         s = self.work
-        if webhook_id in s.lagging and webhook_id not in s.deferred and s.enabled.get(webhook_id, True):
+        if not s.enabled.get(webhook_id, True):
+            return False
+        if webhook_id in s.deferred:
+            return True
+        if webhook_id in s.lagging:
             own = self._own()
             own.lagging = own.lagging - {webhook_id}
+        return False
 
     # -- writing the state ---------------------------------------------------------------
     def flush(self, conn: sqlite3.Connection) -> None:
