@@ -18,6 +18,7 @@ from webhookd.store.sqlite_fanout import Fanout, Split
 from webhookd.store.sqlite_rows import HOUR, Counts
 
 Conn = aiosqlite.Connection
+RECHECK_EVERY = 32  # events of one run between two decisions of who lags (sqlite_fanout.py)
 T = TypeVar("T")
 
 
@@ -90,7 +91,9 @@ class Events:
         split = fanout.split
         deferred_runs: Counter[int] = Counter()
         deferred_first: dict[int, tuple[Split, int]] = {}  # holds each Split: its id() stays unique
-        for ev, all_subscribers in items:
+        for n, (ev, all_subscribers) in enumerate(items, 1):
+            if not n % RECHECK_EVERY:  # a long run: who lags is decided again with what it made
+                resync += fanout.during_batch(made)
             key = ev.idempotency_key
             if key is not None and key in known:
                 results.append(known[key])

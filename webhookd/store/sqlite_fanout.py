@@ -29,7 +29,7 @@ committed one only when the transaction commits (`begin`, `commit`, `rollback`).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +39,8 @@ from webhookd.store.sqlite_rows import Counts
 DEFER_AFTER = 256
 """Pending rows past which an enabled webhook's new deliveries are deferred: it has more
 than a window's worth waiting already (the scheduler holds at most a few hundred of a
-webhook's deliveries in memory; the rest are read back in order)."""
+webhook's deliveries in memory; the rest are read back in order). A webhook whose refills
+ask for more (a larger window) defers past twice what it asks for."""
 
 CHUNK = 10_000
 """Deliveries made rows per transaction when a whole backlog is materialised."""
@@ -133,14 +134,23 @@ class Fanout:
         """Before a run of events: an enabled webhook whose pending rows passed `defer_after`
         starts lagging (its deliveries of this run on are deferred). Returns those webhooks:
         the scheduler must read their windows again (what it holds may be all it will get)."""
+        by = self.counts.by
+        return self._past([w for (w, status) in by if status == PENDING], lambda w: by[(w, PENDING)])
+
+    def during_batch(self, made: Mapping[Subscriber, int]) -> list[str]:
+        """Every few events of a long run: the same, counting the rows the run made so far."""
+        by = self.counts.by
+        return self._past([w for (w, enabled) in made if enabled],
+                          lambda w: by.get((w, PENDING), 0) + made[(w, True)])
+
+    def _past(self, candidates: list[str], pending: Callable[[str], int]) -> list[str]:
         s = self.work
         limit, windows = self.defer_after, self.windows
-        # past a few windows too: a webhook that has just caught up (its pending rows are at
-        # most its window in memory, its attempts and less than a window stored) must not
-        # start lagging again at once
-        newly = [w for (w, status), n in self.counts.by.items()
-                 if status == PENDING and n > limit and w not in s.lagging and w in s.keys
-                 and n > 4 * windows.get(w, 0)]
+        # and past two of its windows: a webhook that has just caught up (its pending rows are
+        # then less than half a window in memory, its attempts, at most a quarter of a window,
+        # and less than a window stored) must not start lagging again at once
+        newly = [w for w in candidates
+                 if w not in s.lagging and w in s.keys and pending(w) > max(limit, 2 * windows.get(w, 0))]
         if newly:
             self._lag(newly)
         return newly
