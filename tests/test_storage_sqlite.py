@@ -244,3 +244,21 @@ async def test_a_failed_batch_leaves_the_deferred_state_as_it_was(sqlite_storage
     await s.submit(ev(2), [("wh_off", False)])
     assert db_rows(db_path(tmp_path), "SELECT cursor, deferred FROM fanout") == [(1, 2)]
     assert (await s.count_by_status())["paused"] == 2
+
+
+async def test_a_long_intake_run_stops_making_rows_for_a_webhook_past_the_threshold(
+        sqlite_storage: SqliteStorage, tmp_path: Path, fresh: list[FreshEvent]) -> None:
+    s = sqlite_storage
+    await s.create_webhook(webhook("wh_a"))
+    uids = await asyncio.gather(*(s.submit(ev(i), [("wh_a", True)]) for i in range(1000)))  # one run
+    assert s.commits <= 3
+    [(rows,)] = db_rows(db_path(tmp_path), "SELECT count(*) FROM deliveries")
+    assert 256 < rows <= 256 + 32  # decided again every 32 events of the run, not once for all 1000
+    assert [fe.resync for fe in fresh if fe.resync] == [("wh_a",)]
+    assert (await s.count_by_status())["pending"] == 1000
+    got: list[str] = []
+    after = START
+    while due := await s.take_due("wh_a", after, 128):
+        got += [d.event_uid for d in due]
+        after = due[-1].key
+    assert got == list(uids)
