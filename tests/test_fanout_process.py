@@ -135,7 +135,9 @@ def test_webhooks_that_cannot_deliver_cost_no_rows_and_later_get_every_event_onc
     expected = {f"<f-{i}@x>" for i in range(EVENTS)}
     wait_until(lambda: receiver.delivered() >= expected, timeout=60, what="the healthy webhook's deliveries")
     assert len(receiver.bodies) == EVENTS  # each once
-    wait_until(lambda: hanging.held >= HANGING, what="every hanging webhook to have attempts open")
+    # their outcomes committed (so the kill below sends none of them again), the hanging ones open
+    wait_until(lambda: counts(d)["succeeded"] == EVENTS, timeout=60, what="the healthy outcomes recorded")
+    wait_until(lambda: hanging.held >= HANGING, timeout=60, what="every hanging webhook to have attempts open")
 
     rows = rows_by_webhook(db)
     assert rows[healthy] == EVENTS
