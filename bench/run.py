@@ -1110,6 +1110,14 @@ def phase_isolation(root: Path, args: argparse.Namespace, results: dict[str, Any
     out["drain_ratio"] = round(out["with_hanging_drain_deliveries_per_s"] / out["solo_drain_deliveries_per_s"], 3)
     out["target_ratio"] = TARGET_ISOLATION_RATIO
     out["met"] = out["ratio"] >= TARGET_ISOLATION_RATIO
+    # issue 14, target 5: the figure beside its floor (the solo rate) and its target
+    out["figure"] = {"isolation.ratio": out["ratio"], "floor_solo_deliveries_per_s": out["solo_deliveries_per_s"],
+                     "with_hanging_deliveries_per_s": out["with_hanging_deliveries_per_s"],
+                     "target": TARGET_ISOLATION_RATIO, "met": out["met"]}
+    print(f"bench: isolation.ratio {out['ratio']:.3f} ({out['with_hanging_deliveries_per_s']}/s beside "
+          f"{args.hanging} hanging webhooks vs {out['solo_deliveries_per_s']}/s solo; fan-out only "
+          f"{out['fanout_only_ratio']:.3f})  target: {TARGET_ISOLATION_RATIO}  met: {'yes' if out['met'] else 'no'}",
+          file=sys.stderr, flush=True)
     results["isolation"] = out
 
 

@@ -647,7 +647,10 @@ async def test_enable_webhook_resumes_the_paused_backlog(storage: Storage, fresh
 
 async def test_enable_webhook_can_drop_the_backlog(storage: Storage, fresh: list[FreshEvent]) -> None:
     await storage.create_webhook(webhook("wh_a", enabled=False))
-    rows = [await submit(storage, fresh, ev(i), [("wh_a", False)]) for i in range(3)]
+    for i in range(3):  # a disabled webhook's deliveries may be deferred: the listing names them
+        await storage.submit(ev(i), [("wh_a", False)])
+    rows = [[d] for d in sorted(await statuses(storage, DeliveryFilter(webhook_id="wh_a")))]
+    assert len(rows) == 3
     await storage.reschedule(rows[0][0], status=PENDING, next_attempt_at=T0, now=T0)
     dropped: list[int] = []
     assert await storage.enable_webhook("wh_a", now=T0 + 100, drop_backlog=True, on_commit=dropped.append) == 2
@@ -1176,6 +1179,166 @@ async def test_touch_tokens_sets_last_use_in_one_write_and_never_moves_it_back(s
     assert storage.commits == before + 1
     await storage.touch_tokens([("tok_1", T0 + 50), ("tok_nope", T0 + 300)])  # older: kept; unknown: ignored
     assert [t.last_used_at for t in await storage.list_tokens()] == [T0 + 100, T0 + 200, None]
+
+
+# -- deferred fan-out: deliveries a backend may create late (for a webhook that cannot take them now) ----
+# A backend may defer the deliveries of a disabled webhook, or of one with a long backlog: such a
+# delivery is then missing from the fresh event and gets its id when the backend makes it a row
+# (webhookd/store/sqlite_fanout.py). Whether it does is invisible here: listings, counts, stats,
+# take_due, replay, enable, delete, retention and a restart see every delivery exactly once.
+BACKLOG = 600  # more than any backend may keep as rows before it defers (SQLite: 256)
+
+
+async def walk_due(storage: Storage, webhook_id: str, limit: int = 100) -> list[DueItem]:
+    """Every pending delivery of the webhook, taken in key order as the scheduler's refills do."""
+    out: list[DueItem] = []
+    after = START
+    while True:
+        got = await storage.take_due(webhook_id, after, limit)
+        out.extend(got)
+        if len(got) < limit:
+            return out
+        after = got[-1].key
+
+
+def eager_ids(fresh: list[FreshEvent], webhook_id: str) -> list[int]:
+    return [fe.delivery_id(i) for fe in fresh for i, (w, _) in enumerate(fe.subscribers) if w == webhook_id]
+
+
+async def test_a_disabled_webhooks_deliveries_are_counted_listed_and_resumed_exactly(
+        storage: Storage, fresh: list[FreshEvent], clock: FakeClock) -> None:
+    await storage.create_webhook(webhook("wh_a"))
+    await storage.create_webhook(webhook("wh_off", enabled=False))
+    uids = [await storage.submit(ev(i), [("wh_a", True), ("wh_off", False)]) for i in range(5)]
+    assert len(eager_ids(fresh, "wh_a")) == 5
+    assert await storage.count_by_status() == {PENDING: 5, PAUSED: 5, SUCCEEDED: 0, FAILED: 0}
+    stats = await storage.webhook_stats(T0)
+    assert (stats["wh_a"].pending, stats["wh_off"].paused, stats["wh_off"].pending) == (5, 5, 0)
+    assert await storage.oldest_pending() == T0
+    assert await storage.take_due("wh_off", START, 100) == []  # paused
+    assert await storage.count_deliveries(DeliveryFilter(webhook_id="wh_off")) == 5
+    listed = await storage.list_deliveries(DeliveryFilter(webhook_id="wh_off"))
+    assert sorted(d.event_uid for d in listed) == sorted(uids)  # each event once
+    assert {(d.status, d.next_attempt_at, d.created_at) for d in listed} == {(PAUSED, None, T0)}
+    assert [d.event_uid for d in listed] == uids[::-1]  # newest first: ids follow the events
+    clock.advance(100)
+    assert await storage.enable_webhook("wh_off", now=T0 + 100, drop_backlog=False) == 5
+    assert await storage.count_by_status() == {PENDING: 10, PAUSED: 0, SUCCEEDED: 0, FAILED: 0}
+    due = await walk_due(storage, "wh_off")
+    assert [d.event_uid for d in due] == uids and {d.next_at for d in due} == {T0 + 100}
+    assert {d.delivery_id for d in due} == {d.id for d in listed}
+
+
+async def test_deferred_deliveries_reach_take_due_in_event_order_once_without_a_listing(
+        storage: Storage, fresh: list[FreshEvent], clock: FakeClock) -> None:
+    await storage.create_webhook(webhook("wh_off", enabled=False))
+    uids = []
+    for i in range(7):
+        uids.append(await storage.submit(ev(i, to=f"c{i}@example.org"), [("wh_off", False)]))
+        clock.advance(1)
+    clock.advance(100)
+    assert await storage.enable_webhook("wh_off", now=clock.now, drop_backlog=False) == 7
+    assert (await storage.webhook_stats(clock.now))["wh_off"].pending == 7
+    assert await storage.oldest_pending() == T0  # the first event's time, made a row or not
+    due = await walk_due(storage, "wh_off", limit=3)  # in chunks
+    assert [d.event_uid for d in due] == uids
+    assert [d.body for d in due] == [ev(i, to=f"c{i}@example.org").body for i in range(7)]
+    assert len({d.delivery_id for d in due}) == 7 and [d.key for d in due] == sorted(d.key for d in due)
+    assert await walk_due(storage, "wh_off") == due  # the same rows, not new ones
+    listed = {d.id: d for d in await storage.list_deliveries(DeliveryFilter(webhook_id="wh_off"))}
+    assert set(listed) == {d.delivery_id for d in due}
+    assert sorted(d.created_at for d in listed.values()) == [T0 + i for i in range(7)]  # its event's time
+    assert await storage.count_deliveries(DeliveryFilter(recipient="c3@example.org")) == 1
+
+
+async def test_a_long_backlog_is_exact_through_take_due_outcomes_and_new_events(
+        storage: Storage, fresh: list[FreshEvent], clock: FakeClock) -> None:
+    await storage.create_webhook(webhook("wh_a"))
+    first = await asyncio.gather(*(storage.submit(ev(i), [("wh_a", True)]) for i in range(BACKLOG // 2)))
+    clock.advance(10)
+    second = await asyncio.gather(*(storage.submit(ev(i), [("wh_a", True)]) for i in range(BACKLOG // 2, BACKLOG)))
+    uids = [*first, *second]
+    assert await storage.count_by_status() == {PENDING: BACKLOG, PAUSED: 0, SUCCEEDED: 0, FAILED: 0}
+    assert await storage.oldest_pending() == T0
+    due = await walk_due(storage, "wh_a")
+    assert [d.event_uid for d in due] == uids  # every event once, in order
+    assert set(eager_ids(fresh, "wh_a")) <= {d.delivery_id for d in due}
+    await record(storage, *(outcome(d.delivery_id, "wh_a", ok=True, at=clock.now) for d in due[:BACKLOG // 2]))
+    assert await storage.oldest_pending() == T0 + 10  # the second half's: made rows or still deferred
+    await record(storage, *(outcome(d.delivery_id, "wh_a", ok=True, at=clock.now) for d in due[BACKLOG // 2:]))
+    assert await storage.count_by_status() == {PENDING: 0, PAUSED: 0, SUCCEEDED: BACKLOG, FAILED: 0}
+    assert await storage.oldest_pending() is None
+    seen = len(fresh)
+    uid = await storage.submit(ev(BACKLOG), [("wh_a", True)])  # caught up: fresh deliveries reach the sink again
+    [fe] = [fe for fe in fresh[seen:] if fe.subscribers]
+    assert fe.event_uid == uid and [i.webhook_id for i in fe.items()] == ["wh_a"]
+    assert await storage.count_deliveries(DeliveryFilter(webhook_id="wh_a")) == BACKLOG + 1
+
+
+async def test_disable_pauses_deferred_deliveries_and_drop_backlog_fails_them(
+        storage: Storage, fresh: list[FreshEvent], clock: FakeClock) -> None:
+    await storage.create_webhook(webhook("wh_a"))
+    await asyncio.gather(*(storage.submit(ev(i), [("wh_a", True)]) for i in range(BACKLOG)))
+    off = WebhookState(False, "disabled by hand", 0, 0.0, T0 + 1)
+    await storage.set_webhook_state("wh_a", off, pause_pending=True)
+    assert await storage.count_by_status() == {PENDING: 0, PAUSED: BACKLOG, SUCCEEDED: 0, FAILED: 0}
+    await storage.submit(ev(BACKLOG), [("wh_a", False)])
+    assert (await storage.webhook_stats(T0))["wh_a"].paused == BACKLOG + 1
+    assert await storage.oldest_pending() is None
+    clock.advance(50)
+    assert await storage.enable_webhook("wh_a", now=clock.now, drop_backlog=True) == BACKLOG + 1
+    assert await storage.count_by_status() == {PENDING: 0, PAUSED: 0, SUCCEEDED: 0, FAILED: BACKLOG + 1}
+    listed = await storage.list_deliveries(DeliveryFilter(webhook_id="wh_a"), limit=10_000)
+    assert len(listed) == BACKLOG + 1 and {d.status for d in listed} == {FAILED}
+    assert all(d.last_error for d in listed)
+    assert await storage.take_due("wh_a", START, 10) == []
+
+
+async def test_replay_delete_and_retention_see_deferred_deliveries(storage: Storage, fresh: list[FreshEvent],
+                                                                   clock: FakeClock) -> None:
+    await storage.create_webhook(webhook("wh_a"))
+    await storage.create_webhook(webhook("wh_off", enabled=False))
+    await storage.create_webhook(webhook("wh_gone", enabled=False))
+    subs: list[Subscriber] = [("wh_a", True), ("wh_off", False), ("wh_gone", False)]
+    for i in range(4):
+        await storage.submit(ev(i), subs)
+    a = eager_ids(fresh, "wh_a")
+    await record(storage, *(outcome(d, "wh_a", ok=True, at=T0) for d in a))
+    # a day later every finished delivery and every event no delivery needs may go: these are needed
+    clock.advance(DAY)
+    while await storage.prune(T0 + HOUR, limit=2) == 2:
+        pass
+    assert await storage.count_deliveries(DeliveryFilter(webhook_id="wh_a")) == 0
+    assert await storage.replay("wh_off", since=T0, statuses=(PAUSED,), status=PAUSED, next_attempt_at=None,
+                                now=clock.now) == 4
+    await storage.delete_webhook("wh_gone")
+    assert await storage.count_by_status() == {PENDING: 0, PAUSED: 4, SUCCEEDED: 0, FAILED: 0}
+    assert "wh_gone" not in await storage.webhook_stats(clock.now)
+    listed = await storage.list_deliveries(EVERYTHING)
+    assert {(d.webhook_id, d.status) for d in listed} == {("wh_off", PAUSED)} and len(listed) == 4
+    found = await storage.due_item(listed[0].id)
+    assert found is not None and found[0].body == ev(3).body  # its event was kept
+    assert await storage.enable_webhook("wh_off", now=clock.now, drop_backlog=True) == 4
+    clock.advance(DAY)
+    while await storage.prune(clock.now - HOUR) == 1000:
+        pass
+    assert await storage.count_deliveries(EVERYTHING) == 0
+
+
+async def test_deferred_deliveries_survive_a_restart(make_storage: MakeStorage, clock: FakeClock) -> None:
+    got: list[FreshEvent] = []
+    s = await make_storage(clock=clock, on_fresh=got.extend)
+    await s.create_webhook(webhook("wh_a"))
+    await s.create_webhook(webhook("wh_off", enabled=False))
+    uids = await asyncio.gather(*(s.submit(ev(i), [("wh_a", True), ("wh_off", False)]) for i in range(BACKLOG)))
+    await s.close()
+    s = await make_storage(clock=clock, on_fresh=got.extend)
+    assert await s.count_by_status() == {PENDING: BACKLOG, PAUSED: BACKLOG, SUCCEEDED: 0, FAILED: 0}
+    assert (await s.webhook_stats(T0))["wh_off"].paused == BACKLOG
+    assert [d.event_uid for d in await walk_due(s, "wh_a")] == list(uids)
+    assert await s.enable_webhook("wh_off", now=T0, drop_backlog=False) == BACKLOG
+    assert [d.event_uid for d in await walk_due(s, "wh_off")] == list(uids)
+    assert await s.count_deliveries(EVERYTHING) == 2 * BACKLOG
 
 
 __all__ = ["EVERYTHING", "START", "T0", "FakeClock", "MakeStorage", "clock", "ev", "fresh", "outcome", "record",

@@ -3,7 +3,8 @@ recipient columns, each webhook's last attempt and the attempts per hour, adds t
 indexes, and loses nothing; v4 → v5 gives every webhook the empty filter; v5 → v6 leaves every
 webhook undeclared (no name, no file) and makes names unique; v6 → v7 adds the (empty) table
 of scoped API tokens; v7 → v8 turns batching off for every webhook and leaves every old attempt
-outside any batch."""
+outside any batch; the deferred fan-out migration (FANOUT_SCHEMA_VERSION, v9) gives every webhook
+its fan-out key, no cursor and nothing deferred."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ from webhookd.store import (
     StoreError,
     WebhookStats,
 )
-from webhookd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, split_sql
+from webhookd.store.sqlite_schema import FANOUT_SCHEMA_VERSION, MIGRATIONS, SCHEMA_VERSION, split_sql
 
 HOUR = 3600.0
 T = 1_700_001_000.0  # "now": half past an hour
@@ -129,8 +130,8 @@ async def test_schema_reaches_the_current_version_and_keeps_every_row(
 ) -> None:
     storage, before = migrated
     path = storage.path
-    assert SCHEMA_VERSION == 8
-    assert db_rows(path, "PRAGMA user_version") == [(8,)]
+    assert SCHEMA_VERSION == 9
+    assert db_rows(path, "PRAGMA user_version") == [(9,)]
     assert snapshot(path) == before  # nothing pre-existing is lost or changed
     assert [len(before[t]) for t in ("webhooks", "events", "deliveries", "attempts")] == [3, 4, 6, 5]
     names = {r[0] for r in db_rows(path, "SELECT name FROM sqlite_master WHERE type IN ('index', 'table')")}
@@ -281,3 +282,22 @@ async def test_every_old_webhook_has_batching_off_and_old_attempts_no_batch(
                                  filter=EMPTY_FILTER, updated_at=T)  # a write after it: the outcome committed
     assert [d.id for d in await storage.list_deliveries(DeliveryFilter(batch_id=bid))] == [5]
     assert await storage.count_deliveries(DeliveryFilter(batch_id=bid)) == 1
+async def test_every_old_webhook_gets_a_fanout_key_and_nothing_deferred(
+    migrated: tuple[SqliteStorage, dict[str, Any]],
+) -> None:
+    storage, _ = migrated
+    assert FANOUT_SCHEMA_VERSION <= SCHEMA_VERSION
+    assert db_rows(storage.path, "SELECT webhook_id, key, cursor, deferred FROM fanout ORDER BY key") == [
+        ("wh_1", 1, None, 0), ("wh_2", 2, None, 0), ("wh_3", 3, None, 0),  # keys in creation order
+    ]
+    assert db_rows(storage.path, "SELECT count(*) FROM events WHERE deferred IS NOT NULL") == [(0,)]
+    # wh_2 was disabled: from now on its deliveries are deferred, and still listed and counted
+    uid = await storage.submit(parse_event(b'{"event": "delivered", "data": {"message_id": "<d@x>"}}', now=T),
+                               [("wh_1", True), ("wh_2", False)])
+    assert db_rows(storage.path, "SELECT deferred FROM events WHERE uid = ?", (uid,)) == [(",2,",)]
+    assert db_rows(storage.path, "SELECT webhook_id, cursor, deferred FROM fanout WHERE deferred > 0") == [
+        ("wh_2", 5, 1)]
+    assert (await storage.count_by_status())[PAUSED] == 2
+    found = await storage.list_deliveries(DeliveryFilter(message_id="<d@x>"))
+    assert sorted((d.webhook_id, d.status) for d in found) == [("wh_1", PENDING), ("wh_2", PAUSED)]
+    assert db_rows(storage.path, "SELECT cursor, deferred FROM fanout WHERE webhook_id = 'wh_2'") == [(None, 0)]

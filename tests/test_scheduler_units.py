@@ -216,7 +216,8 @@ MakeRig = Callable[..., Awaitable[Rig]]
 async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
     rigs: list[Rig] = []
 
-    async def make(handler: Handler | None = None, min_window: int | None = None, **delivery: Any) -> Rig:
+    async def make(handler: Handler | None = None, min_window: int | None = None, defer_after: int | None = None,
+                   **delivery: Any) -> Rig:
         clock, monotonic = FakeClock(T0), FakeClock(1000.0)
         path = tmp_path / f"db{len(rigs)}" / "webhookd.db"
         scheduler: Scheduler | None = None
@@ -225,7 +226,7 @@ async def make_rig(tmp_path: Path) -> AsyncIterator[MakeRig]:
             assert scheduler is not None
             scheduler.push_fresh(events)
 
-        storage = SqliteStorage(path, durability="normal", clock=clock, on_fresh=fresh)
+        storage = SqliteStorage(path, durability="normal", clock=clock, on_fresh=fresh, defer_after=defer_after)
         poster = FakePoster(clock, handler)
         metrics = Metrics()
         scheduler = Scheduler(storage, poster, replace(BASE, **delivery), clock=clock, monotonic=monotonic,
@@ -451,9 +452,11 @@ async def test_reconfigure_moves_per_webhook_concurrency_both_ways(make_rig: Mak
 
 
 # -- the window and its refills -------------------------------------------------------------------
+@pytest.mark.parametrize("defer_after", [None, 5], ids=["rows", "deferred"])  # the storage defers past 5 pending
 @pytest.mark.parametrize("backlog", ["fresh-at-once", "fresh-in-waves", "resumed-from-storage"])
-async def test_refills_attempt_every_delivery_once_with_bounded_memory(make_rig: MakeRig, backlog: str) -> None:
-    rig = await make_rig(per_webhook_concurrency=2, min_window=8)
+async def test_refills_attempt_every_delivery_once_with_bounded_memory(make_rig: MakeRig, backlog: str,
+                                                                       defer_after: int | None) -> None:
+    rig = await make_rig(per_webhook_concurrency=2, min_window=8, defer_after=defer_after)
     window = window_size(rig.scheduler.cfg, rig.scheduler.min_window)
     assert window == 8
     wh = await rig.hook()
@@ -724,3 +727,83 @@ async def test_the_indexed_fan_out_picks_what_each_filter_alone_picks(make_rig: 
             expected = [wh.id for wh in hooks if wh.matcher is None or wh.matcher.matches(data)]
             got = [wid for wid, _enabled in rig.scheduler.fan_out(event(**data))]
             assert got == expected, data
+
+
+
+# -- deferred fan-out: webhooks that cannot deliver get no rows ------------------------------------------
+async def test_hanging_and_disabled_webhooks_cost_no_rows_and_later_get_every_event_once(make_rig: MakeRig) -> None:
+    rig = await make_rig(per_webhook_concurrency=2, min_window=8, defer_after=20)
+    healthy = await rig.hook("healthy")
+    hanging = [await rig.hook(f"hang{i}") for i in range(4)]
+    off = [await rig.hook(f"off{i}") for i in range(3)]
+    for wh in off:
+        await rig.ops.disable(wh)
+    hang_urls = {wh.url for wh in hanging}
+    rig.poster.handler = lambda call: OK
+    original = rig.poster.post
+
+    async def post(url: str, body: bytes, headers: dict[str, str]) -> Outcome:
+        if url in hang_urls and not released:  # held open, as rig.poster.hold does, for these only
+            call = Call(url, headers["webhook-id"], rig.clock())
+            rig.poster.calls.append(call)
+            try:
+                await call.released.wait()
+                return OK
+            finally:
+                call.done = True
+        return await original(url, body, headers)
+
+    released = False
+    rig.poster.post = post  # type: ignore[method-assign]
+    uids: list[str] = []
+    for _ in range(10):
+        uids += await rig.send(30)
+        await rig.settle()
+    # the healthy one got all 300; the hanging ones hold 2 attempts each and have few rows
+    assert Counter(c.event_id for c in rig.poster.calls if c.url == healthy.url) == Counter(uids)
+    rows = dict(db_rows(rig.path, "SELECT webhook_id, count(*) FROM deliveries GROUP BY webhook_id"))
+    assert rows[healthy.id] == 300 and not any(wh.id in rows for wh in off)
+    assert all(rows[wh.id] <= 20 + 30 for wh in hanging)  # the threshold and one batch
+    counts = await rig.storage.count_by_status()
+    assert counts == {PENDING: 4 * 300, PAUSED: 3 * 300, SUCCEEDED: 300, FAILED: 0}
+    stats = await rig.storage.webhook_stats(rig.clock())
+    assert {stats[wh.id].pending for wh in hanging} == {300} and {stats[wh.id].paused for wh in off} == {300}
+    assert await rig.storage.oldest_pending() == T0
+    # now they answer, and the disabled ones come back: every event reaches every webhook once
+    released = True
+    assert rig.poster.release() == 4 * 2
+    for wh in off:
+        assert await rig.ops.enable(wh) == 300
+    await rig.settle()
+    by_url = Counter((c.url, c.event_id) for c in rig.poster.calls)
+    for wh in [*hanging, *off]:
+        got = Counter({uid: n for (url, uid), n in by_url.items() if url == wh.url})
+        assert got == Counter(uids), wh.id
+    assert await rig.storage.count_by_status() == {PENDING: 0, PAUSED: 0, SUCCEEDED: 8 * 300, FAILED: 0}
+    for wh in [healthy, *hanging, *off]:
+        assert await rig.statuses(wh) == {SUCCEEDED: 300}
+        assert not wh.items and not wh.inflight
+
+
+async def test_a_webhook_that_starts_lagging_with_everything_in_memory_still_gets_the_rest(
+        make_rig: MakeRig) -> None:
+    # the window holds everything (boundary None) when the storage begins to defer: the scheduler
+    # is told (FreshEvent.resync) and reads the window again, so the deferred ones are not stranded
+    rig = await make_rig(per_webhook_concurrency=1, min_window=64, defer_after=3)
+    wh = await rig.hook()
+    rig.poster.hold = True
+    uids = await rig.send(2)
+    uids += await rig.send(2)
+    await rig.settle()
+    assert wh.boundary is None  # 4 pending: all in memory
+    uids += await rig.send(5)  # deferred from here on (4 pending > 3); the window is read again and
+    await rig.settle()  # ... its refill made them rows (it has room for them)
+    assert db_rows(rig.path, "SELECT count(*), max(id) FROM deliveries") == [(9, 9)]
+    rig.poster.hold = False
+    rig.poster.release()
+    await rig.settle()
+    assert Counter(c.event_id for c in rig.poster.calls) == Counter(uids)
+    assert await rig.statuses(wh) == {SUCCEEDED: 9}
+    uids += await rig.send(1)  # caught up: eager again, straight from memory
+    await rig.settle()
+    assert wh.boundary is None and Counter(c.event_id for c in rig.poster.calls) == Counter(uids)

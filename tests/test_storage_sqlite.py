@@ -17,13 +17,13 @@ from tests.conftest import db_rows
 from webhookd.events import parse_event
 from webhookd.filters import WebhookFilter
 from webhookd.reasons import Reason
-from webhookd.store import FreshEvent, FreshSink, SqliteStorage, Storage, StoreError, WebhookState
+from webhookd.store import DeliveryFilter, FreshEvent, FreshSink, SqliteStorage, Storage, StoreError, WebhookState
 from webhookd.store.sqlite_schema import SCHEMA_VERSION
 
 pytest.register_assert_rewrite("tests.storage_contract")  # not a test_*.py: its asserts explain themselves too
 
 from tests.storage_contract import *  # noqa: E402, F403 - the contract's tests and fixtures, run on SQLite
-from tests.storage_contract import T0, FakeClock, MakeStorage, ev, outcome, webhook  # noqa: E402
+from tests.storage_contract import START, T0, FakeClock, MakeStorage, ev, outcome, record, webhook  # noqa: E402
 
 
 def db_path(tmp_path: Path) -> Path:
@@ -91,7 +91,7 @@ async def test_failed_commit_fails_intake_and_retries_internal_ops(sqlite_storag
     assert db_rows(path, "SELECT enabled, disabled_reason FROM webhooks") == [(0, "by hand")]
     # what the failed batch made never reaches the sink nor the counts, not even with the next commit
     assert fresh == [] and s.received() == {}
-    uid = await s.submit(ev(2), [("wh_a", True)])
+    uid = await s.submit(ev(2), [("wh_b", True)])  # wh_a is disabled now: its deliveries would be deferred
     assert [fe.event_uid for fe in fresh] == [uid]
     assert s.received() == {"delivered": 1}
     [(delivery_id,)] = db_rows(path, "SELECT id FROM deliveries")
@@ -208,3 +208,92 @@ async def test_a_batch_of_intake_outcomes_and_refills_is_one_hand_off(sqlite_sto
     assert first not in uids
     assert (await s.count_by_status()) == {"pending": 3, "paused": 0, "succeeded": 1, "failed": 0}
     assert db_rows(db_path(tmp_path), "SELECT count(*) FROM attempts") == [(1,)]
+# -- deferred fan-out (webhookd/store/sqlite_fanout.py) ----------------------------------------------
+async def test_a_lagging_webhook_gets_no_rows_until_it_is_read(sqlite_storage: SqliteStorage, tmp_path: Path,
+                                                               fresh: list[FreshEvent]) -> None:
+    s = sqlite_storage
+    path = db_path(tmp_path)
+    await s.create_webhook(webhook("wh_a"))
+    await s.create_webhook(webhook("wh_off", enabled=False))
+    await asyncio.gather(*(s.submit(ev(i), [("wh_a", True), ("wh_off", False)]) for i in range(10)))
+    assert db_rows(path, "SELECT webhook_id, count(*) FROM deliveries GROUP BY webhook_id") == [("wh_a", 10)]
+    assert {tuple(fe.subscribers) for fe in fresh} == {(("wh_a", True),)}  # the disabled one is left out
+    [(key,)] = db_rows(path, "SELECT key FROM fanout WHERE webhook_id = 'wh_off'")
+    assert db_rows(path, "SELECT DISTINCT deferred FROM events") == [(f",{key},",)]
+    assert db_rows(path, "SELECT cursor, deferred FROM fanout WHERE webhook_id = 'wh_off'") == [(1, 10)]
+    assert (await s.count_by_status())["paused"] == 10  # counted without a row
+    assert await s.count_deliveries(DeliveryFilter(webhook_id="wh_off", statuses=("failed",))) == 0
+    assert db_rows(path, "SELECT count(*) FROM deliveries WHERE webhook_id = 'wh_off'") == [(0,)]  # not read
+    assert await s.count_deliveries(DeliveryFilter(webhook_id="wh_off")) == 10  # a read of its rows: made now
+    assert db_rows(path, "SELECT count(*) FROM deliveries WHERE webhook_id = 'wh_off'") == [(10,)]
+    assert db_rows(path, "SELECT cursor, deferred FROM fanout WHERE webhook_id = 'wh_off'") == [(None, 0)]
+    assert (await s.count_by_status())["paused"] == 10
+
+
+async def test_a_backlog_past_the_threshold_defers_and_tells_the_scheduler(tmp_path: Path) -> None:
+    got: list[FreshEvent] = []
+    s = SqliteStorage(db_path(tmp_path), clock=FakeClock(), on_fresh=got.extend, defer_after=5)
+    await s.open()
+    try:
+        path = db_path(tmp_path)
+        await s.create_webhook(webhook("wh_a"))
+        for i in range(6):
+            await s.submit(ev(i), [("wh_a", True)])
+        assert [fe.resync for fe in got] == [()] * 6
+        await s.submit(ev(6), [("wh_a", True)])  # 6 pending rows > 5: from this event on, deferred
+        assert got[-1].resync == ("wh_a",) and not got[-1].subscribers
+        await s.submit(ev(7), [("wh_a", True)])
+        assert len(got) == 7  # nothing for the scheduler: deferred
+        assert db_rows(path, "SELECT count(*) FROM deliveries") == [(6,)]
+        assert db_rows(path, "SELECT cursor, deferred FROM fanout") == [(7, 2)]
+        due = await s.take_due("wh_a", START, 7)  # six rows, and one deferred made a row
+        assert [d.delivery_id for d in due] == [1, 2, 3, 4, 5, 6, 7]
+        assert db_rows(path, "SELECT cursor, deferred FROM fanout") == [(8, 1)]
+        due = await s.take_due("wh_a", due[-1].key, 7)  # the last one: the cursor reaches the head
+        assert [d.delivery_id for d in due] == [8]
+        assert db_rows(path, "SELECT cursor, deferred FROM fanout") == [(None, 0)]
+        await record(s, *(outcome(d, "wh_a", ok=True, at=T0) for d in range(1, 9)))
+        await s.submit(ev(8), [("wh_a", True)])
+        assert got[-1].subscribers == [("wh_a", True)]  # eager again
+    finally:
+        await s.close()
+
+
+async def test_a_failed_batch_leaves_the_deferred_state_as_it_was(sqlite_storage: SqliteStorage,
+                                                                  tmp_path: Path) -> None:
+    s = sqlite_storage
+    await s.create_webhook(webhook("wh_off", enabled=False))
+    await s.submit(ev(0), [("wh_off", False)])
+
+    async def broken(db: aiosqlite.Connection) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    intake = s.submit(ev(1), [("wh_off", False)])
+    failing = s._writer.run(broken)
+    with pytest.raises(StoreError):
+        await intake
+    with pytest.raises(StoreError):
+        await failing
+    assert db_rows(db_path(tmp_path), "SELECT cursor, deferred FROM fanout") == [(1, 1)]
+    assert s._fanout.state.deferred == {"wh_off": 1} and (await s.count_by_status())["paused"] == 1
+    await s.submit(ev(2), [("wh_off", False)])
+    assert db_rows(db_path(tmp_path), "SELECT cursor, deferred FROM fanout") == [(1, 2)]
+    assert (await s.count_by_status())["paused"] == 2
+
+
+async def test_a_long_intake_run_stops_making_rows_for_a_webhook_past_the_threshold(
+        sqlite_storage: SqliteStorage, tmp_path: Path, fresh: list[FreshEvent]) -> None:
+    s = sqlite_storage
+    await s.create_webhook(webhook("wh_a"))
+    uids = await asyncio.gather(*(s.submit(ev(i), [("wh_a", True)]) for i in range(1000)))  # one run
+    assert s.commits <= 3
+    [(rows,)] = db_rows(db_path(tmp_path), "SELECT count(*) FROM deliveries")
+    assert 256 < rows <= 256 + 32  # decided again every 32 events of the run, not once for all 1000
+    assert [fe.resync for fe in fresh if fe.resync] == [("wh_a",)]
+    assert (await s.count_by_status())["pending"] == 1000
+    got: list[str] = []
+    after = START
+    while due := await s.take_due("wh_a", after, 128):
+        got += [d.event_uid for d in due]
+        after = due[-1].key
+    assert got == list(uids)

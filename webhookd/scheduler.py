@@ -288,6 +288,9 @@ class Scheduler:
         self._share_at = float("-inf")  # new work: count busy webhooks afresh
         groups: dict[int, list[FreshEvent]] = {}
         for fe in events:  # each holds its list, so no id() is reused meanwhile
+            if fe.resync:  # deferred fan-out: read these windows again (FreshEvent.resync)
+                self._resync(fe.resync)
+                continue
             groups.setdefault(id(fe.subscribers), []).append(fe)
         touched: set[Webhook] = set()
         webhooks = self.webhooks
@@ -313,6 +316,15 @@ class Scheduler:
             if len(wh.items) > 2 * keep:
                 wh.trim(keep)
             wh.wake.set()
+
+    def _resync(self, webhook_ids: Sequence[str]) -> None:
+        """The storage now defers these webhooks' new deliveries, or made some of them rows
+        outside a refill: what memory holds may be all it will ever be handed, so the window
+        must not claim to hold everything (boundary None). Read it again from storage."""
+        for webhook_id in webhook_ids:
+            wh = self.webhooks.get(webhook_id)
+            if wh is not None:
+                self.reload_window(wh)
 
     # -- the pump ----------------------------------------------------------------------------
     async def _pump(self, wh: Webhook) -> None:

@@ -79,7 +79,16 @@ class Storage(Protocol):
     def submit(self, event: Event, subscribers: Sequence[Subscriber]) -> asyncio.Future[str]:
         """Queue an event and one delivery per subscriber; resolves to the event id once
         committed. An event whose idempotency key is known resolves to the first one's id
-        and creates nothing. The committed event reaches the fresh sink."""
+        and creates nothing. The committed event reaches the fresh sink.
+
+        A backend may defer the deliveries of a subscriber that cannot take them now (a
+        disabled webhook, one with a long backlog): they are then missing from the fresh
+        event and become rows later, with their ids, in event order (when `take_due` runs
+        out of rows, or before a verb that reads or changes them as rows). Every other verb
+        counts and treats them exactly as rows: pending while their webhook is enabled,
+        paused while it is disabled. A backend that defers tells the scheduler, through the
+        fresh sink (`FreshEvent.resync`), of each webhook that starts lagging or gets pending
+        rows outside `take_due`."""
         ...
 
     # -- the scheduler's verbs ----------------------------------------------------------
@@ -96,7 +105,10 @@ class Storage(Protocol):
         on_commit: Callable[[list[DueItem]], None] | None = None,
     ) -> asyncio.Future[list[DueItem]]:
         """Up to `limit` pending deliveries of a webhook whose (next_attempt_at, id) is
-        above `after`, in that order, read in the writer's order."""
+        above `after`, in that order, read in the writer's order. When fewer are stored, a
+        backend that defers makes the webhook's next deferred deliveries rows and returns
+        them too (all of them, keys below `after` included, sorted by key); it returns
+        fewer than `limit` for an enabled webhook only when none of its deliveries is left deferred."""
         ...
 
     def record_outcome(self, record: OutcomeRecord, *, on_commit: Callable[[None], None] | None = None) -> None:

@@ -92,6 +92,8 @@ class FreshEvent:
     """A committed event's new deliveries, one per entry of `subscribers` (the list it was
     submitted with), pending for the enabled subscribers and paused for the others. The
     storage allocates their ids as one contiguous range; `delivery_id(i)` names the i-th.
+    A backend may leave out the subscribers whose deliveries it defers (a disabled webhook,
+    one with a long backlog): their deliveries get ids later, when made rows.
     Handed downstream as one object per event, not one per delivery, so a webhook that
     cannot take new work into memory (its window is full) costs nothing per event."""
 
@@ -101,6 +103,10 @@ class FreshEvent:
     event_uid: str
     event_type: str
     body: bytes
+    resync: tuple[str, ...] = ()
+    """Not an event but a notice (empty `subscribers`): these webhooks' deliveries are now
+    deferred, or were made rows outside a refill, so what the scheduler holds of them is
+    not all it may hold: it reads their windows again (`Scheduler.reload_window`)."""
 
     def delivery_id(self, i: int) -> int:
         return self.first_delivery_id + i

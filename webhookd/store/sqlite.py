@@ -30,8 +30,10 @@ from webhookd.store.model import (
     PENDING,
     ApiToken,
     BatchOutcomeRecord,
+    Delivery,
     DeliveryFilter,
     DueItem,
+    FreshEvent,
     OutcomeRecord,
     StoreError,
     Subscriber,
@@ -41,6 +43,7 @@ from webhookd.store.model import (
     WebhookState,
 )
 from webhookd.store.sqlite_batch import BatchOutcomes, Conn, Events, EventSink, Ids, Outcomes, in_thread
+from webhookd.store.sqlite_fanout import CHUNK, Fanout, status_of
 from webhookd.store.sqlite_read import Reads
 from webhookd.store.sqlite_rows import (
     DUE_SELECT,
@@ -67,15 +70,18 @@ class _Transactions:
         assert db is not None
         b._counts.rollback()  # nothing of a failed transaction survives into this one
         b._events.reset()
+        b._fanout.begin()
         await db.execute("BEGIN IMMEDIATE")
         return db
 
     async def commit(self, conn: Conn) -> None:
         await conn.execute("COMMIT")
         self._backend._counts.commit()
+        self._backend._fanout.commit()
 
     async def rollback(self, conn: Conn) -> None:
         self._backend._counts.rollback()
+        self._backend._fanout.rollback()
         await conn.execute("ROLLBACK")
 
     async def call(self, conn: Conn, fn: Callable[[sqlite3.Connection], None]) -> None:
@@ -90,6 +96,7 @@ class _Transactions:
         assert db is not None
         b._counts.rollback()
         b._events.reset()
+        b._fanout.begin()
 
         def transaction(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -105,8 +112,10 @@ class _Transactions:
             await in_thread(db, transaction)
         except BaseException:
             b._counts.rollback()
+            b._fanout.rollback()
             raise
         b._counts.commit()
+        b._fanout.commit()
 
     def describe(self, exc: BaseException) -> str:
         return describe(exc)
@@ -122,6 +131,7 @@ class SqliteStorage(Reads):
         durability: str = "full",
         clock: Callable[[], float] = time.time,
         on_fresh: FreshSink | None = None,
+        defer_after: int | None = None,
     ) -> None:
         self.path = path
         self.durability = durability
@@ -132,7 +142,8 @@ class SqliteStorage(Reads):
         self._writer: Writer[Conn, sqlite3.Connection] = Writer(_Transactions(self))
         self._ids = Ids()
         self._counts = Counts()
-        self._events = Events(clock, self._ids, self._counts, self._sink)
+        self._fanout = Fanout(self._counts) if defer_after is None else Fanout(self._counts, defer_after)
+        self._events = Events(clock, self._ids, self._counts, self._sink, self._fanout)
         self._outcomes = Outcomes(self._counts)
         self._batch_outcomes = BatchOutcomes(self._counts)
 
@@ -178,6 +189,7 @@ class SqliteStorage(Reads):
                 "SELECT webhook_id, status, count(*) FROM deliveries GROUP BY webhook_id, status"
             ) as cur:
                 self._counts.load(await cur.fetchall())
+            await in_thread(self._db, self._fanout.load)
         except sqlite3.Error as exc:
             await self._close_connections()
             raise StoreError(f"cannot open database {self.path}: {exc}") from exc
@@ -255,8 +267,11 @@ class SqliteStorage(Reads):
         on_commit: Callable[[list[DueItem]], None] | None = None,
     ) -> asyncio.Future[list[DueItem]]:
         def read(conn: sqlite3.Connection) -> list[DueItem]:
-            rows = conn.execute(_TAKE_DUE, (webhook_id, after[0], after[1], limit)).fetchall()
-            return [due_row(r) for r in rows]
+            rows = [due_row(r) for r in conn.execute(_TAKE_DUE, (webhook_id, after[0], after[1], limit)).fetchall()]
+            self._fanout.windows[webhook_id] = limit
+            if len(rows) < limit and self._fanout.refills(webhook_id):  # sqlite_fanout.py
+                rows = self._refill_deferred(conn, webhook_id, rows, limit)
+            return rows
 
         return self._writer.call(read, on_commit=on_commit, internal=True)
 
@@ -279,6 +294,7 @@ class SqliteStorage(Reads):
                 (int(state.enabled), state.consecutive_failures, state.backoff_until, state.disabled_reason,
                  state.updated_at, webhook_id),
             )
+            self._fanout.set_enabled(webhook_id, state.enabled)  # a disabled webhook's deliveries are deferred
             if pause_pending:
                 cur = conn.execute(
                     "UPDATE deliveries SET status = 'paused', next_attempt_at = NULL, updated_at = ?"
@@ -303,6 +319,9 @@ class SqliteStorage(Reads):
                  w.previous_secret_expires_at, w.created_at, w.updated_at, filter_text(w.filter), w.name,
                  w.declared_in, w.batching.max_events, w.batching.max_bytes, w.batching.linger),
             )
+            key = self._fanout.created(w.id, w.enabled)
+            await db.execute("INSERT INTO fanout (webhook_id, key, cursor, deferred) VALUES (?, ?, NULL, 0)",
+                             (w.id, key))
 
         return self._writer.run(write, on_commit=on_commit)
 
@@ -345,7 +364,9 @@ class SqliteStorage(Reads):
             await db.execute("DELETE FROM deliveries WHERE webhook_id = ?", (webhook_id,))
             await db.execute("DELETE FROM attempt_hours WHERE webhook_id = ?", (webhook_id,))
             await db.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,))
+            await db.execute("DELETE FROM fanout WHERE webhook_id = ?", (webhook_id,))
             self._counts.drop_webhook(webhook_id)
+            self._fanout.deleted(webhook_id)
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
 
@@ -372,7 +393,12 @@ class SqliteStorage(Reads):
                     (now, now, webhook_id),
                 )
             self._counts.move(webhook_id, PAUSED, FAILED if drop_backlog else PENDING, int(cur.rowcount))
-            return int(cur.rowcount)
+            # its deferred deliveries: pending now, or made failed rows
+            deferred = self._fanout.set_enabled(webhook_id, True)
+            if drop_backlog:
+                deferred = await in_thread(db, lambda conn: self._materialise_all(conn, webhook_id, status=FAILED,
+                                                                                   now=now))
+            return int(cur.rowcount) + deferred
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
 
@@ -413,6 +439,11 @@ class SqliteStorage(Reads):
     ) -> asyncio.Future[int]:
         async def write(db: Conn) -> int:
             total = 0
+            if status_of(self._fanout.work.enabled.get(webhook_id, True)) in statuses:
+                # its deferred deliveries are among those replayed: rows first
+                made = await in_thread(db, lambda conn: self._materialise_all(conn, webhook_id, now=now))
+                if made and PENDING in statuses:
+                    resync.append(webhook_id)
             for old in dict.fromkeys(statuses):  # one statement per status: exact counts
                 cur = await db.execute(
                     "UPDATE deliveries SET status = ?, next_attempt_at = ?, updated_at = ?"
@@ -423,7 +454,8 @@ class SqliteStorage(Reads):
                 total += int(cur.rowcount)
             return total
 
-        return self._writer.run(write, on_commit=on_commit)
+        resync: list[str] = []
+        return self._writer.run(write, on_commit=self._resyncing(resync, on_commit))
 
     def retry_failed(
         self, where: DeliveryFilter, webhooks: Sequence[Subscriber], *, now: float,
@@ -467,15 +499,82 @@ class SqliteStorage(Reads):
                 self._counts.move(str(webhook_id), str(status), None)
             await db.executemany("DELETE FROM attempts WHERE delivery_id = ?", ids)
             await db.executemany("DELETE FROM deliveries WHERE id = ?", ids)
+            cursor = self._fanout.min_cursor()  # no event a cursor still needs: deferred deliveries
             cur2 = await db.execute(
-                "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.created_at < ?"
+                "DELETE FROM events WHERE id IN (SELECT e.id FROM events e WHERE e.created_at < ? AND e.id < ?"
                 " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id) ORDER BY e.id LIMIT ?)",
-                (cutoff, limit),
+                (cutoff, self._ids.event if cursor is None else cursor, limit),
             )
             await db.execute("DELETE FROM attempt_hours WHERE hour < ?", (int(cutoff // HOUR) * HOUR - HOUR,))
             return max(len(ids), cur2.rowcount)
 
         return await self._writer.run(run)
+
+    # -- deferred fan-out (sqlite_fanout.py) -----------------------------------------------------
+    def _refill_deferred(self, conn: sqlite3.Connection, webhook_id: str, rows: list[DueItem],
+                         limit: int) -> list[DueItem]:
+        """take_due found fewer than `limit` rows of an enabled webhook with deferred
+        deliveries (`Fanout.refills`): add the next ones, made rows now, in key order with
+        the others (all of them are returned: the window's boundary may lie above their
+        keys). None left: it stops lagging."""
+        f = self._fanout
+        made, self._ids.delivery = f.materialise(conn, webhook_id, limit - len(rows), now=self.clock(),
+                                                 next_id=self._ids.delivery, bodies=True)
+        f.flush(conn)
+        return sorted([*rows, *made], key=lambda d: d.key)
+
+    def _materialise_all(self, conn: sqlite3.Connection, webhook_id: str, *, status: str | None = None,
+                         limit: int | None = None, now: float | None = None) -> int:
+        """Make rows of the webhook's deferred deliveries (all, or up to `limit`); how many."""
+        total = 0
+        at = self.clock() if now is None else now
+        while self._fanout.has_deferred(webhook_id) and (limit is None or total < limit):
+            chunk = CHUNK if limit is None else min(CHUNK, limit - total)
+            made, self._ids.delivery = self._fanout.materialise(conn, webhook_id, chunk, now=at,
+                                                                next_id=self._ids.delivery, status=status)
+            total += len(made)
+        self._fanout.flush(conn)
+        return total
+
+    def _resyncing(self, resync: list[str], on_commit: Callable[[int], None] | None) -> Callable[[int], None]:
+        """An on_commit that first tells the scheduler which webhooks got pending rows outside a
+        refill (their windows are read again), then runs the caller's."""
+        def committed(n: int) -> None:
+            if resync:
+                self._sink.on_fresh([FreshEvent(0, (), self.clock(), "", "", b"", resync=tuple(resync))])
+            if on_commit is not None:
+                on_commit(n)
+
+        return committed
+
+    async def _materialise_for(self, where: DeliveryFilter) -> None:
+        """Before a listing or count that may include deferred deliveries: make them rows, in
+        chunks of CHUNK per transaction (a people read; the scheduler's verbs never need it)."""
+        if where.statuses and not {PENDING, PAUSED} & set(where.statuses):
+            return  # deferred deliveries are pending or paused
+        webhooks = self._fanout.deferred_in(None if where.webhook_id is None else [where.webhook_id])
+        for webhook_id in webhooks:
+            while webhook_id in self._fanout.state.deferred:  # committed: no transaction is half-read
+                resync: list[str] = []
+
+                async def chunk(db: Conn, webhook_id: str = webhook_id, resync: list[str] = resync) -> int:
+                    made = await in_thread(db, lambda conn: self._materialise_all(conn, webhook_id, limit=CHUNK))
+                    if made and self._fanout.work.enabled.get(webhook_id, True):
+                        resync.append(webhook_id)
+                    return made
+
+                if not await self._writer.run(chunk, on_commit=self._resyncing(resync, None)):
+                    break
+
+    async def list_deliveries(
+        self, where: DeliveryFilter, *, before: int | None = None, limit: int = 100
+    ) -> list[Delivery]:
+        await self._materialise_for(where)
+        return await super().list_deliveries(where, before=before, limit=limit)
+
+    async def count_deliveries(self, where: DeliveryFilter) -> int:
+        await self._materialise_for(where)
+        return await super().count_deliveries(where)
 
     # -- tracking -------------------------------------------------------------------------------
     def track_hits(self, hits: Sequence[TrackingHit], *, now: float) -> asyncio.Future[list[TrackingFacts]]:

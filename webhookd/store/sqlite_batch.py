@@ -18,9 +18,11 @@ import aiosqlite
 from webhookd.events import Event
 from webhookd.ids import new_id
 from webhookd.store.model import PAUSED, PENDING, BatchOutcomeRecord, FreshEvent, OutcomeRecord, Subscriber
+from webhookd.store.sqlite_fanout import Fanout, Split
 from webhookd.store.sqlite_rows import HOUR, Counts
 
 Conn = aiosqlite.Connection
+RECHECK_EVERY = 32  # events of one run between two decisions of who lags (sqlite_fanout.py)
 T = TypeVar("T")
 
 
@@ -69,8 +71,10 @@ class EventSink:
 class Events:
     """Inserts a run of submitted events and their deliveries with two executemany."""
 
-    def __init__(self, clock: Callable[[], float], ids: Ids, counts: Counts, sink: EventSink) -> None:
+    def __init__(self, clock: Callable[[], float], ids: Ids, counts: Counts, sink: EventSink,
+                 fanout: Fanout) -> None:
         self._clock, self._ids, self._counts, self._sink = clock, ids, counts, sink
+        self._fanout = fanout
         self._runs: deque[tuple[list[FreshEvent], list[str]]] = deque()  # this transaction's, in order
 
     def execute(self, conn: sqlite3.Connection, items: list[tuple[Event, Sequence[Subscriber]]]) -> list[str]:
@@ -85,7 +89,16 @@ class Events:
         types: list[str] = []
         made: Counter[tuple[str, bool]] = Counter()
         event_id, delivery_id = self._ids.event, self._ids.delivery
-        for ev, subscribers in items:
+        # deferred fan-out (sqlite_fanout.py): a lagging subscriber gets no row, only its key in
+        # the event's `deferred` list
+        fanout = self._fanout
+        resync = fanout.start_batch()
+        split = fanout.split
+        deferred_runs: Counter[int] = Counter()
+        deferred_first: dict[int, tuple[Split, int]] = {}  # holds each Split: its id() stays unique
+        for n, (ev, all_subscribers) in enumerate(items, 1):
+            if not n % RECHECK_EVERY:  # a long run: who lags is decided again with what it made
+                resync += fanout.during_batch(made)
             key = ev.idempotency_key
             if key is not None and key in known:
                 results.append(known[key])
@@ -93,7 +106,12 @@ class Events:
             uid = new_id("evt")
             if key is not None:
                 known[key] = uid
-            event_rows.append((event_id, uid, key, ev.type, ev.body, now, ev.message_id, ev.recipient))
+            s = split(all_subscribers)
+            subscribers = s.eager
+            if s.deferred:
+                deferred_runs[id(s)] += 1
+                deferred_first.setdefault(id(s), (s, event_id))
+            event_rows.append((event_id, uid, key, ev.type, ev.body, now, ev.message_id, ev.recipient, s.text))
             types.append(ev.type)
             if subscribers:
                 fresh.append(FreshEvent(delivery_id, subscribers, now, uid, ev.type, ev.body))
@@ -107,12 +125,22 @@ class Events:
             event_id += 1
             results.append(uid)
 
+        if deferred_runs:
+            deferred_made: Counter[str] = Counter()
+            first: dict[str, int] = {}
+            for sid, (sp, first_event) in deferred_first.items():
+                for w in sp.deferred:
+                    deferred_made[w] += deferred_runs[sid]
+                    first[w] = min(first.get(w, first_event), first_event)
+            fanout.deferred_events(first, deferred_made)
+
         if event_rows:
             conn.executemany(
-                "INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id, recipient)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+                "INSERT INTO events (id, uid, idempotency_key, type, body, created_at, message_id, recipient,"
+                " deferred) VALUES (?,?,?,?,?,?,?,?,?)",
                 event_rows,
             )
+        fanout.flush(conn)
         if delivery_rows:
             conn.executemany(
                 "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at,"
@@ -125,6 +153,8 @@ class Events:
         self._ids.event, self._ids.delivery = event_id, delivery_id
         for (webhook_id, enabled), n in made.items():
             self._counts.move(webhook_id, None, PENDING if enabled else PAUSED, n)
+        if resync:
+            fresh.insert(0, FreshEvent(0, (), now, "", "", b"", resync=tuple(resync)))
         self._runs.append((fresh, types))
         return results
 

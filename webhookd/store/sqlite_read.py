@@ -27,6 +27,7 @@ from webhookd.store.model import (
     WebhookStats,
 )
 from webhookd.store.sqlite_batch import in_thread
+from webhookd.store.sqlite_fanout import oldest_deferred
 from webhookd.store.sqlite_rows import DAY, DELIVERY_SELECT, HOUR, Counts, delivery_row, describe, where_clause
 
 T = TypeVar("T")
@@ -128,7 +129,8 @@ def _plain(conn: sqlite3.Connection, where: DeliveryFilter, before: int | None, 
 
 def _oldest_pending(conn: sqlite3.Connection, webhooks: Sequence[str]) -> float | None:
     """The created_at of the first pending delivery of each webhook that has some (ids are
-    allocated in creation order: the lowest id is the oldest), each one seek of the
+    allocated in creation order: the lowest id is the oldest; its deferred deliveries, made
+    rows later, are younger than its rows: the event at its cursor), each one seek of the
     (status, webhook_id, id) index instead of a scan of the whole backlog; in one read
     transaction."""
     conn.execute("BEGIN")
@@ -139,8 +141,9 @@ def _oldest_pending(conn: sqlite3.Connection, webhooks: Sequence[str]) -> float 
                 "SELECT created_at FROM deliveries WHERE status = ? AND webhook_id = ? ORDER BY id LIMIT 1",
                 (PENDING, webhook_id),
             ).fetchone()
-            if row is not None and (oldest is None or row[0] < oldest):
-                oldest = float(row[0])
+            at = float(row[0]) if row is not None else oldest_deferred(conn, webhook_id)  # older rows first
+            if at is not None and (oldest is None or at < oldest):
+                oldest = at
         return oldest
     finally:
         conn.execute("COMMIT")

@@ -7,6 +7,22 @@ transaction.
 
 from __future__ import annotations
 
+# Deferred fan-out: the lagging subscribers' keys on each event (",3,7,"; NULL: none), and per
+# webhook its key, the id of its first deferred event not yet made a delivery row (its
+# cursor; NULL: none) and how many deliveries are deferred. Every webhook gets its key.
+FANOUT_MIGRATION = """
+    ALTER TABLE events ADD COLUMN deferred TEXT;
+    CREATE TABLE fanout (
+        webhook_id TEXT PRIMARY KEY,
+        key INTEGER NOT NULL UNIQUE,
+        cursor INTEGER,
+        deferred INTEGER NOT NULL DEFAULT 0
+    );
+    INSERT INTO fanout (webhook_id, key, cursor, deferred)
+        SELECT id, row_number() OVER (ORDER BY created_at, id), NULL, 0 FROM webhooks;
+"""
+
+
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -140,8 +156,12 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE attempts ADD COLUMN batch_id TEXT;
     CREATE INDEX attempts_batch ON attempts (batch_id) WHERE batch_id IS NOT NULL;
     """,
+    # deferred fan-out (webhookd/store/sqlite_fanout.py), FANOUT_MIGRATION below
+    FANOUT_MIGRATION,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+FANOUT_SCHEMA_VERSION = MIGRATIONS.index(FANOUT_MIGRATION) + 1
+"""The version that adds deferred fan-out: its position in MIGRATIONS (one place to renumber)."""
 
 
 def split_sql(script: str) -> list[str]:
