@@ -1274,7 +1274,42 @@ def main() -> None:
         if cluster is not None:
             cluster.stop("fast")
             shutil.rmtree(cluster.root, ignore_errors=True)
+    results["targets"] = targets(results)
     print(json.dumps(results, indent=2))
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 14's figures in one list, each beside its floor and its target (from the phases run)."""
+    rows: list[dict[str, Any]] = []
+
+    def row(name: str, figure: Any, floor: Any, ratio: Any, target: str, met: bool) -> None:
+        rows.append({"target": name, "figure": figure, "floor": floor, "ratio": ratio, "goal": target, "met": met})
+
+    if "latency" in results:
+        t = results["latency"]["target"]
+        a, e = t["ack_p50_ms_vs_commit_p50"], t["intake_to_receiver_p50_ms_vs_commit_plus_post_p50"]
+        row("1. ack p50 ms vs bare SQLite commit p50", a["figure"], a["floor"], a["ratio"], "ratio <= 3", a["met"])
+        row("1. intake->receiver p50 ms vs commit p50 + bare POST p50", e["figure"], e["floor"], e["ratio"],
+            "ratio <= 2", e["met"])
+        p99 = t["intake_to_receiver_p99_ms"]
+        row("1. intake->receiver p99 ms", p99["figure"], None, None, "<= 25 ms", p99["met"])
+    if "intake" in results:
+        i = results["intake"]["target"]["intake_vs_sqlite_batched_insert"]
+        row("2. intake events/s vs SQLite batched inserts", i["figure"], i["floor"], i["ratio"], "ratio >= 0.6",
+            i["met"])
+    if "delivery" in results:
+        d = results["delivery"]
+        row("3. single-event deliveries/s vs bare aiohttp client", d["end_to_end_deliveries_per_s"],
+            d["bare_aiohttp_posts_per_s"], d["ratio"], f"ratio >= {d['target_ratio']}", d["met"])
+    if "batched" in results:
+        b = results["batched"]
+        row("4. batched events/s end to end vs intake", b["end_to_end_batched_events_per_s"],
+            b["intake_events_per_s"], b["ratio_to_intake"], f"ratio >= {b['target']}", b["met"])
+    if "isolation" in results:
+        o = results["isolation"]
+        row("5. healthy webhook beside 50 hanging (all subscribed) vs solo", o["with_hanging_deliveries_per_s"],
+            o["solo_deliveries_per_s"], o["ratio"], f"ratio >= {o['target_ratio']}", o["met"])
+    return rows
 
 
 if __name__ == "__main__":

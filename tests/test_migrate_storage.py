@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from tests.conftest import db_rows
 from tests.pg import Cluster, new_schema, pg_dsn  # noqa: F401
 
 pytest.register_assert_rewrite("tests.storage_contract")  # before its first import (test_storage_*.py do too)
@@ -34,6 +35,7 @@ from webhookd.batching import Batching  # noqa: E402
 from webhookd.filters import WebhookFilter  # noqa: E402
 from webhookd.store import (  # noqa: E402
     FAILED,
+    PAUSED,
     PENDING,
     BatchOutcomeRecord,
     DeliveryFilter,
@@ -64,13 +66,19 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
     await lite.create_webhook(webhook("wh_gate", created_at=T0 + 2))
     await lite.set_webhook_state("wh_gate", WebhookState(True, None, 4, T0 + 90, T0 + 3))
     subs = [("wh_shop", True), ("wh_off", False), ("wh_gate", True)]
-    for i in range(30):
-        await lite.submit(ev(i, key=f"k{i}" if i % 2 else None, to=f"c{i}@example.org"), subs)
-    ids = [[fe.delivery_id(j) for j in range(3)] for fe in seen]
+    uids = [await lite.submit(ev(i, key=f"k{i}" if i % 2 else None, to=f"c{i}@example.org"), subs)
+            for i in range(30)]
+    # the disabled webhook's deliveries are deferred (no row, no id yet): they are left so, and
+    # the copy must make them rows first; their ids are read after it, from PostgreSQL
+    assert all(len(fe.subscribers) == 2 for fe in seen)
+    eager = {(d.event_uid, d.webhook_id): d.id for d in await lite.list_deliveries(
+        DeliveryFilter(webhook_id="wh_shop"), limit=1000) + await lite.list_deliveries(
+        DeliveryFilter(webhook_id="wh_gate"), limit=1000)}
+    ids = [[eager[(uid, "wh_shop")], eager[(uid, "wh_gate")]] for uid in uids]
     await record(lite, outcome(ids[0][0], "wh_shop", ok=True, at=T0 + 5),
                  outcome(ids[1][0], "wh_shop", ok=False, at=T0 + 6, status="failed"),
-                 outcome(ids[2][2], "wh_gate", ok=False, at=T0 + 7),
-                 outcome(ids[2][2], "wh_gate", ok=False, at=T0 + 8, attempts=2))
+                 outcome(ids[2][1], "wh_gate", ok=False, at=T0 + 7),
+                 outcome(ids[2][1], "wh_gate", ok=False, at=T0 + 8, attempts=2))
     await record_batch(lite, BatchOutcomeRecord(  # a batch attempt: its rows carry the batch id
         webhook_id="wh_shop", batch_id=BATCH, delivery_ids=(ids[3][0], ids[4][0]), statuses=(PENDING, FAILED),
         attempts=(1, 5), next_attempt_at=T0 + 70, at=T0 + 10, duration_ms=3.25, status_code=503, error="HTTP 503",
@@ -81,13 +89,17 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
     await lite.track_hits([TrackingHit(b"first-key-000001", "<m1@mail.example.com>")], now=T0)
     await lite.delete_webhook("wh_none")  # nothing to delete, but next_delivery_id is kept now
     expected = {
-        "webhooks": await lite.load_webhooks(), "deliveries": await lite.list_deliveries(EVERYTHING, limit=1000),
+        "webhooks": await lite.load_webhooks(),
+        "deliveries": [await lite.list_deliveries(DeliveryFilter(webhook_id=w), limit=1000)
+                       for w in ("wh_shop", "wh_gate")],
         "details": [await lite.delivery(i) for row in ids[:5] for i in row],
-        "batch": await lite.list_deliveries(DeliveryFilter(batch_id=BATCH)),
+        "batch": await lite.list_deliveries(DeliveryFilter(webhook_id="wh_shop", batch_id=BATCH)),
         "tokens": await lite.list_tokens(), "stats": await lite.webhook_stats(T0),
         "hours": await lite.hourly_counts(T0 - 86400, T0 + 86400), "counts": await lite.count_by_status(),
     }
+    deferred = db_rows(path, "SELECT count(*) FROM deliveries WHERE webhook_id = 'wh_off'")
     await lite.close()
+    assert deferred == [(0,)]  # still deferred when the copy starts
 
     copied = await sqlite_to_postgres(path, pg_dsn)
     assert copied["webhooks"] == 3 and copied["events"] == 30 and copied["deliveries"] == 90
@@ -99,9 +111,13 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
     await pg.open()
     try:
         assert await pg.load_webhooks() == expected["webhooks"]  # secrets, gate, filter, name: all of it
-        assert await pg.list_deliveries(EVERYTHING, limit=1000) == expected["deliveries"]
+        assert [await pg.list_deliveries(DeliveryFilter(webhook_id=w), limit=1000)
+                for w in ("wh_shop", "wh_gate")] == expected["deliveries"]
+        # the disabled webhook's deferred deliveries were made rows by the copy: paused, one per event
+        off = await pg.list_deliveries(DeliveryFilter(webhook_id="wh_off"), limit=1000)
+        assert sorted(d.event_uid for d in off) == sorted(uids) and {d.status for d in off} == {PAUSED}
         assert [await pg.delivery(i) for row in ids[:5] for i in row] == expected["details"]
-        assert [a.batch_id for a in expected["details"][9].attempts] == [BATCH]  # (what was compared)
+        assert [a.batch_id for a in expected["details"][6].attempts] == [BATCH]  # (what was compared)
         assert expected["webhooks"][0].batching == Batching(50, 65536, 0.25)
         assert [d.id for d in await pg.list_deliveries(DeliveryFilter(batch_id=BATCH))] == [
             d.id for d in expected["batch"]] == [ids[4][0], ids[3][0]]
@@ -113,9 +129,9 @@ async def test_everything_arrives_with_its_ids_and_a_second_copy_is_refused(tmp_
         [hit] = await pg.track_hits([TrackingHit(b"first-key-000001", "<m1@mail.example.com>")], now=T0 + 1)
         assert not hit.first  # remembered
         assert await pg.submit(ev(99, key="k3"), [("wh_shop", True)]) == seen[3].event_uid  # idempotency kept
-        assert [d.delivery_id for d in await pg.take_due("wh_gate", (float("-inf"), -1), 100)][:1] == [ids[0][2]]
+        assert [d.delivery_id for d in await pg.take_due("wh_gate", (float("-inf"), -1), 100)][:1] == [ids[0][1]]
         await pg.submit(ev(100), [("wh_shop", True)])
-        assert fresh[-1].delivery_id(0) > max(i for row in ids for i in row)  # ids continue above
+        assert fresh[-1].delivery_id(0) > max([i for row in ids for i in row] + [d.id for d in off])  # ids go on
     finally:
         await pg.close()
 

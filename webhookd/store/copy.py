@@ -72,7 +72,12 @@ async def sqlite_to_postgres(source: Path, dsn: str, *, password_file: Path | No
         raise StoreError(f"no SQLite database at {source} (storage.path)")
     lite = SqliteStorage(source)
     await lite.open()  # brings an older file to the current schema (the daemon is stopped)
-    await lite.close()
+    try:
+        # deliveries deferred by fan-out (sqlite_fanout.py) have no row yet: make them rows, so
+        # the copy below has every delivery (PostgreSQL writes every row at intake)
+        await lite.materialise_deferred()
+    finally:
+        await lite.close()
     # exclusive: no daemon may be running on the target either
     target = PostgresStorage(dsn, password_file=password_file, exclusive=True)
     await target.open()

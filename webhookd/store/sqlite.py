@@ -566,6 +566,11 @@ class SqliteStorage(Reads):
                 if not await self._writer.run(chunk, on_commit=self._resyncing(resync, None)):
                     break
 
+    async def materialise_deferred(self) -> None:
+        """Make every deferred delivery of every webhook a row (`webhookd migrate-storage`
+        does, before it copies the tables)."""
+        await self._materialise_for(DeliveryFilter())
+
     async def list_deliveries(
         self, where: DeliveryFilter, *, before: int | None = None, limit: int = 100
     ) -> list[Delivery]:
