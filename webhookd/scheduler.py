@@ -418,6 +418,26 @@ class Scheduler:
         self.record(wh, item, epoch, outcome, at)
 
     # -- outcomes -----------------------------------------------------------------------------
+    def _apply_gate(self, wh: Webhook, gate: policy.Gate, *, gate_changed: bool, disabled: bool,
+                    outcome: Outcome, now: float) -> None:
+        """An attempt's (or a batch attempt's) decision applied in memory, with its metrics."""
+        wh.gate = gate
+        if gate_changed:
+            wh.updated_at = now
+        if disabled:
+            wh.forget_queue()
+            self._fanouts.clear()
+            wh.wake.set()
+        if self.metrics is not None:
+            self.metrics.observe_attempt(outcome.reason, outcome.duration_ms / 1000)
+            if disabled:
+                self.metrics.auto_disabled.inc()
+
+    @staticmethod
+    def _log_disabled(wh: Webhook) -> None:
+        log.warning("webhook disabled", webhook_id=wh.id, url=wh.url, reason=policy.CONSECUTIVE_FAILURES,
+                    consecutive_failures=wh.consecutive_failures)
+
     def record(self, wh: Webhook, item: DueItem, epoch: int, outcome: Outcome, at: float) -> None:
         """Apply an attempt's outcome in memory now (policy.decide) and queue its writes."""
         now = self.clock()
@@ -429,25 +449,14 @@ class Scheduler:
             wh.gate, success=outcome.success, retry_after=outcome.retry_after, attempt_epoch=epoch,
             attempts=item.attempts, cfg=self.cfg, now=now,
         )
-        wh.gate = d.gate
-        if d.gate_changed:
-            wh.updated_at = now
-        if d.disabled:
-            wh.forget_queue()
-            self._fanouts.clear()
-            wh.wake.set()
-        if self.metrics is not None:
-            self.metrics.observe_attempt(outcome.reason, outcome.duration_ms / 1000)
-            if d.disabled:
-                self.metrics.auto_disabled.inc()
+        self._apply_gate(wh, d.gate, gate_changed=d.gate_changed, disabled=d.disabled, outcome=outcome, now=now)
         log.info(
             "attempt", webhook_id=wh.id, event_id=item.event_uid, delivery_id=item.delivery_id,
             attempt=item.attempts, status_code=outcome.status_code, duration_ms=round(outcome.duration_ms, 1),
             outcome=d.status, error=outcome.error,
         )
         if d.disabled:
-            log.warning("webhook disabled", webhook_id=wh.id, url=wh.url, reason=policy.CONSECUTIVE_FAILURES,
-                        consecutive_failures=wh.consecutive_failures)
+            self._log_disabled(wh)
         if d.next_at is not None:
             item.next_at = d.next_at
         record = OutcomeRecord(
@@ -596,17 +605,7 @@ class Scheduler:
             wh.gate, success=outcome.success, retry_after=outcome.retry_after, attempt_epoch=epoch,
             attempts=[item.attempts for item in items], cfg=self.cfg, now=now,
         )
-        wh.gate = d.gate
-        if d.gate_changed:
-            wh.updated_at = now
-        if d.disabled:
-            wh.forget_queue()
-            self._fanouts.clear()
-            wh.wake.set()
-        if self.metrics is not None:
-            self.metrics.observe_attempt(outcome.reason, outcome.duration_ms / 1000)
-            if d.disabled:
-                self.metrics.auto_disabled.inc()
+        self._apply_gate(wh, d.gate, gate_changed=d.gate_changed, disabled=d.disabled, outcome=outcome, now=now)
         log.info(
             "batch attempt", webhook_id=wh.id, batch_id=batch_id, deliveries=len(items),
             first_delivery_id=items[0].delivery_id, status_code=outcome.status_code,
@@ -614,8 +613,7 @@ class Scheduler:
             retried=sum(1 for st in d.statuses if st == PENDING),
         )
         if d.disabled:
-            log.warning("webhook disabled", webhook_id=wh.id, url=wh.url, reason=policy.CONSECUTIVE_FAILURES,
-                        consecutive_failures=wh.consecutive_failures)
+            self._log_disabled(wh)
         next_at = d.next_at
         pending: list[DueItem] = []
         if next_at is not None:
