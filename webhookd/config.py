@@ -316,7 +316,8 @@ def validate_dsn(value: str, key: str = "--to") -> str:
     return _dsn(value, key)
 
 
-def _secret_file(base: Path) -> Parser:
+def _readable_file(base: Path, what: str = "a readable file") -> Parser:
+    """A path under `base` to a file this process can read (a password, a CA bundle), or None."""
     def parse(value: object, key: str) -> Path | None:
         text = _str(value, key)
         if not text:
@@ -324,9 +325,9 @@ def _secret_file(base: Path) -> Parser:
         path = _under(base, text)
         if not path.is_file():
             problem = "is not a file" if path.exists() else "does not exist"
-            raise ConfigError(key, f"expected a readable file, got {str(path)!r}, which {problem}")
+            raise ConfigError(key, f"expected {what}, got {str(path)!r}, which {problem}")
         if not os.access(path, os.R_OK):
-            raise ConfigError(key, f"expected a readable file, got {str(path)!r}, which cannot be read")
+            raise ConfigError(key, f"expected {what}, got {str(path)!r}, which cannot be read")
         return path
 
     return parse
@@ -394,7 +395,7 @@ def parse_config(
         "durability": lambda v, k: _choice(v, k, ("full", "normal")),
         "retention": _positive_duration,
         "dsn": _dsn,
-        "password_file": _secret_file(source.parent if source is not None else cwd),
+        "password_file": _readable_file(source.parent if source is not None else cwd),
     })
     storage.setdefault("path", _under(state_dir, "webhookd.db"))
     if storage.get("backend", "sqlite") == "postgresql":
@@ -429,17 +430,7 @@ def parse_config(
 
     base = source.parent if source is not None else cwd
 
-    def ca_file(value: object, key: str) -> Path | None:
-        text = _str(value, key)
-        if not text:
-            return None
-        path = _under(base, text)
-        if not path.is_file():
-            problem = "is not a file" if path.exists() else "does not exist"
-            raise ConfigError(key, f"expected a readable CA bundle (PEM), got {str(path)!r}, which {problem}")
-        if not os.access(path, os.R_OK):
-            raise ConfigError(key, f"expected a readable CA bundle (PEM), got {str(path)!r}, which cannot be read")
-        return path
+    ca_file = _readable_file(base, "a readable CA bundle (PEM)")
 
     delivery = _section(data, "delivery", {
         "concurrency": lambda v, k: _int(v, k, 1),

@@ -433,6 +433,17 @@ class Scheduler:
             if disabled:
                 self.metrics.auto_disabled.inc()
 
+    def _store_gate(self, wh: Webhook, *, disabled: bool) -> None:
+        """Queue the gate's write after an outcome changed it; a disable also pauses the backlog
+        and, once committed, tells `on_disabled` (the notify command)."""
+        def state_committed(_: None) -> None:
+            if self.on_disabled is not None:
+                self.on_disabled(wh)
+
+        self.storage.set_webhook_state(
+            wh.id, wh.state(), pause_pending=disabled, on_commit=state_committed if disabled else None
+        )
+
     @staticmethod
     def _log_disabled(wh: Webhook) -> None:
         log.warning("webhook disabled", webhook_id=wh.id, url=wh.url, reason=policy.CONSECUTIVE_FAILURES,
@@ -475,13 +486,7 @@ class Scheduler:
 
         self.storage.record_outcome(record, on_commit=committed)
         if d.gate_changed:
-            def state_committed(_: None) -> None:
-                if self.on_disabled is not None:
-                    self.on_disabled(wh)
-
-            self.storage.set_webhook_state(
-                wh.id, wh.state(), pause_pending=d.disabled, on_commit=state_committed if d.disabled else None
-            )
+            self._store_gate(wh, disabled=d.disabled)
 
     # -- refill --------------------------------------------------------------------------------
     async def _refill(self, wh: Webhook) -> None:
@@ -640,10 +645,4 @@ class Scheduler:
 
         self.storage.record_batch_outcome(record, on_commit=committed)
         if d.gate_changed:
-            def state_committed(_: None) -> None:
-                if self.on_disabled is not None:
-                    self.on_disabled(wh)
-
-            self.storage.set_webhook_state(
-                wh.id, wh.state(), pause_pending=d.disabled, on_commit=state_committed if d.disabled else None
-            )
+            self._store_gate(wh, disabled=d.disabled)

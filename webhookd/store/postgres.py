@@ -72,7 +72,7 @@ from webhookd.store.postgres_rows import (
 )
 from webhookd.store.postgres_schema import INSTANCE_LOCK, SCHEMA_VERSION, migrate, schema_version
 from webhookd.store.sqlite_rows import HOUR, filter_text
-from webhookd.store.writer import Writer
+from webhookd.store.writer import Writer, WriterBacked
 
 log = structlog.get_logger("webhookd.store")
 T = TypeVar("T")
@@ -144,7 +144,7 @@ class _Transactions:
         return describe(exc)
 
 
-class PostgresStorage(Reads):
+class PostgresStorage(Reads, WriterBacked):
     """`Storage` on one PostgreSQL database (several daemons may share it: ids never collide)."""
 
     def __init__(
@@ -178,25 +178,6 @@ class PostgresStorage(Reads):
         self._retry_in = RECONNECT_MIN
 
     # -- lifecycle -----------------------------------------------------------------------
-    @property
-    def commits(self) -> int:
-        return self._writer.commits
-
-    @property
-    def queued(self) -> int:
-        return self._writer.queued
-
-    @property
-    def failed_commits(self) -> int:
-        return self._writer.failed_commits
-
-    @property
-    def retry_delay(self) -> float:
-        return self._writer.retry_delay
-
-    @retry_delay.setter
-    def retry_delay(self, value: float) -> None:
-        self._writer.retry_delay = value
 
     @property
     def connected(self) -> bool:

@@ -57,7 +57,7 @@ from webhookd.store.sqlite_rows import (
     where_clause,
 )
 from webhookd.store.sqlite_schema import MIGRATIONS, SCHEMA_VERSION, split_sql
-from webhookd.store.writer import Writer
+from webhookd.store.writer import Writer, WriterBacked
 
 log = structlog.get_logger("webhookd.store")
 class _Transactions:
@@ -121,7 +121,7 @@ class _Transactions:
         return describe(exc)
 
 
-class SqliteStorage(Reads):
+class SqliteStorage(Reads, WriterBacked):
     """`Storage` on one SQLite file."""
 
     def __init__(
@@ -148,25 +148,6 @@ class SqliteStorage(Reads):
         self._batch_outcomes = BatchOutcomes(self._counts)
 
     # -- lifecycle -----------------------------------------------------------------------
-    @property
-    def commits(self) -> int:
-        return self._writer.commits
-
-    @property
-    def queued(self) -> int:
-        return self._writer.queued
-
-    @property
-    def failed_commits(self) -> int:
-        return self._writer.failed_commits
-
-    @property
-    def retry_delay(self) -> float:
-        return self._writer.retry_delay
-
-    @retry_delay.setter
-    def retry_delay(self, value: float) -> None:
-        self._writer.retry_delay = value
 
     def received(self) -> dict[str, int]:
         return self._sink.received

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections import Counter, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
@@ -204,21 +204,27 @@ class Outcomes:
             seen = last.get(r.webhook_id)
             if seen is None or r.at >= seen.at:
                 last[r.webhook_id] = r
-        conn.executemany(
-            "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed) VALUES (?,?,?,?)"
-            " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = succeeded + excluded.succeeded,"
-            " failed = failed + excluded.failed",
-            [(hour, wid, n if ok else 0, 0 if ok else n) for (hour, wid, ok), n in hours.items()],
-        )
-        conn.executemany(
-            "UPDATE webhooks SET last_attempt_at = ?, last_status_code = ?, last_error = ?"
-            " WHERE id = ? AND (last_attempt_at IS NULL OR last_attempt_at <= ?)",
-            [(r.at, r.status_code, r.error, wid, r.at) for wid, r in last.items()],
-        )
+        _hours_and_last_attempts(conn, hours, last)
         return [None] * len(items)
 
     def committed(self, items: list[OutcomeRecord], results: list[None]) -> None:
         pass
+
+
+def _hours_and_last_attempts(conn: sqlite3.Connection, hours: Counter[tuple[int, str, bool]],
+                             last: Mapping[str, OutcomeRecord | BatchOutcomeRecord]) -> None:
+    """An outcome batch's attempts per hour and each webhook's newest attempt (single or batch)."""
+    conn.executemany(
+        "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed) VALUES (?,?,?,?)"
+        " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = succeeded + excluded.succeeded,"
+        " failed = failed + excluded.failed",
+        [(hour, wid, n if ok else 0, 0 if ok else n) for (hour, wid, ok), n in hours.items()],
+    )
+    conn.executemany(
+        "UPDATE webhooks SET last_attempt_at = ?, last_status_code = ?, last_error = ?"
+        " WHERE id = ? AND (last_attempt_at IS NULL OR last_attempt_at <= ?)",
+        [(r.at, r.status_code, r.error, wid, r.at) for wid, r in last.items()],
+    )
 
 
 BATCH_UPDATE = ("UPDATE deliveries SET status = ?, attempts = ?, next_attempt_at = ?, last_status_code = ?,"
@@ -273,17 +279,7 @@ class BatchOutcomes:
             " VALUES (?,?,?,?,?,?,?)",
             attempt_rows,
         )
-        conn.executemany(
-            "INSERT INTO attempt_hours (hour, webhook_id, succeeded, failed) VALUES (?,?,?,?)"
-            " ON CONFLICT (hour, webhook_id) DO UPDATE SET succeeded = succeeded + excluded.succeeded,"
-            " failed = failed + excluded.failed",
-            [(hour, wid, n if ok else 0, 0 if ok else n) for (hour, wid, ok), n in hours.items()],
-        )
-        conn.executemany(
-            "UPDATE webhooks SET last_attempt_at = ?, last_status_code = ?, last_error = ?"
-            " WHERE id = ? AND (last_attempt_at IS NULL OR last_attempt_at <= ?)",
-            [(r.at, r.status_code, r.error, wid, r.at) for wid, r in last.items()],
-        )
+        _hours_and_last_attempts(conn, hours, last)
         return [None] * len(items)
 
     def committed(self, items: list[BatchOutcomeRecord], results: list[None]) -> None:

@@ -314,6 +314,32 @@ class Writer(Generic[C, R]):
         return retry
 
 
+class WriterBacked:
+    """The `Storage` properties every backend answers from its one `Writer`."""
+
+    _writer: Writer[Any, Any]
+
+    @property
+    def commits(self) -> int:
+        return self._writer.commits
+
+    @property
+    def queued(self) -> int:
+        return self._writer.queued
+
+    @property
+    def failed_commits(self) -> int:
+        return self._writer.failed_commits
+
+    @property
+    def retry_delay(self) -> float:
+        return self._writer.retry_delay
+
+    @retry_delay.setter
+    def retry_delay(self, value: float) -> None:
+        self._writer.retry_delay = value
+
+
 @functools.lru_cache(maxsize=64)
 def _async_batcher(kind: type) -> bool:
     return inspect.iscoroutinefunction(getattr(kind, "execute", None))
