@@ -211,34 +211,6 @@ def test_check_config_plan_reads_the_declared_webhooks_from_postgresql(
     assert plan() == ["no changes"]  # read from PostgreSQL, not from a SQLite file that is not there
 
 
-def test_a_second_daemon_on_the_same_database_refuses_to_start(
-    pg_cluster: Cluster, proc: Callable[..., Proc], tmp_path: Path,
-) -> None:
-    """Until several daemons can share one queue, a second one would send every pending
-    delivery again: it refuses to start, saying why."""
-    import shutil
-    import subprocess
-    import tempfile
-
-    from tests.test_process import WEBHOOKD
-
-    dsn = asyncio.run(new_schema(pg_cluster))
-    first = proc()
-    first.write_config(tables=storage_table(dsn))
-    first.start()
-    run = Path(tempfile.mkdtemp(prefix="whd", dir="/tmp"))
-    try:
-        (tmp_path / "second").mkdir()
-        second = Proc(tmp_path / "second", run)
-        second.write_config(tables=storage_table(dsn))
-        done = subprocess.run([*WEBHOOKD, "serve"], env=second.env, capture_output=True, timeout=60)
-        assert done.returncode == 1
-        assert b"another webhookd is using postgresql://webhookd@/webhookd" in done.stderr
-    finally:
-        shutil.rmtree(run, ignore_errors=True)
-    assert first.proc is not None and first.proc.poll() is None and first.cli("status").returncode == 0
-
-
 def test_serve_on_postgresql_sends_signed_batches_and_lists_them(
     pg_cluster: Cluster, proc: Callable[..., Proc], aiohttp_receiver: AiohttpReceiver,
 ) -> None:

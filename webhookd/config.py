@@ -39,6 +39,9 @@ class StorageConfig:
     # password_file (or libpq's PGPASSWORD / PGPASSFILE / ~/.pgpass) when connecting
     dsn: str = ""
     password_file: Path | None = None
+    # backend = "postgresql": how long a daemon's claims on deliveries outlive its last renewal
+    # (a killed daemon's deliveries go to the others after this; webhookd/store/postgres_cluster.py)
+    lease: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,6 +399,7 @@ def parse_config(
         "retention": _positive_duration,
         "dsn": _dsn,
         "password_file": _readable_file(source.parent if source is not None else cwd),
+        "lease": _positive_duration,
     })
     storage.setdefault("path", _under(state_dir, "webhookd.db"))
     if storage.get("backend", "sqlite") == "postgresql":

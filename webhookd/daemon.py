@@ -24,6 +24,7 @@ from webhookd.admin import AdminApi
 from webhookd.config import Config, ConfigError, load_config
 from webhookd.dispatcher import Dispatcher
 from webhookd.events import Event
+from webhookd.fleetsync import FleetSync
 from webhookd.intake import IntakeStats, LineProtocol, http_app
 from webhookd.metrics import Metrics
 from webhookd.netguard import TargetGuard
@@ -121,9 +122,12 @@ class Daemon:
         guard = None if config.dev else TargetGuard(cfg.allow_targets)
         self.dispatcher = Dispatcher(cfg, guard=guard)
         self.metrics = Metrics()
+        fleet = getattr(self.store, "fleet", None)  # PostgreSQL: daemons sharing the queue
         self.scheduler = Scheduler(
-            self.store, self.dispatcher, cfg, clock=clock, on_disabled=self._notify_disabled, metrics=self.metrics
+            self.store, self.dispatcher, cfg, clock=clock, on_disabled=self._notify_disabled, metrics=self.metrics,
+            fleet=fleet,
         )
+        self.fleet_sync = FleetSync(fleet, self.scheduler) if fleet is not None else None
         self.stats = IntakeStats()
         self.metrics.received = self.store.received
         self.metrics.rejected = lambda: self.stats.rejected
@@ -185,6 +189,8 @@ class Daemon:
         try:
             await self.store.open()
             await self.scheduler.load()  # a stored filter it cannot read, say
+            if self.fleet_sync is not None:
+                await self.fleet_sync.start()
             await self.sync_webhooks(cfg)  # [[webhooks]] and webhooks.d/ (webhookd/declared.py)
         except StoreError as exc:
             raise StartupError(str(exc)) from exc
@@ -522,6 +528,8 @@ class Daemon:
             await self.recorder.stop()
         grace = 0.0 if self._force_exit else self.config.delivery.shutdown_grace
         abandoned = await self.scheduler.drain(grace)
+        if self.fleet_sync is not None:
+            await self.fleet_sync.stop()
         await self.store.close()
         await self.dispatcher.close()
         for runner in self._runners:

@@ -19,7 +19,8 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from dataclasses import replace
+from typing import Protocol, TypeVar
 
 import orjson
 import structlog
@@ -32,7 +33,15 @@ from webhookd.filters import EventFacts, Matcher, parents_of
 from webhookd.metrics import Metrics
 from webhookd.reasons import Lead, Reason
 from webhookd.store.base import Storage
-from webhookd.store.model import PENDING, BatchOutcomeRecord, DueItem, FreshEvent, OutcomeRecord, Subscriber
+from webhookd.store.model import (
+    PENDING,
+    BatchOutcomeRecord,
+    DueItem,
+    FreshEvent,
+    OutcomeRecord,
+    Subscriber,
+    WebhookRecord,
+)
 from webhookd.webhooks import START, Webhook
 
 log = structlog.get_logger("webhookd.scheduler")
@@ -44,6 +53,26 @@ class Poster(Protocol):
     """The one method the scheduler needs from a dispatcher (a fake one in unit tests)."""
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> Outcome: ...
+
+
+D = TypeVar("D", policy.Decision, policy.BatchDecision)
+
+
+class FleetGate(Protocol):
+    """What the scheduler asks of a fleet of daemons sharing one queue (PostgreSQL:
+    webhookd.store.postgres_cluster.Fleet): the gate is decided from the stored one, under
+    a lock, and a backing-off webhook's one probe is taken fleet-wide."""
+
+    async def claim_probe(self, webhook_id: str, seconds: float) -> float: ...
+
+    def settle(
+        self,
+        webhook_id: str,
+        decide: Callable[[policy.Gate], D],
+        build: Callable[[D], OutcomeRecord | BatchOutcomeRecord],
+        *,
+        on_commit: Callable[[D | None], None],
+    ) -> None: ...
 
 
 MIN_WINDOW = 64
@@ -145,6 +174,7 @@ class Scheduler:
         monotonic: Callable[[], float] = time.monotonic,
         on_disabled: Callable[[Webhook], None] | None = None,
         metrics: Metrics | None = None,
+        fleet: FleetGate | None = None,
     ) -> None:
         self.storage = storage
         self.dispatcher = dispatcher
@@ -153,6 +183,7 @@ class Scheduler:
         self.monotonic = monotonic
         self.on_disabled = on_disabled
         self.metrics = metrics
+        self.fleet = fleet  # several daemons share the queue: the gate is theirs (FleetGate)
         self.webhooks: dict[str, Webhook] = {}
         self._fanouts: dict[str, _Fanout] = {}  # by event type; cleared when a webhook changes
         self._used = 0  # global slots in use
@@ -278,6 +309,48 @@ class Scheduler:
             wh.forget_queue()
             wh.wake.set()
 
+    def refresh(self, webhook_id: str, stored: tuple[WebhookRecord, int] | None) -> None:
+        """Apply a webhook as another instance of the fleet stored it (with its gate epoch):
+        created, edited, rotated, disabled, enabled or deleted there."""
+        wh = self.webhooks.get(webhook_id)
+        if stored is None:
+            if wh is not None:
+                self.remove(wh)
+            return
+        record, epoch = stored
+        if wh is None:
+            wh = Webhook.from_record(record)
+            wh.gate = replace(wh.gate, epoch=epoch)
+            self.add(wh)
+            return
+        wh.url, wh.events, wh.description = record.url, record.events, record.description
+        wh.secret, wh.previous_secret = record.secret, record.previous_secret
+        wh.previous_secret_expires_at = record.previous_secret_expires_at
+        wh.declared_in, wh.batching, wh.updated_at = record.declared_in, record.batching, record.updated_at
+        if record.filter != wh.filter:
+            wh.set_filter(record.filter)
+        self._fanouts.clear()
+        gate = policy.Gate(enabled=record.enabled, consecutive_failures=record.consecutive_failures,
+                           backoff_until=record.backoff_until, epoch=epoch, ramp=wh.gate.ramp,
+                           disabled_reason=record.disabled_reason)
+        if gate != wh.gate:
+            if gate.enabled != wh.enabled:
+                wh.forget_queue()  # disabled: nothing more from memory; enabled: read it again
+            wh.gate = gate
+        wh.wake.set()
+
+    @staticmethod
+    def refresh_epoch(wh: Webhook, epoch: int) -> None:
+        wh.gate = replace(wh.gate, epoch=epoch)
+
+    def released(self, webhook_ids: Sequence[str] | None) -> None:
+        """Pending rows of these webhooks (None: of any) were released by the fleet (an
+        instance's lease ended, or an operator queued them again): read their windows again."""
+        hooks = self.webhooks.values() if webhook_ids is None else \
+            [w for i in webhook_ids if (w := self.webhooks.get(i)) is not None]
+        for wh in list(hooks):
+            self.reload_window(wh)
+
     # -- what a commit made due ------------------------------------------------------------
     def push_fresh(self, events: list[FreshEvent]) -> None:
         """Queue a commit's new deliveries in memory, webhook by webhook. Events that share
@@ -354,11 +427,32 @@ class Scheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wh.wake.wait(), timeout=min(at - now, 3600.0))
                 continue
+            if self._needs_probe(wh):
+                await self._take_probe(wh, cfg)
+                continue
             if self._used >= cfg.concurrency or (wh.active and wh.active >= self._fair_share()):
                 self._slot_waiters.append(wh)
                 await wh.wake.wait()
                 continue
             self._start(wh, wh.pop())
+
+    def _needs_probe(self, wh: Webhook) -> bool:
+        """In a fleet, a backing-off webhook's next attempt is the fleet's one probe: this
+        instance must hold it first, and a probe held serves one attempt."""
+        return (self.fleet is not None and wh.gate.consecutive_failures > 0
+                and (wh.probing or self.monotonic() >= wh.probe_held_until))
+
+    async def _take_probe(self, wh: Webhook, cfg: DeliveryConfig) -> None:
+        assert self.fleet is not None
+        if wh.probing:  # the last probe's outcome is not committed yet: that commit wakes the pump
+            await wh.wake.wait()
+            return
+        lease = cfg.connect_timeout + cfg.timeout + 10.0  # longer than any attempt
+        left = await self.fleet.claim_probe(wh.id, lease)
+        if left == 0.0:
+            wh.probe_held_until = self.monotonic() + lease / 2
+        else:  # another instance probes: its outcome (a gate change) wakes this one, or the lease ends
+            await self._wait(wh, left)
 
     def _fair_share(self) -> int:
         """Slots one webhook may hold: the max-min fair share of `delivery.concurrency`
@@ -378,7 +472,13 @@ class Scheduler:
             self._share_at = now
         return self._share
 
+    def _use_probe(self, wh: Webhook) -> None:
+        if self.fleet is not None and wh.gate.consecutive_failures:
+            wh.probing = True
+            wh.probe_held_until = 0.0
+
     def _start(self, wh: Webhook, item: DueItem) -> None:
+        self._use_probe(wh)
         self._used += 1
         wh.active += 1
         wh.inflight.add(item.delivery_id)
@@ -455,6 +555,10 @@ class Scheduler:
         if self.webhooks.get(wh.id) is not wh:
             wh.inflight.discard(item.delivery_id)
             return  # deleted meanwhile: its deliveries are gone, nothing to record
+        if self._in_fleet(wh, outcome):
+            self._record_in_fleet(wh, item, epoch, outcome, at)
+            return
+        wh.probing = False  # a probe whose gate healed meanwhile: recorded as any success
         item.attempts += 1
         d = policy.decide(
             wh.gate, success=outcome.success, retry_after=outcome.retry_after, attempt_epoch=epoch,
@@ -535,6 +639,9 @@ class Scheduler:
                 if linger_end > now:
                     await self._wait(wh, linger_end - now)
                     return
+        if self._needs_probe(wh):
+            await self._take_probe(wh, cfg)
+            return
         if self._used >= cfg.concurrency or (wh.active and wh.active >= self._fair_share()):
             self._slot_waiters.append(wh)
             await wh.wake.wait()
@@ -562,6 +669,7 @@ class Scheduler:
         return False
 
     def _start_batch(self, wh: Webhook, items: list[DueItem]) -> None:
+        self._use_probe(wh)
         self._used += 1
         wh.active += 1
         for item in items:
@@ -604,6 +712,10 @@ class Scheduler:
             for item in items:
                 wh.inflight.discard(item.delivery_id)
             return  # deleted meanwhile
+        if self._in_fleet(wh, outcome):
+            self._record_batch_in_fleet(wh, items, batch_id, epoch, outcome, at)
+            return
+        wh.probing = False  # a probe whose gate healed meanwhile: recorded as any success
         for item in items:
             item.attempts += 1
         d = policy.decide_batch(
@@ -646,3 +758,110 @@ class Scheduler:
         self.storage.record_batch_outcome(record, on_commit=committed)
         if d.gate_changed:
             self._store_gate(wh, disabled=d.disabled)
+
+    # -- outcomes in a fleet (several daemons, one queue: FleetGate) ----------------------------
+    def _in_fleet(self, wh: Webhook, outcome: Outcome) -> bool:
+        """Whether the fleet decides this outcome: any failure, and any outcome while the gate
+        is not healthy here. A success of a healthy webhook changes no gate: it is written in
+        the usual batches (which close a failure episode stored by another instance)."""
+        g = wh.gate
+        return self.fleet is not None and (not outcome.success or bool(g.consecutive_failures)
+                                           or bool(g.backoff_until) or not g.enabled)
+
+    def _fleet_gate(self, wh: Webhook, d: policy.Decision | policy.BatchDecision, outcome: Outcome,
+                    now: float) -> None:
+        """The fleet's decision, committed, applied here; only the instance whose transaction
+        disabled the webhook tells `on_disabled`."""
+        was_enabled = wh.enabled
+        self._apply_gate(wh, d.gate, gate_changed=d.gate_changed, disabled=d.disabled, outcome=outcome, now=now)
+        if was_enabled and not d.gate.enabled and not d.disabled:  # another instance disabled it
+            wh.forget_queue()
+            self._fanouts.clear()
+            wh.wake.set()
+        if d.disabled:
+            self._log_disabled(wh)
+            if self.on_disabled is not None:
+                self.on_disabled(wh)
+
+    def _record_in_fleet(self, wh: Webhook, item: DueItem, epoch: int, outcome: Outcome, at: float) -> None:
+        assert self.fleet is not None
+        now, cfg, ramp = self.clock(), self.cfg, wh.gate.ramp
+        item.attempts += 1
+        attempts = item.attempts
+
+        def decide(stored: policy.Gate) -> policy.Decision:
+            return policy.decide(replace(stored, ramp=ramp), success=outcome.success, retry_after=outcome.retry_after,
+                                 attempt_epoch=epoch, attempts=attempts, cfg=cfg, now=now)
+
+        def build(d: policy.Decision) -> OutcomeRecord:
+            return OutcomeRecord(
+                delivery_id=item.delivery_id, webhook_id=wh.id, status=d.status, attempts=attempts,
+                next_attempt_at=d.next_at, at=at, duration_ms=outcome.duration_ms, status_code=outcome.status_code,
+                error=outcome.error, response_body=outcome.response_body[:1024].decode("utf-8", "replace"),
+                updated_at=now,
+            )
+
+        def committed(d: policy.Decision | None) -> None:
+            wh.inflight.discard(item.delivery_id)
+            wh.probing = False
+            wh.wake.set()
+            if d is None or self.webhooks.get(wh.id) is not wh:
+                return
+            self._fleet_gate(wh, d, outcome, now)
+            log.info(
+                "attempt", webhook_id=wh.id, event_id=item.event_uid, delivery_id=item.delivery_id,
+                attempt=attempts, status_code=outcome.status_code, duration_ms=round(outcome.duration_ms, 1),
+                outcome=d.status, error=outcome.error,
+            )
+            if d.status == PENDING and d.next_at is not None and wh.enabled:
+                item.next_at = d.next_at
+                wh.push(item)
+                wh.wake.set()
+
+        self.fleet.settle(wh.id, decide, build, on_commit=committed)
+
+    def _record_batch_in_fleet(
+        self, wh: Webhook, items: list[DueItem], batch_id: str, epoch: int, outcome: Outcome, at: float
+    ) -> None:
+        assert self.fleet is not None
+        now, cfg, ramp = self.clock(), self.cfg, wh.gate.ramp
+        for item in items:
+            item.attempts += 1
+        attempts = [item.attempts for item in items]
+
+        def decide(stored: policy.Gate) -> policy.BatchDecision:
+            return policy.decide_batch(replace(stored, ramp=ramp), success=outcome.success,
+                                       retry_after=outcome.retry_after, attempt_epoch=epoch, attempts=attempts,
+                                       cfg=cfg, now=now)
+
+        def build(d: policy.BatchDecision) -> BatchOutcomeRecord:
+            return BatchOutcomeRecord(
+                webhook_id=wh.id, batch_id=batch_id, delivery_ids=tuple([item.delivery_id for item in items]),
+                statuses=d.statuses, attempts=tuple(attempts), next_attempt_at=d.next_at, at=at,
+                duration_ms=outcome.duration_ms, status_code=outcome.status_code, error=outcome.error,
+                response_body=outcome.response_body[:1024].decode("utf-8", "replace"), updated_at=now,
+            )
+
+        def committed(d: policy.BatchDecision | None) -> None:
+            for item in items:
+                wh.inflight.discard(item.delivery_id)
+            wh.probing = False
+            wh.wake.set()
+            if d is None or self.webhooks.get(wh.id) is not wh:
+                return
+            self._fleet_gate(wh, d, outcome, now)
+            log.info(
+                "batch attempt", webhook_id=wh.id, batch_id=batch_id, deliveries=len(items),
+                first_delivery_id=items[0].delivery_id, status_code=outcome.status_code,
+                duration_ms=round(outcome.duration_ms, 1), succeeded=outcome.success, error=outcome.error,
+                retried=sum(1 for st in d.statuses if st == PENDING),
+            )
+            if d.next_at is not None and wh.enabled:
+                for item, status in zip(items, d.statuses, strict=True):
+                    if status == PENDING:
+                        item.next_at = d.next_at
+                        item.batch = batch_id
+                        wh.push(item)
+                wh.wake.set()
+
+        self.fleet.settle(wh.id, decide, build, on_commit=committed)

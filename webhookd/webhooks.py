@@ -48,6 +48,10 @@ class Webhook:
     inflight: set[int] = field(default_factory=set)
     active: int = 0
     refilling: bool = False
+    # in a fleet: this instance holds the webhook's one probe until (monotonic), and whether that
+    # probe was sent and its outcome is not yet committed (the next one waits for it)
+    probe_held_until: float = 0.0
+    probing: bool = False
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     # a batch being formed (batching on): due deliveries taken from the window, in order,

@@ -36,9 +36,9 @@ def make_storage(
                 'storage.backend = "postgresql" needs asyncpg: pip install "webhookd[postgresql]"'
                 f" ({exc.name} is missing)"
             ) from None
-        # exclusive: one daemon per database until several can share its queue (issue 15)
+        # a lease: a member of the fleet of daemons that may share this database's queue
         pg = PostgresStorage(cfg.dsn, password_file=cfg.password_file, clock=clock, on_fresh=on_fresh,
-                             exclusive=True)
+                             lease=cfg.lease)
         return pg, lambda: Health("postgresql", pg.where, pg.connected, pg.reconnects)
     lite = SqliteStorage(cfg.path, durability=cfg.durability, clock=clock, on_fresh=on_fresh)
     return lite, lambda: Health("sqlite", str(cfg.path), True, 0)

@@ -55,6 +55,7 @@ from webhookd.store.model import (
     WebhookState,
 )
 from webhookd.store.postgres_batch import BatchOutcomes, Conn, Events, EventSink, Outcomes
+from webhookd.store.postgres_cluster import Fleet, notify_webhook, notify_work
 from webhookd.store.postgres_read import Reads
 from webhookd.store.postgres_rows import (
     CONNECTION_ERRORS,
@@ -156,13 +157,18 @@ class PostgresStorage(Reads, WriterBacked):
         on_fresh: FreshSink | None = None,
         pool_size: int = 4,
         exclusive: bool = False,
+        lease: float | None = None,
     ) -> None:
         self.dsn = dsn
         self.where = redact_dsn(dsn)
         self.password_file = password_file
         self.clock = clock
         self.pool_size = pool_size
-        self.exclusive = exclusive  # hold INSTANCE_LOCK: the only daemon delivering from this database
+        # INSTANCE_LOCK, held exclusively (migrate-storage: nobody else may use the database) or
+        # shared (a daemon: several share the database, none while a copy runs)
+        self.exclusive = exclusive
+        # with a lease: a daemon in a fleet sharing this database's queue (postgres_cluster.py)
+        self.fleet: Fleet | None = Fleet(self, lease=lease) if lease is not None else None
         self.reconnect_min = RECONNECT_MIN
         self.reconnect_max = RECONNECT_MAX
         self.reconnects = 0  # connections regained after a loss
@@ -171,7 +177,8 @@ class PostgresStorage(Reads, WriterBacked):
         self._pool: asyncpg.Pool | None = None
         self._writer: Writer[Conn, Conn] = Writer(_Transactions(self))
         self._events = Events(clock, self._sink)
-        self._outcomes = Outcomes()
+        self._events.claimer = self.fleet.instance_id if self.fleet is not None else None
+        self._outcomes = Outcomes(fleet=self.fleet is not None)
         self._batch_outcomes = BatchOutcomes()
         self._lost_at: float | None = None  # monotonic time the writer's connection was found lost
         self._retry_at = 0.0
@@ -186,6 +193,12 @@ class PostgresStorage(Reads, WriterBacked):
 
     def received(self) -> dict[str, int]:
         return self._sink.received
+
+    @property
+    def writer_pid(self) -> int | None:
+        """The server process of the writer's connection (its own notifications come from it)."""
+        conn = self._conn
+        return conn.get_server_pid() if conn is not None and not conn.is_closed() else None
 
     def _connect_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -203,18 +216,19 @@ class PostgresStorage(Reads, WriterBacked):
 
     async def _connect(self) -> Conn:
         conn: Conn = await asyncpg.connect(**self._connect_args())
-        if self.exclusive:
-            try:
-                held = await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext(current_schema()))",
-                                           INSTANCE_LOCK)
-            except BaseException:
-                conn.terminate()
-                raise
-            if not held:
-                conn.terminate()
-                raise StoreError(Lead.STORAGE.text(
-                    f" unavailable: another webhookd is using {self.where}; until several daemons can share"
-                    " one queue (claiming with leases), run one webhookd per database (or schema)"))
+        how = "pg_try_advisory_lock" if self.exclusive else "pg_try_advisory_lock_shared"
+        try:
+            held = await conn.fetchval(f"SELECT {how}($1, hashtext(current_schema()))", INSTANCE_LOCK)
+        except BaseException:
+            conn.terminate()
+            raise
+        if not held:
+            conn.terminate()
+            raise StoreError(Lead.STORAGE.text(
+                f" unavailable: a webhookd is running on {self.where}; stop every daemon using it first"
+                if self.exclusive else
+                f" unavailable: webhookd migrate-storage is copying into {self.where}; start the daemon"
+                " when it is done"))
         return conn
 
     async def open(self) -> None:
@@ -237,9 +251,18 @@ class PostgresStorage(Reads, WriterBacked):
             await self._close_connections()
             raise
         self._writer.start()
+        if self.fleet is not None:
+            try:
+                await self.fleet.start()
+            except DB_ERRORS as exc:
+                await self.close()
+                raise StoreError(f"cannot join the daemons on {self.where}: {describe(exc)}") from None
 
     async def close(self) -> None:
         await self._writer.close()
+        if self.fleet is not None and self._pool is not None:
+            await self.fleet.stop()
+            await self.fleet.release()  # after the last outcome committed: the others take the rest now
         await self._close_connections()
 
     async def _close_connections(self) -> None:
@@ -324,11 +347,32 @@ class PostgresStorage(Reads, WriterBacked):
         self, webhook_id: str, after: tuple[float, int], limit: int, *,
         on_commit: Callable[[list[DueItem]], None] | None = None,
     ) -> asyncio.Future[list[DueItem]]:
+        fleet = self.fleet
+
         async def read(conn: Conn) -> list[DueItem]:
+            if fleet is None:
+                rows = await conn.fetch(
+                    DUE_SELECT + " WHERE d.webhook_id = $1 AND d.status = 'pending'"
+                    " AND (d.next_attempt_at, d.id) > ($2::float8, $3::bigint) ORDER BY d.next_attempt_at, d.id"
+                    " LIMIT $4",
+                    webhook_id, after[0], after[1], limit,
+                )
+                return [due_row(r) for r in rows]
+            # Claim them: rows nobody holds, this instance's own, and those of an instance whose
+            # lease ended; rows another transaction has locked (another instance claiming or
+            # recording them) are skipped, never waited for.
             rows = await conn.fetch(
-                DUE_SELECT + " WHERE d.webhook_id = $1 AND d.status = 'pending'"
-                " AND (d.next_attempt_at, d.id) > ($2::float8, $3::bigint) ORDER BY d.next_attempt_at, d.id LIMIT $4",
-                webhook_id, after[0], after[1], limit,
+                "WITH c AS (SELECT d.id FROM deliveries d WHERE d.webhook_id = $1 AND d.status = 'pending'"
+                " AND (d.next_attempt_at, d.id) > ($2::float8, $3::bigint) AND (d.claimed_by IS NULL"
+                " OR d.claimed_by = $5 OR NOT EXISTS (SELECT 1 FROM instances i WHERE i.id = d.claimed_by"
+                " AND i.lease_until >= extract(epoch from clock_timestamp())))"
+                " ORDER BY d.next_attempt_at, d.id LIMIT $4 FOR UPDATE OF d SKIP LOCKED),"
+                " u AS (UPDATE deliveries d SET claimed_by = $5, lease_until = extract(epoch from clock_timestamp())"
+                " + $6 FROM c WHERE d.id = c.id RETURNING d.id, d.webhook_id, d.next_attempt_at, d.attempts,"
+                " d.event_id, d.status)"
+                " SELECT u.id, u.webhook_id, u.next_attempt_at, u.attempts, e.uid, e.type, e.body, u.status"
+                " FROM u JOIN events e ON e.id = u.event_id ORDER BY u.next_attempt_at, u.id",
+                webhook_id, after[0], after[1], limit, fleet.instance_id, fleet.lease,
             )
             return [due_row(r) for r in rows]
 
@@ -347,12 +391,14 @@ class PostgresStorage(Reads, WriterBacked):
         on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
         async def write(conn: Conn) -> None:
+            # a new epoch: attempts started before this change no longer count (as in memory)
             await conn.execute(
                 "UPDATE webhooks SET enabled = $1, consecutive_failures = $2, backoff_until = $3,"
-                " disabled_reason = $4, updated_at = $5 WHERE id = $6",
+                " disabled_reason = $4, updated_at = $5, gate_epoch = gate_epoch + 1 WHERE id = $6",
                 state.enabled, state.consecutive_failures, state.backoff_until, state.disabled_reason,
                 state.updated_at, webhook_id,
             )
+            await notify_webhook(conn, webhook_id)
             if pause_pending:
                 await conn.execute(
                     "UPDATE deliveries SET status = 'paused', next_attempt_at = NULL, updated_at = $1"
@@ -377,6 +423,7 @@ class PostgresStorage(Reads, WriterBacked):
                 w.previous_secret_expires_at, w.created_at, w.updated_at, filter_text(w.filter), w.name,
                 w.declared_in, w.batching.max_events, w.batching.max_bytes, w.batching.linger,
             )
+            await notify_webhook(conn, w.id)
 
         return self._writer.run(write, on_commit=on_commit)
 
@@ -395,6 +442,7 @@ class PostgresStorage(Reads, WriterBacked):
                     "UPDATE webhooks SET batch_max_events = $1, batch_max_bytes = $2, batch_linger = $3 WHERE id = $4",
                     batching.max_events, batching.max_bytes, batching.linger, webhook_id,
                 )
+            await notify_webhook(conn, webhook_id)
 
         return self._writer.run(write, on_commit=on_commit)
 
@@ -405,6 +453,7 @@ class PostgresStorage(Reads, WriterBacked):
         async def write(conn: Conn) -> None:
             await conn.execute("UPDATE webhooks SET declared_in = $1, updated_at = $2 WHERE id = $3",
                                declared_in, updated_at, webhook_id)
+            await notify_webhook(conn, webhook_id)
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
 
@@ -419,6 +468,7 @@ class PostgresStorage(Reads, WriterBacked):
             await conn.execute("DELETE FROM deliveries WHERE webhook_id = $1", webhook_id)
             await conn.execute("DELETE FROM attempt_hours WHERE webhook_id = $1", webhook_id)
             await conn.execute("DELETE FROM webhooks WHERE id = $1", webhook_id)
+            await notify_webhook(conn, webhook_id)
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
 
@@ -428,9 +478,11 @@ class PostgresStorage(Reads, WriterBacked):
         async def write(conn: Conn) -> int:
             await conn.execute(
                 "UPDATE webhooks SET enabled = true, disabled_reason = NULL, consecutive_failures = 0,"
-                " backoff_until = 0, updated_at = $1 WHERE id = $2",
+                " backoff_until = 0, updated_at = $1, gate_epoch = gate_epoch + 1, probe_by = NULL,"
+                " probe_until = NULL WHERE id = $2",
                 now, webhook_id,
             )
+            await notify_webhook(conn, webhook_id)
             if drop_backlog:
                 status = await conn.execute(
                     "UPDATE deliveries SET status = 'failed', next_attempt_at = NULL,"
@@ -440,10 +492,12 @@ class PostgresStorage(Reads, WriterBacked):
                 )
             else:
                 status = await conn.execute(
-                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, updated_at = $1"
-                    " WHERE webhook_id = $2 AND status = 'paused'",
+                    "UPDATE deliveries SET status = 'pending', next_attempt_at = $1, updated_at = $1,"
+                    " claimed_by = NULL WHERE webhook_id = $2 AND status = 'paused'",
                     now, webhook_id,
                 )
+                if count(status):
+                    await notify_work(conn, [webhook_id])
             return count(status)
 
         return self._writer.run(write, on_commit=on_commit, internal=True)
@@ -458,6 +512,7 @@ class PostgresStorage(Reads, WriterBacked):
                 " updated_at = $4 WHERE id = $5",
                 secret, previous_secret, previous_expires_at, now, webhook_id,
             )
+            await notify_webhook(conn, webhook_id)
 
         return self._writer.run(write, on_commit=on_commit)
 
@@ -467,10 +522,13 @@ class PostgresStorage(Reads, WriterBacked):
         on_commit: Callable[[None], None] | None = None,
     ) -> asyncio.Future[None]:
         async def write(conn: Conn) -> None:
-            await conn.execute(
-                "UPDATE deliveries SET status = $1, next_attempt_at = $2, updated_at = $3 WHERE id = $4",
+            webhook_id = await conn.fetchval(
+                "UPDATE deliveries SET status = $1, next_attempt_at = $2, updated_at = $3, claimed_by = NULL"
+                " WHERE id = $4 RETURNING webhook_id",
                 status, next_attempt_at, now, delivery_id,
             )
+            if webhook_id is not None and status == PENDING:
+                await notify_work(conn, [str(webhook_id)])
 
         return self._writer.run(write, on_commit=on_commit)
 
@@ -480,10 +538,12 @@ class PostgresStorage(Reads, WriterBacked):
     ) -> asyncio.Future[int]:
         async def write(conn: Conn) -> int:
             done = await conn.execute(
-                "UPDATE deliveries SET status = $1, next_attempt_at = $2, updated_at = $3"
+                "UPDATE deliveries SET status = $1, next_attempt_at = $2, updated_at = $3, claimed_by = NULL"
                 " WHERE webhook_id = $4 AND created_at >= $5 AND status = ANY($6::text[])",
                 status, next_attempt_at, now, webhook_id, since, list(dict.fromkeys(statuses)),
             )
+            if count(done) and status == PENDING:
+                await notify_work(conn, [webhook_id])
             return count(done)
 
         return self._writer.run(write, on_commit=on_commit)
@@ -498,12 +558,15 @@ class PostgresStorage(Reads, WriterBacked):
                 p = Params(PENDING if enabled else PAUSED, now if enabled else None, now)
                 clause = where_clause(replace(where, statuses=(FAILED,)), p)
                 done = await conn.execute(
-                    "UPDATE deliveries SET status = $1, next_attempt_at = $2, updated_at = $3 WHERE id IN"  # noqa: S608
+                    "UPDATE deliveries SET status = $1, next_attempt_at = $2, updated_at = $3, claimed_by = NULL"  # noqa: S608
+                    " WHERE id IN"
                     f" (SELECT d.id FROM deliveries d JOIN events e ON e.id = d.event_id WHERE {clause}"
                     f" AND d.webhook_id = {p(webhook_id)})",
                     *p.values,
                 )
                 total += count(done)
+                if count(done) and enabled:
+                    await notify_work(conn, [webhook_id])
             return total
 
         return self._writer.run(write, on_commit=on_commit)

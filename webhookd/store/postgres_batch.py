@@ -16,6 +16,7 @@ from webhookd.ids import new_id
 from webhookd.store.model import (
     PAUSED,
     PENDING,
+    SUCCEEDED,
     BatchOutcomeRecord,
     FreshEvent,
     OutcomeRecord,
@@ -93,6 +94,7 @@ class Events:
         self.event_ids = IdBlocks("event_ids")
         self.delivery_ids = IdBlocks("delivery_ids")
         self._runs: deque[tuple[list[FreshEvent], list[str]]] = deque()  # this transaction's, in order
+        self.claimer: str | None = None  # the instance whose window takes the new rows (a fleet's member)
 
     async def execute(self, conn: Conn, items: list[tuple[Event, Sequence[Subscriber]]]) -> list[str]:
         now = self._clock()
@@ -160,11 +162,11 @@ class Events:
                 d_next.append(now if enabled else None)
         if d_ids:
             await conn.execute(
-                "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at, updated_at)"
-                " SELECT u.id, u.event_id, u.webhook_id, u.status, u.next_at, $6, $6 FROM unnest("
+                "INSERT INTO deliveries (id, event_id, webhook_id, status, next_attempt_at, created_at, updated_at,"
+                " claimed_by) SELECT u.id, u.event_id, u.webhook_id, u.status, u.next_at, $6, $6, $7 FROM unnest("
                 "$1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::float8[])"
                 " AS u(id, event_id, webhook_id, status, next_at)",
-                d_ids, d_events, d_webhooks, d_statuses, d_next, now,
+                d_ids, d_events, d_webhooks, d_statuses, d_next, now, self.claimer,
             )
         self._runs.append((fresh, [n.event.type for n in new]))
         return [r.uid if isinstance(r, _New) else r for r in results]
@@ -182,7 +184,12 @@ class Events:
 
 
 class Outcomes:
-    """Writes a run of attempt outcomes: delivery rows, attempt rows, hour counts, last attempt."""
+    """Writes a run of attempt outcomes: delivery rows, attempt rows, hour counts, last attempt.
+    In a fleet (`fleet=True`), a success also closes a failure episode another instance
+    stored that this one had not heard of yet (its gate looked healthy here)."""
+
+    def __init__(self, *, fleet: bool = False) -> None:
+        self.fleet = fleet
 
     async def execute(self, conn: Conn, items: list[OutcomeRecord]) -> list[None]:
         # Rows are locked in id order (several instances never deadlock on each other's runs);
@@ -208,6 +215,15 @@ class Outcomes:
             [r.updated_at for r in rows],
         )
         await _insert_attempts(conn, [_AttemptRow(r.delivery_id, r) for r in kept])
+        if self.fleet:
+            succeeded = sorted({r.webhook_id for r in kept if r.status == SUCCEEDED})
+            if succeeded:
+                reset = await conn.fetch(
+                    "UPDATE webhooks SET consecutive_failures = 0, backoff_until = 0, gate_epoch = gate_epoch + 1"
+                    " WHERE id = ANY($1::text[]) AND enabled AND (consecutive_failures > 0 OR backoff_until > 0)"
+                    " RETURNING id", succeeded)
+                for row in reset:
+                    await conn.execute("SELECT pg_notify('webhookd_webhooks', $1)", str(row[0]))
         hours: Counter[tuple[int, str, bool]] = Counter()
         last: dict[str, _Attempted] = {}
         for r in kept:

@@ -14,8 +14,11 @@ Ids: event and delivery ids come from sequences that hand out *blocks* of ids
 rows of its batches from it, so several daemons on one database never collide and one
 event's deliveries are still numbered contiguously (`FreshEvent.delivery_id`).
 
-Several daemons, one queue (issue 15, later): `deliveries.claimed_by` / `lease_until`
-exist already (unused, NULL) for claiming with `FOR UPDATE SKIP LOCKED` and a lease.
+Several daemons, one queue (version 3, webhookd/store/postgres_cluster.py): each running
+daemon has a row in `instances` that it renews (its lease); a pending delivery is
+`claimed_by` the instance that holds it, and another instance takes it only once that
+instance's lease has ended. `webhooks.gate_epoch` is the failure gate's epoch, shared by
+the fleet; `probe_by` / `probe_until` hold the one probe a backing-off webhook may have.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ log = structlog.get_logger("webhookd.store")
 
 MIGRATION_LOCK = 0x77686B64_0001  # pg_advisory_lock key: "whkd", 1 (any bigint, fixed forever)
 BLOCK_LOCK = 0x77686B64_0002  # held while an instance takes id blocks (postgres_batch.IdBlocks)
-# (key, hashtext(current_schema())): held by the one daemon that delivers from a database's queue,
-# until several can share it (claiming with leases, issue 15); see PostgresStorage(exclusive=True)
+# (key, hashtext(current_schema())): every daemon holds it shared; `webhookd migrate-storage`
+# takes it exclusively, so it never copies into a database that daemons are using (and a
+# daemon does not start while a copy runs); see PostgresStorage(exclusive=...)
 INSTANCE_LOCK = 0x77686B65
 ID_BLOCK = 1000  # the sequences' increment: ids an instance numbers from one nextval
 
@@ -136,6 +140,21 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE webhooks ADD COLUMN batch_linger double precision NOT NULL DEFAULT 0;
     ALTER TABLE attempts ADD COLUMN batch_id text;
     CREATE INDEX attempts_batch ON attempts (batch_id) WHERE batch_id IS NOT NULL;
+    """,
+    # v3: several daemons, one queue (postgres_cluster.py): the running instances and their
+    # leases, the fleet's gate epoch and its one probe, and the claims of the pending rows.
+    """
+    CREATE TABLE instances (
+        id text PRIMARY KEY,
+        host text NOT NULL,
+        pid integer NOT NULL,
+        started_at double precision NOT NULL,
+        lease_until double precision NOT NULL
+    );
+    ALTER TABLE webhooks ADD COLUMN gate_epoch bigint NOT NULL DEFAULT 0;
+    ALTER TABLE webhooks ADD COLUMN probe_by text;
+    ALTER TABLE webhooks ADD COLUMN probe_until double precision;
+    CREATE INDEX deliveries_claimed ON deliveries (claimed_by) WHERE status = 'pending';
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
