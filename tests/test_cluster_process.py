@@ -156,7 +156,7 @@ def test_two_daemons_both_deliver_and_nothing_is_sent_twice(
 def test_the_failure_gate_holds_across_two_daemons(pair: tuple[Proc, Proc, Path], recorder: Recorder) -> None:
     a, b, notified = pair
     for p in (a, b):
-        configure(p, {"disable_after": 10, "retry_base": "20ms", "retry_max": "60ms", "max_attempts": 100})
+        configure(p, {"disable_after": 15, "retry_base": "20ms", "retry_max": "60ms", "max_attempts": 100})
     a.start()
     b.start()
     recorder.status, recorder.delay = 503, 0.1
@@ -168,24 +168,25 @@ def test_the_failure_gate_holds_across_two_daemons(pair: tuple[Proc, Proc, Path]
         wait_until(lambda p=p: (known_on(p, hook["id"]) or {}).get("enabled") is False, timeout=60,
                    what="the webhook disabled on both daemons")
     time.sleep(1.0)  # a second disable, or a second notify, would happen meanwhile
-    assert notified.read_text().split("\n") == [f"{hook['id']} 10", ""]  # once, at exactly disable_after
+    assert notified.read_text().split("\n") == [f"{hook['id']} 15", ""]  # once, at exactly disable_after
     shown = [known_on(p, hook["id"]) for p in (a, b)]
-    assert all(w is not None and w["consecutive_failures"] == 10 for w in shown), shown
+    assert all(w is not None and w["consecutive_failures"] == 15 for w in shown), shown
     disabled_logs = a.logged('"webhook disabled"') + b.logged('"webhook disabled"')
-    assert len(disabled_logs) == 1
+    assert len(disabled_logs) == 1, disabled_logs
     # Once both daemons know of the first failure, one attempt at a time across both. The first
     # burst is what started before that: before the first answer, plus the time to commit it and
-    # notify the other daemon (milliseconds; 0.3 s here, far more than that on a loaded machine).
+    # notify the other daemon (milliseconds; 1 s here, far more than that on a loaded machine).
     with recorder.lock:
         requests = sorted(recorder.requests)
     first_end = min(end for _, end, *_ in requests)
-    burst_end = max(end for start, end, *_ in requests if start <= first_end + 0.3)
+    burst_end = max(end for start, end, *_ in requests if start <= first_end + 1.0)
     probes = [(s, e) for s, e, *_ in requests if s > burst_end]
     assert probes, "probes after the first burst"
     for (_, end), (start, _) in itertools.pairwise(probes):
-        assert start >= end - 0.005, "two probes overlapped"
+        spans = [(round(s - first_end, 3), round(e - first_end, 3)) for s, e in probes]
+        assert start >= end - 0.005, f"two probes overlapped: {spans}"
     statuses = b.json("status")["deliveries"]
-    assert statuses["pending"] == 0 and statuses["paused"] == 40
+    assert statuses["pending"] == 0 and statuses["paused"] == 40, statuses
 
 
 def test_a_webhook_disabled_rotated_or_enabled_through_one_daemon_is_so_on_the_other(
