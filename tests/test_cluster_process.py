@@ -242,4 +242,6 @@ def test_kill_9_one_daemon_and_the_other_delivers_what_it_held_after_the_lease(
     # at most what a had in flight when it died (per_webhook_concurrency 1) and the one before it,
     # answered but not yet committed: sent again, as at-least-once allows
     assert repeats <= 2
-    assert b.json("status")["deliveries"]["pending"] == 0
+    status = b.json("status")
+    assert status["deliveries"]["pending"] == 0
+    assert status["storage"]["takeovers"] == 1 and status["storage"]["instance"] not in took[0]["instances"]

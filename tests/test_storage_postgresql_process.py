@@ -119,8 +119,10 @@ async def test_serve_on_postgresql_delivers_signed_events_and_never_shows_the_pa
     assert sorted(json.loads(b)["data"]["message_id"] for _, b in aiohttp_receiver.received) == [
         f"<pg-{i}@x>" for i in range(3)]
     status = d.json("status")
+    instance = status["storage"].pop("instance")
+    assert instance.startswith("ins_")  # this daemon's id in the fleet sharing the database
     assert status["storage"] == {"backend": "postgresql", "database": f"postgresql://{SECRET_USER}@/{DATABASE}",
-                                 "connected": True, "reconnects": 0}  # the DSN without its query
+                                 "connected": True, "reconnects": 0, "takeovers": 0}  # the DSN without its query
     wait_until(lambda: {x["status"] for x in d.json("deliveries", "list", "--webhook", hook["id"])["deliveries"]}
                == {"succeeded"}, what="the outcomes committed")
     check = d.cli("check-config")

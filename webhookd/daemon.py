@@ -177,7 +177,15 @@ class Daemon:
         """/v1/status's storage: the backend, where (never a password) and its connection."""
         health = self.store_health()
         return {"backend": health.backend, "database": health.database, "connected": health.connected,
-                "reconnects": health.reconnects}
+                "reconnects": health.reconnects, **self._fleet_status()}
+
+    def _fleet_status(self) -> dict[str, Any]:
+        """On PostgreSQL: this daemon's id in the fleet (the `instances` table, and the ids the
+        others log when they take over from it) and how many ended leases it took over."""
+        fleet = getattr(self.store, "fleet", None)
+        if fleet is None:
+            return {}
+        return {"instance": fleet.instance_id, "takeovers": fleet.takeovers}
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:
