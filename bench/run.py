@@ -4,7 +4,7 @@
         [--events 50000] [--deliveries 5000] [--latency-rate 500] [--latency-seconds 5] [--latency-rounds 3]
         [--backlog 1000000] [--backlog-connections 4] [--isolation-events 3000] [--hanging 50]
         [--late-events 1000] [--batched-events 50000] [--batch-max-events 100] [--profile DIR]
-        [--backend sqlite|postgresql]
+        [--backend sqlite|postgresql] [--instances N]
 
 The daemon runs as a real `webhookd serve` process pinned to core 0 (taskset, when
 available); the load generator and the receivers run on core 1; each bare-client
@@ -14,7 +14,9 @@ daemon during each measured part (summarise with `bench/pyspy_top.py DIR/NAME.tx
 
 `--backend postgresql` also runs the intake and delivery phases' daemon on PostgreSQL (a
 private cluster in a temporary directory, as the tests start it: tests/pg.py), beside the
-SQLite figures of the same run.
+SQLite figures of the same run. With `--instances N` (N > 1) the delivery phase also runs N
+daemons on one PostgreSQL database (one queue, docs/scaling.md), each given 1/N of every
+round's events, and reports their combined rate (`postgresql_fleet_deliveries_per_s`).
 
 Phases:
   intake     durable intake over the Unix socket vs batched SQLite inserts (the target's floor: a
@@ -172,7 +174,8 @@ class Daemon:
     log_level = LOG_LEVEL  # --log-level
     pg_cluster: Any = None  # --backend postgresql: tests.pg.Cluster
 
-    def __init__(self, root: Path, durability: str = "full", extra: str = "", *, postgresql: bool = False) -> None:
+    def __init__(self, root: Path, durability: str = "full", extra: str = "", *, postgresql: bool = False,
+                 schema: str | None = None) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         self.run_dir = Path(tempfile.mkdtemp(prefix="whb", dir="/tmp"))
@@ -180,9 +183,12 @@ class Daemon:
         self.db = root / "state" / "webhookd.db"
         self.log = root / "daemon.log"  # stdout and stderr: warnings and errors only
         storage = f'[storage]\ndurability = "{durability}"\n'
+        self.schema = schema
+        self.pinned = True  # on the daemon's core (a fleet's daemons share the machine instead)
         if postgresql:
-            schema = f"bench_{root.name.replace('-', '_')}_{os.getpid()}"
-            self.pg_cluster.psql(f"CREATE SCHEMA {schema}")
+            if schema is None:  # a database of its own; else another daemon's (one queue)
+                schema = self.schema = f"bench_{root.name.replace('-', '_')}_{os.getpid()}"
+                self.pg_cluster.psql(f"CREATE SCHEMA {schema}")
             storage = f'[storage]\nbackend = "postgresql"\ndsn = "{self.pg_cluster.dsn(schema=schema)}"\n'
         self.config.write_text(
             f'environment = "development"\nstate_dir = "{root / "state"}"\nruntime_dir = "{self.run_dir}"\n'
@@ -210,7 +216,8 @@ class Daemon:
     def start(self, timeout: float = 120.0) -> float:
         """Start `webhookd serve`; seconds until `webhookd status` answers."""
         started = time.perf_counter()
-        cmd = pin([sys.executable, "-m", "webhookd", "serve"], DAEMON_CORE)
+        serve = [sys.executable, "-m", "webhookd", "serve"]
+        cmd = pin(serve, DAEMON_CORE) if self.pinned else serve
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=log)
         while time.perf_counter() - started < timeout:
@@ -632,6 +639,48 @@ async def deliveries_rate(daemon: Daemon, recv: Receiver, n: int, first: int = 0
         return n / (time.perf_counter() - started)
 
 
+async def fleet_rate(daemons: list[Daemon], recv: Receiver, n: int, first: int, timeout: float = 300.0) -> float:
+    """Submit n events split among the daemons (pipelined, all at once) and wait until the
+    receiver has counted n more POSTs: the fleet's combined rate."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        before = await recv.count(session)
+        started = time.perf_counter()
+        share = n // len(daemons)
+        await asyncio.gather(*[pipelined_submit(d.intake, share, first=first + i * share)
+                               for i, d in enumerate(daemons)])
+        total = share * len(daemons)
+        if not await recv.wait_count(session, before + total, timeout):
+            raise SystemExit(f"receiver got {await recv.count(session) - before} of {total} in {timeout:g}s")
+        return total / (time.perf_counter() - started)
+
+
+def fleet_delivery(root: Path, args: argparse.Namespace, recv: Receiver) -> dict[str, Any]:
+    """`--instances N`: N daemons on one PostgreSQL database deliver one queue's events."""
+    first = Daemon(root / "fleet-0", postgresql=True)
+    daemons = [first] + [Daemon(root / f"fleet-{i}", postgresql=True, schema=first.schema)
+                         for i in range(1, args.instances)]
+    for d in daemons:
+        d.pinned = False  # N daemons on one core would measure the core, not the fleet
+    rates: list[float] = []
+    try:
+        first.start()
+        assert first.cli("webhooks", "create", "--url", recv.url, "--json").returncode == 0
+        for d in daemons[1:]:
+            d.start()
+        time.sleep(0.5)  # the others hear of the webhook (NOTIFY)
+        asyncio.run(fleet_rate(daemons, recv, 500, first=40_000_000))
+        for r in range(args.rounds):
+            rates.append(asyncio.run(fleet_rate(daemons, recv, args.deliveries,
+                                                first=50_000_000 + r * args.deliveries)))
+    finally:
+        for d in daemons:
+            d.stop()
+    return {"postgresql_instances": args.instances, "postgresql_fleet_deliveries_per_s": round(max(rates)),
+            "postgresql_fleet_rounds": [round(x) for x in rates]}
+
+
 def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]) -> None:
     """End to end beside the bare client, in alternating rounds: other work on the machine
     moves both alike, and the best round of each is the figure (the least disturbed)."""
@@ -696,6 +745,12 @@ def phase_delivery(root: Path, args: argparse.Namespace, results: dict[str, Any]
             "postgresql_rounds_end_to_end": [round(x) for x in pg_rates],
             "postgresql_to_sqlite_delivery": round(max(pg_rates) / rate, 3),
         })
+    if args.backend == "postgresql" and args.instances > 1:
+        recv = Receiver()
+        try:
+            results["delivery"].update(fleet_delivery(root, args, recv))
+        finally:
+            recv.stop()
 
 
 # -- latency -------------------------------------------------------------------------------------------------
@@ -1237,6 +1292,8 @@ def main() -> None:
                     help=f"the daemon's log level (default: {LOG_LEVEL}; info writes a line per attempt)")
     ap.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"),
                     help="postgresql: intake and delivery also on a private PostgreSQL cluster, beside SQLite")
+    ap.add_argument("--instances", type=int, default=1,
+                    help="postgresql: the delivery phase also runs this many daemons on one database")
     args = ap.parse_args()
     Daemon.log_level = args.log_level
     cluster: Any = None
