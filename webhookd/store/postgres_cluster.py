@@ -58,6 +58,7 @@ ALL = "*"  # a work notification for every webhook
 DB_NOW = "extract(epoch from clock_timestamp())"
 MAX_PAYLOAD = 7000  # NOTIFY payloads are limited to 8000 bytes
 D = TypeVar("D")
+UPKEEP_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, StoreError)  # PostgreSQL out of reach
 
 
 if TYPE_CHECKING:
@@ -169,9 +170,11 @@ class Fleet:
                     await self._listen()
                     log.info("listening again for the other instances' changes", instance=self.instance_id)
                     self.on_resync()
-            except DB_ERRORS as exc:
+            except UPKEEP_ERRORS as exc:
                 log.warning("cannot renew this instance's lease", instance=self.instance_id,
                             error=type(exc).__name__)
+            except Exception:  # a bug: say so, and keep renewing (a dead task would lose the lease)
+                log.exception("fleet upkeep failed", instance=self.instance_id)
 
     async def _renew(self) -> None:
         async with self._pool().acquire() as conn:
