@@ -245,3 +245,23 @@ def test_kill_9_one_daemon_and_the_other_delivers_what_it_held_after_the_lease(
     status = b.json("status")
     assert status["deliveries"]["pending"] == 0
     assert status["storage"]["takeovers"] == 1 and status["storage"]["instance"] not in took[0]["instances"]
+
+
+def test_a_backlog_beyond_one_daemons_window_is_shared_with_the_other(
+    pair: tuple[Proc, Proc, Path], recorder: Recorder
+) -> None:
+    """Intake's rows go to the daemon that took them in; those beyond its window are released
+    to the fleet (NOTIFY webhookd_work), so an idle daemon helps with another's backlog."""
+    a, b, _ = pair
+    configure(a, {"per_webhook_concurrency": 1})  # a delivers one at a time: its backlog grows
+    a.start()
+    b.start()
+    recorder.delay = 0.02
+    hook = a.json("webhooks", "create", "--url", recorder.url)
+    wait_until(lambda: known_on(b, hook["id"]) is not None, what="b to hear of the webhook")
+    submit(a, 400, "backlog")
+    wait_until(lambda: len(set(recorder.delivered())) == 400, timeout=60, what="all 400 delivered")
+    time.sleep(0.5)
+    assert sorted(recorder.delivered()) == sorted(f"<backlog-{i}@x>" for i in range(400))  # each once
+    by_b = [x for x in b.logged('"attempt"') if x.get("event") == "attempt" and x.get("outcome") == "succeeded"]
+    assert len(by_b) >= 100, len(by_b)  # b took a large part of what a was given

@@ -57,6 +57,9 @@ class Member:
         self.denied += 1
         return 3600.0  # woken by the holder's outcome, as by a notification
 
+    def share(self, rows: dict[str, list[int]]) -> None:
+        pass  # the rig's backlogs fit their windows
+
     def settle(self, webhook_id: str, decide: Callable[[Gate], D],
                build: Callable[[D], OutcomeRecord | BatchOutcomeRecord], *,
                on_commit: Callable[[D | None], None]) -> None:

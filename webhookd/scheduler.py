@@ -65,6 +65,8 @@ class FleetGate(Protocol):
 
     async def claim_probe(self, webhook_id: str, seconds: float) -> float: ...
 
+    def share(self, rows: dict[str, list[int]]) -> None: ...
+
     def settle(
         self,
         webhook_id: str,
@@ -366,6 +368,7 @@ class Scheduler:
                 continue
             groups.setdefault(id(fe.subscribers), []).append(fe)
         touched: set[Webhook] = set()
+        shared: dict[str, list[int]] = {}  # in a fleet: rows this daemon does not hold in memory
         webhooks = self.webhooks
         for group in groups.values():
             # ids grow with the events, so the group's soonest event holds each
@@ -380,6 +383,8 @@ class Scheduler:
                 touched.add(wh)
                 boundary = wh.boundary
                 if boundary is not None and (soonest.next_at, soonest.delivery_id(i)) > boundary:
+                    if self.fleet is not None:
+                        shared.setdefault(webhook_id, []).extend(fe.delivery_id(i) for fe in group)
                     continue  # all of them stay in storage
                 for fe in group:
                     wh.push(fe.item(i))
@@ -387,8 +392,13 @@ class Scheduler:
         for wh in touched:
             keep = self._window_of(wh) if wh.batching.on else window
             if len(wh.items) > 2 * keep:
-                wh.trim(keep)
+                dropped = wh.trim(keep)
+                if self.fleet is not None:
+                    shared.setdefault(wh.id, []).extend(dropped)
             wh.wake.set()
+        if shared and self.fleet is not None:
+            # a backlog beyond this daemon's window: let the fleet's other daemons take it
+            self.fleet.share(shared)
 
     def _resync(self, webhook_ids: Sequence[str]) -> None:
         """The storage now defers these webhooks' new deliveries, or made some of them rows

@@ -177,10 +177,10 @@ class Webhook:
         _next_at, did = heapq.heappop(self.heap)
         return self.items.pop(did)
 
-    def trim(self, keep: int) -> None:
-        """Keep only the `keep` soonest deliveries in memory."""
+    def trim(self, keep: int) -> list[int]:
+        """Keep only the `keep` soonest deliveries in memory; the ids of those dropped."""
         if len(self.items) <= keep:
-            return
+            return []
         ordered = sorted(self.items.values(), key=lambda i: i.key)
         kept = ordered[:keep]
         self.items = {i.delivery_id: i for i in kept}
@@ -188,6 +188,7 @@ class Webhook:
         heapq.heapify(self.heap)
         last = kept[-1].key if kept else START
         self.boundary = last if self.boundary is None else min(self.boundary, last)
+        return [i.delivery_id for i in ordered[keep:]]
 
     def load(self, after: tuple[float, int], rows: list[DueItem], limit: int) -> None:
         """Take a refill's rows (read after `after`, at most `limit`)."""

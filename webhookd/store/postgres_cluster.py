@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -56,6 +57,7 @@ WEBHOOKS_CHANNEL = "webhookd_webhooks"
 WORK_CHANNEL = "webhookd_work"
 ALL = "*"  # a work notification for every webhook
 DB_NOW = "extract(epoch from clock_timestamp())"
+SHARE_EVERY = 0.5  # seconds between two announcements of one webhook's shared backlog
 MAX_PAYLOAD = 7000  # NOTIFY payloads are limited to 8000 bytes
 D = TypeVar("D")
 UPKEEP_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, StoreError)  # PostgreSQL out of reach
@@ -92,6 +94,7 @@ class Fleet:
         self._listener: Conn | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._shared_at: dict[str, float] = {}  # webhook id -> when its backlog was last announced
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -152,9 +155,10 @@ class Fleet:
 
     def _heard(self, conn: object, pid: int, channel: str, payload: object) -> None:
         payload = str(payload)
+        if pid == self.storage.writer_pid:
+            return  # this instance's own writes: it applied them (or shared them) already
         if channel == WEBHOOKS_CHANNEL:
-            if pid != self.storage.writer_pid:  # this instance applied its own changes already
-                self.on_webhook(payload)
+            self.on_webhook(payload)
         elif channel == WORK_CHANNEL:
             self.on_work(None if payload == ALL else payload.split(","))
 
@@ -203,6 +207,28 @@ class Fleet:
             await notify_work(conn, ids)
         self.takeovers += len(gone)
         log.warning("took over from instances whose lease ended", instances=gone, webhooks=len(ids))
+
+    # -- sharing a backlog -------------------------------------------------------------------
+    def share(self, rows: dict[str, list[int]]) -> None:
+        """Release rows intake gave this daemon that its window does not hold (a backlog beyond
+        it), by webhook, and wake the others to take them (`NOTIFY webhookd_work`, at most every
+        SHARE_EVERY seconds per webhook: between two, the rows are still released, and the
+        daemons already reading that queue take them at their next refill). Whoever reads the
+        queue first claims them, this daemon included. Internal: retried until it commits."""
+        now = time.monotonic()
+        wake = [w for w in rows if now - self._shared_at.get(w, float("-inf")) >= SHARE_EVERY]
+        for w in wake:
+            self._shared_at[w] = now
+        ids = sorted(i for group in rows.values() for i in group)
+        instance = self.instance_id
+
+        async def write(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE deliveries SET claimed_by = NULL WHERE id = ANY($1::bigint[]) AND claimed_by = $2"
+                " AND status = 'pending'", ids, instance)
+            await notify_work(conn, wake)
+
+        self.storage._writer.run(write, internal=True)
 
     # -- the gate ----------------------------------------------------------------------------
     async def claim_probe(self, webhook_id: str, seconds: float) -> float:
