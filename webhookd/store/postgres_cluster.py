@@ -95,11 +95,13 @@ class Fleet:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._shared_at: dict[str, float] = {}  # webhook id -> when its backlog was last announced
+        self.peers = 0  # other daemons with a live lease, as of the last renewal
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Register (the storage is open) and start renewing, sweeping and listening."""
         await self._register()
+        await self._renew()
         await self._listen()
         self._task = asyncio.create_task(self._run(), name="fleet")
 
@@ -185,6 +187,9 @@ class Fleet:
             renewed = await conn.fetchval(
                 f"UPDATE instances SET lease_until = {DB_NOW} + $2 WHERE id = $1 RETURNING 1",  # noqa: S608
                 self.instance_id, self.lease)
+            self.peers = int(await conn.fetchval(
+                f"SELECT count(*) FROM instances WHERE id <> $1 AND lease_until >= {DB_NOW}",  # noqa: S608
+                self.instance_id))
         if renewed is None:
             # Another instance found this one's lease ended (a long pause, or PostgreSQL was out of
             # reach longer than the lease) and released its rows: register again and read every
@@ -214,7 +219,10 @@ class Fleet:
         it), by webhook, and wake the others to take them (`NOTIFY webhookd_work`, at most every
         SHARE_EVERY seconds per webhook: between two, the rows are still released, and the
         daemons already reading that queue take them at their next refill). Whoever reads the
-        queue first claims them, this daemon included. Internal: retried until it commits."""
+        queue first claims them, this daemon included. Internal: retried until it commits. Alone
+        (no other daemon had a live lease at the last renewal), nothing to share."""
+        if not self.peers:
+            return
         now = time.monotonic()
         wake = [w for w in rows if now - self._shared_at.get(w, float("-inf")) >= SHARE_EVERY]
         for w in wake:
