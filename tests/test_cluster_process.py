@@ -20,10 +20,8 @@ import itertools
 import json
 import os
 import shlex
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +29,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook
 
 from tests.pg import Cluster, new_schema
-from tests.test_process import Proc, lines, wait_until
+from tests.test_process import Proc, ThreadReceiver, lines, wait_until
 
 LEASE = "1s"
 
@@ -40,59 +38,16 @@ if os.environ.get("WEBHOOKD_CLUSTER") != "1":
                 allow_module_level=True)
 
 
-class Recorder:
-    """A receiver that records every request (its start and end, its body) and answers
-    `status` after `delay` seconds; both can be changed while it runs."""
-
-    def __init__(self) -> None:
-        self.status = 200
-        self.delay = 0.0
-        self.lock = threading.Lock()
-        self.requests: list[tuple[float, float, int, bytes, dict[str, str]]] = []  # start, end, status, body
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                start = time.monotonic()
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                status, delay = outer.status, outer.delay
-                if delay:
-                    time.sleep(delay)
-                with outer.lock:
-                    outer.requests.append((start, time.monotonic(), status, body,
-                                           {k.lower(): v for k, v in self.headers.items()}))
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 256
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def delivered(self) -> list[str]:
-        """The message ids of the requests answered 200, in arrival order (repeats kept)."""
-        with self.lock:
-            return [json.loads(r[3])["data"]["message_id"] for r in self.requests if r[2] == 200]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+def delivered(r: ThreadReceiver) -> list[str]:
+    """The message ids the receiver answered 200, in arrival order (repeats kept)."""
+    with r.lock:
+        return [json.loads(b)["data"]["message_id"] for b in r.bodies]
 
 
 @pytest.fixture
-def recorder() -> Iterator[Recorder]:
-    r = Recorder()
-    yield r
-    r.close()
+def recorder(thread_receiver: ThreadReceiver) -> ThreadReceiver:
+    """The receiver: answers `status` after `delay`; `spans` times every request."""
+    return thread_receiver
 
 
 @pytest.fixture
@@ -127,6 +82,15 @@ def known_on(p: Proc, webhook_id: str) -> dict[str, Any] | None:
     return None
 
 
+def started(a: Proc, b: Proc, url: str) -> dict[str, Any]:
+    """Both daemons running, and a webhook created through a that b has heard of."""
+    a.start()
+    b.start()
+    hook: dict[str, Any] = a.json("webhooks", "create", "--url", url)
+    wait_until(lambda: known_on(b, hook["id"]) is not None, what="b to hear of the webhook a created")
+    return hook
+
+
 def submit(p: Proc, n: int, prefix: str) -> None:
     done = p.cli("submit", stdin=lines(n, prefix))
     assert done.returncode == 0, done.stderr
@@ -134,34 +98,28 @@ def submit(p: Proc, n: int, prefix: str) -> None:
 
 
 def test_two_daemons_both_deliver_and_nothing_is_sent_twice(
-    pair: tuple[Proc, Proc, Path], recorder: Recorder
+    pair: tuple[Proc, Proc, Path], recorder: ThreadReceiver
 ) -> None:
     a, b, _ = pair
-    a.start()
-    b.start()
-    hook = a.json("webhooks", "create", "--url", recorder.url)
-    wait_until(lambda: known_on(b, hook["id"]) is not None, what="b to hear of the webhook a created")
+    hook = started(a, b, recorder.url)
     submit(a, 150, "a")
     submit(b, 150, "b")
-    wait_until(lambda: len(recorder.delivered()) >= 300, timeout=60, what="300 deliveries")
+    wait_until(lambda: len(delivered(recorder)) >= 300, timeout=60, what="300 deliveries")
     time.sleep(0.5)  # anything sent twice would arrive meanwhile
-    got = recorder.delivered()
+    got = delivered(recorder)
     assert sorted(got) == sorted([f"<a-{i}@x>" for i in range(150)] + [f"<b-{i}@x>" for i in range(150)])
-    for r in recorder.requests:
-        assert Webhook(hook["secret"]).verify(r[3], r[4])
+    for body, headers in zip(recorder.bodies, recorder.headers, strict=True):
+        assert Webhook(hook["secret"]).verify(body, headers)
     for p in (a, b):
         assert p.json("status")["deliveries"]["succeeded"] == 300  # both read the one queue
 
 
-def test_the_failure_gate_holds_across_two_daemons(pair: tuple[Proc, Proc, Path], recorder: Recorder) -> None:
+def test_the_failure_gate_holds_across_two_daemons(pair: tuple[Proc, Proc, Path], recorder: ThreadReceiver) -> None:
     a, b, notified = pair
     for p in (a, b):
         configure(p, {"disable_after": 15, "retry_base": "20ms", "retry_max": "60ms", "max_attempts": 100})
-    a.start()
-    b.start()
     recorder.status, recorder.delay = 503, 0.1
-    hook = a.json("webhooks", "create", "--url", recorder.url)
-    wait_until(lambda: known_on(b, hook["id"]) is not None, what="b to hear of the webhook")
+    hook = started(a, b, recorder.url)
     submit(a, 20, "a")
     submit(b, 20, "b")
     for p in (a, b):
@@ -177,10 +135,10 @@ def test_the_failure_gate_holds_across_two_daemons(pair: tuple[Proc, Proc, Path]
     # burst is what started before that: before the first answer, plus the time to commit it and
     # notify the other daemon (milliseconds; 1 s here, far more than that on a loaded machine).
     with recorder.lock:
-        requests = sorted(recorder.requests)
-    first_end = min(end for _, end, *_ in requests)
-    burst_end = max(end for start, end, *_ in requests if start <= first_end + 1.0)
-    probes = [(s, e) for s, e, *_ in requests if s > burst_end]
+        requests = sorted(recorder.spans)
+    first_end = min(end for _, end, _ in requests)
+    burst_end = max(end for start, end, _ in requests if start <= first_end + 1.0)
+    probes = [(s, e) for s, e, _ in requests if s > burst_end]
     assert probes, "probes after the first burst"
     for (_, end), (start, _) in itertools.pairwise(probes):
         spans = [(round(s - first_end, 3), round(e - first_end, 3)) for s, e in probes]
@@ -190,55 +148,49 @@ def test_the_failure_gate_holds_across_two_daemons(pair: tuple[Proc, Proc, Path]
 
 
 def test_a_webhook_disabled_rotated_or_enabled_through_one_daemon_is_so_on_the_other(
-    pair: tuple[Proc, Proc, Path], recorder: Recorder
+    pair: tuple[Proc, Proc, Path], recorder: ThreadReceiver
 ) -> None:
     a, b, _ = pair
-    a.start()
-    b.start()
-    hook = a.json("webhooks", "create", "--url", recorder.url)
-    wait_until(lambda: known_on(b, hook["id"]) is not None, what="b to hear of the webhook")
+    hook = started(a, b, recorder.url)
     assert a.cli("webhooks", "disable", hook["id"]).returncode == 0
     wait_until(lambda: (known_on(b, hook["id"]) or {}).get("enabled") is False, what="b to see it disabled")
     submit(b, 5, "paused")
     time.sleep(0.5)
-    assert recorder.delivered() == []
+    assert delivered(recorder) == []
     assert b.json("status")["deliveries"]["paused"] == 5
     rotated = a.json("webhooks", "rotate-secret", hook["id"])
     assert b.cli("webhooks", "enable", hook["id"]).returncode == 0  # enabled through the other one
-    wait_until(lambda: len(recorder.delivered()) >= 5, what="the paused deliveries sent after enable")
+    wait_until(lambda: len(delivered(recorder)) >= 5, what="the paused deliveries sent after enable")
     submit(b, 3, "after")
-    wait_until(lambda: len(recorder.delivered()) >= 8, what="three more")
+    wait_until(lambda: len(delivered(recorder)) >= 8, what="three more")
     new_secret = rotated["secret"]
-    for r in recorder.requests[5:]:  # signed by b with the secret a rotated in
-        assert json.loads(r[3])["data"]["message_id"].startswith("<after-")
-        assert Webhook(new_secret).verify(r[3], r[4])
-    assert sorted(recorder.delivered()) == sorted([f"<paused-{i}@x>" for i in range(5)]
+    for body, headers in list(zip(recorder.bodies, recorder.headers, strict=True))[5:]:
+        assert json.loads(body)["data"]["message_id"].startswith("<after-")  # signed by b with a's new secret
+        assert Webhook(new_secret).verify(body, headers)
+    assert sorted(delivered(recorder)) == sorted([f"<paused-{i}@x>" for i in range(5)]
                                                   + [f"<after-{i}@x>" for i in range(3)])
 
 
 def test_kill_9_one_daemon_and_the_other_delivers_what_it_held_after_the_lease(
-    pair: tuple[Proc, Proc, Path], recorder: Recorder
+    pair: tuple[Proc, Proc, Path], recorder: ThreadReceiver
 ) -> None:
     a, b, _ = pair
     configure(a, {"per_webhook_concurrency": 1})
-    a.start()
-    b.start()
     recorder.delay = 0.2  # a delivers slowly: most of its deliveries are still pending, claimed by it
-    hook = a.json("webhooks", "create", "--url", recorder.url)
-    wait_until(lambda: known_on(b, hook["id"]) is not None, what="b to hear of the webhook")
+    started(a, b, recorder.url)
     submit(a, 40, "held")
-    wait_until(lambda: len(recorder.delivered()) >= 2, what="a to start delivering")
+    wait_until(lambda: len(delivered(recorder)) >= 2, what="a to start delivering")
     assert a.proc is not None
     a.proc.kill()
     a.proc.wait(10)
     recorder.delay = 0.0
     killed_at = time.monotonic()
-    wait_until(lambda: set(recorder.delivered()) == {f"<held-{i}@x>" for i in range(40)}, timeout=30,
+    wait_until(lambda: set(delivered(recorder)) == {f"<held-{i}@x>" for i in range(40)}, timeout=30,
                what="b to deliver every delivery a held")
     assert time.monotonic() - killed_at >= 0.5  # not before a's lease could end
     took = b.logged("took over from instances whose lease ended")
     assert took and took[0]["webhooks"] == 1
-    repeats = len(recorder.delivered()) - 40
+    repeats = len(delivered(recorder)) - 40
     # at most what a had in flight when it died (per_webhook_concurrency 1) and the one before it,
     # answered but not yet committed: sent again, as at-least-once allows
     assert repeats <= 2
@@ -248,20 +200,17 @@ def test_kill_9_one_daemon_and_the_other_delivers_what_it_held_after_the_lease(
 
 
 def test_a_backlog_beyond_one_daemons_window_is_shared_with_the_other(
-    pair: tuple[Proc, Proc, Path], recorder: Recorder
+    pair: tuple[Proc, Proc, Path], recorder: ThreadReceiver
 ) -> None:
     """Intake's rows go to the daemon that took them in; those beyond its window are released
     to the fleet (NOTIFY webhookd_work), so an idle daemon helps with another's backlog."""
     a, b, _ = pair
     configure(a, {"per_webhook_concurrency": 1})  # a delivers one at a time: its backlog grows
-    a.start()
-    b.start()
     recorder.delay = 0.02
-    hook = a.json("webhooks", "create", "--url", recorder.url)
-    wait_until(lambda: known_on(b, hook["id"]) is not None, what="b to hear of the webhook")
+    started(a, b, recorder.url)
     submit(a, 400, "backlog")
-    wait_until(lambda: len(set(recorder.delivered())) == 400, timeout=60, what="all 400 delivered")
+    wait_until(lambda: len(set(delivered(recorder))) == 400, timeout=60, what="all 400 delivered")
     time.sleep(0.5)
-    assert sorted(recorder.delivered()) == sorted(f"<backlog-{i}@x>" for i in range(400))  # each once
+    assert sorted(delivered(recorder)) == sorted(f"<backlog-{i}@x>" for i in range(400))  # each once
     by_b = [x for x in b.logged('"attempt"') if x.get("event") == "attempt" and x.get("outcome") == "succeeded"]
     assert len(by_b) >= 100, len(by_b)  # b took a large part of what a was given

@@ -38,6 +38,7 @@ class ThreadReceiver:
         self.delay = 0.0
         self.bodies: list[bytes] = []
         self.headers: list[dict[str, str]] = []  # of each body, in the same order
+        self.spans: list[tuple[float, float, int]] = []  # every request: monotonic start, end, status
         self.lock = threading.Lock()
         outer = self
 
@@ -48,11 +49,13 @@ class ThreadReceiver:
                 pass
 
             def do_POST(self) -> None:
+                start = time.monotonic()
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 if outer.delay:
                     time.sleep(outer.delay)
                 with outer.lock:
                     status = outer.status
+                    outer.spans.append((start, time.monotonic(), status))
                     if status == 200:
                         outer.bodies.append(body)
                         outer.headers.append({k.lower(): v for k, v in self.headers.items()})

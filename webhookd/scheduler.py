@@ -793,6 +793,15 @@ class Scheduler:
             if self.on_disabled is not None:
                 self.on_disabled(wh)
 
+    def _fleet_committed(self, wh: Webhook, items: list[DueItem], d: object) -> bool:
+        """A settled outcome committed: its deliveries are no longer in flight, the probe it used
+        is over; False if there is nothing more to apply (the webhook is gone)."""
+        for item in items:
+            wh.inflight.discard(item.delivery_id)
+        wh.probing = False
+        wh.wake.set()
+        return d is not None and self.webhooks.get(wh.id) is wh
+
     def _record_in_fleet(self, wh: Webhook, item: DueItem, epoch: int, outcome: Outcome, at: float) -> None:
         assert self.fleet is not None
         now, cfg, ramp = self.clock(), self.cfg, wh.gate.ramp
@@ -812,10 +821,7 @@ class Scheduler:
             )
 
         def committed(d: policy.Decision | None) -> None:
-            wh.inflight.discard(item.delivery_id)
-            wh.probing = False
-            wh.wake.set()
-            if d is None or self.webhooks.get(wh.id) is not wh:
+            if not self._fleet_committed(wh, [item], d) or d is None:
                 return
             self._fleet_gate(wh, d, outcome, now)
             log.info(
@@ -853,11 +859,7 @@ class Scheduler:
             )
 
         def committed(d: policy.BatchDecision | None) -> None:
-            for item in items:
-                wh.inflight.discard(item.delivery_id)
-            wh.probing = False
-            wh.wake.set()
-            if d is None or self.webhooks.get(wh.id) is not wh:
+            if not self._fleet_committed(wh, items, d) or d is None:
                 return
             self._fleet_gate(wh, d, outcome, now)
             log.info(
