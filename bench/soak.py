@@ -2,7 +2,7 @@
 every acknowledged event reached the receiver. Prints JSON; exits 1 if an acknowledged event was lost.
 
     .venv/bin/python bench/soak.py --cycles 20 [--seed N] [--rate 5000] [--clients 2] [--fail-rate 0.1]
-                                   [--fanout N] [--batch]
+                                   [--fanout N] [--batch] [--backend postgresql [--instances N]]
 
 Each cycle starts a real `webhookd serve` process (durability "full"), runs pipelining load
 generators against its intake Unix socket and SIGKILLs the daemon at a random moment (seeded)
@@ -15,6 +15,14 @@ only and one disabled, whose deliveries must stay paused). With `--batch` every 
 (batch_max_events 50, batch_linger 20ms): the receiver counts each event inside the JSON array
 bodies, a 503 refuses the whole batch, and every element must carry its event `id` (the same id
 for the same event, whichever batch brings it again).
+
+With `--backend postgresql` the daemons keep their queue in a private PostgreSQL cluster
+started for the soak (initdb/pg_ctl in a temporary directory on a Unix socket, as the tests
+do: tests/pg.py). With `--instances N` (N >= 2), N daemons share that one database (one
+queue, docs/scaling.md; `[storage] lease = "1s"`): each cycle loads all of them and
+SIGKILLs one (seeded) while the others keep running and take over what it held once its
+lease ends; it is started again at the next cycle. An event counts as acknowledged by
+whichever daemon answered it.
 
 Only loopback: the receiver listens on 127.0.0.1, the intake is a Unix socket, the HTTP intake is
 off. Every wait is bounded; the script stops by itself. The daemon is pinned to core 0 and this
@@ -206,16 +214,17 @@ class Receiver:
 
 # -- the daemon ----------------------------------------------------------------------------------
 class Daemon:
-    def __init__(self, root: Path, pinned: bool) -> None:
+    def __init__(self, root: Path, pinned: bool, storage: str = '[storage]\ndurability = "full"\n') -> None:
         self.root = root
         self.pinned = pinned
+        root.mkdir(parents=True, exist_ok=True)
         # sun_path is ~107 bytes: keep the sockets in a short directory of their own
         self.run_dir = Path(tempfile.mkdtemp(prefix="whs", dir="/tmp"))
         self.state = root / "state"
         self.config = root / "config.toml"
         self.config.write_text(
             f'environment = "development"\nstate_dir = "{self.state}"\nruntime_dir = "{self.run_dir}"\n'
-            '[storage]\ndurability = "full"\n'
+            + storage +
             '[intake]\nhttp_listen = ""\n'
             "[delivery]\n"
             'retry_base = "50ms"\nretry_max = "500ms"\nmax_attempts = 1000\ndisable_after = 1000000\n'
@@ -335,6 +344,7 @@ async def client(path: str, ids: IdSource, rate: float, stop: asyncio.Event, dea
                     writer.write(b"".join(batch))
                     await writer.drain()
                 await asyncio.sleep(0.005)
+            writer.write_eof()  # done: a daemon still running answers what it read, then closes
 
     async def receive() -> None:
         with contextlib.suppress(OSError, asyncio.IncompleteReadError, ValueError):
@@ -362,20 +372,24 @@ async def client(path: str, ids: IdSource, rate: float, stop: asyncio.Event, dea
     return res
 
 
-async def load_and_kill(daemon: Daemon, ids: IdSource, clients: int, rate: float, kill_at: float) -> list[ClientResult]:
+async def load_and_kill(daemons: list[Daemon], victim: Daemon, ids: IdSource, clients: int, rate: float,
+                        kill_at: float) -> list[ClientResult]:
+    """Load every daemon (`clients` connections each, `rate` in all), SIGKILL `victim` at
+    `kill_at` and stop the load then (the others answer what they read)."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     deadline = loop.time() + kill_at + LOAD_GRACE  # the kill comes first; this bounds a client that hangs
 
     async def killer() -> None:
         await asyncio.sleep(kill_at)
-        assert daemon.proc is not None
-        daemon.proc.send_signal(signal.SIGKILL)
+        assert victim.proc is not None
+        victim.proc.send_signal(signal.SIGKILL)
         stop.set()
 
     kill_task = asyncio.create_task(killer())
-    results = await asyncio.gather(*(client(daemon.intake, ids, rate / clients, stop, deadline)
-                                     for _ in range(clients)))
+    each = rate / (clients * len(daemons))
+    results = await asyncio.gather(*(client(d.intake, ids, each, stop, deadline)
+                                     for d in daemons for _ in range(clients)))
     await kill_task
     return list(results)
 
@@ -384,6 +398,8 @@ async def load_and_kill(daemon: Daemon, ids: IdSource, clients: int, rate: float
 def lookup(db: Path, mids: list[str]) -> list[dict[str, Any]]:
     """What the database says about lost ids (read-only, after the daemon stopped)."""
     out: list[dict[str, Any]] = []
+    if not db.exists():
+        return [{"error": f"no SQLite database at {db} (PostgreSQL: look in the cluster the soak kept)"}]
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     except sqlite3.Error as exc:
@@ -435,7 +451,13 @@ def main() -> int:
                     help="webhooks (default 1; N >= 3: N - 2 for every event, one for bounces, one disabled)")
     ap.add_argument("--batch", action="store_true",
                     help="every webhook batches (batch_max_events 50, batch_linger 20ms)")
+    ap.add_argument("--backend", default="sqlite", choices=("sqlite", "postgresql"),
+                    help="the daemons' storage (postgresql: a private cluster started for the soak)")
+    ap.add_argument("--instances", type=int, default=1,
+                    help="postgresql: daemons sharing the one database; each cycle kills one of them")
     args = ap.parse_args()
+    if args.instances != 1 and (args.backend != "postgresql" or not 2 <= args.instances <= 8):
+        ap.error("--instances N (2..8) needs --backend postgresql")
     if not (1 <= args.cycles <= 10_000 and 1 <= args.clients <= 64 and args.rate > 0
             and 0 <= args.fail_rate < 1 and 0 < args.kill_min <= args.kill_max <= 60
             and (args.fanout == 1 or 3 <= args.fanout <= 100)):
@@ -448,7 +470,21 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="webhookd-soak-"))
     receiver = Receiver(args.fail_rate, args.seed)
     hooks = hooks_for(args.fanout)
-    daemon = Daemon(root, args.pin)
+    cluster: Any = None
+    storage = '[storage]\ndurability = "full"\n'
+    if args.backend == "postgresql":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        from tests.pg import start_cluster
+
+        cluster = start_cluster()
+        schema = f"soak_{os.getpid()}"
+        cluster.psql(f"CREATE SCHEMA {schema}")
+        storage = f'[storage]\nbackend = "postgresql"\ndsn = "{cluster.dsn(schema=schema)}"\nlease = "1s"\n'
+    # one daemon (SQLite) on core 0; several share the machine
+    daemons = [Daemon(root / f"d{i}" if args.instances > 1 else root, args.pin and args.instances == 1, storage)
+               for i in range(args.instances)]
+    daemon = daemons[0]
+    kills: Counter[int] = Counter()
     ids = IdSource(args.seed)
     acked_in: dict[str, int] = {}  # message_id -> cycle in which it was acknowledged
     unanswered: set[str] = set()
@@ -472,15 +508,23 @@ def main() -> int:
                 if off.returncode != 0:
                     raise SystemExit(f"webhooks disable failed: {off.stderr.decode(errors='replace')}")
         daemon.kill()
+        for d in daemons[1:]:  # the others run throughout; only each cycle's victim restarts
+            d.start(d.root / "daemon-setup.log")
 
         def wanted(mids: set[str]) -> set[str]:
             return {key(h.path, m) for m in mids for h in hooks if h.wants(m)}
 
         for cycle in range(1, args.cycles + 1):
-            ready_s = daemon.start(root / f"daemon-{cycle:03d}.log")
+            ready_s = 0.0
+            for d in daemons:  # the last cycle's victim (all of them, the first time)
+                if d.proc is None or d.proc.poll() is not None:
+                    ready_s = d.start(d.root / f"daemon-{cycle:03d}.log")
+            victim_i = rng.randrange(len(daemons))
+            kills[victim_i] += 1
+            victim = daemons[victim_i]
             kill_at = rng.uniform(args.kill_min, args.kill_max)
-            results = asyncio.run(load_and_kill(daemon, ids, args.clients, args.rate, kill_at))
-            daemon.kill()
+            results = asyncio.run(load_and_kill(daemons, victim, ids, args.clients, args.rate, kill_at))
+            victim.kill()
             with receiver.lock:
                 delivered_at_kill = set(receiver.delivered)
                 awaiting_retry = len(receiver.awaiting_retry)
@@ -489,6 +533,8 @@ def main() -> int:
                 raise SystemExit(f"cycle {cycle}: could not connect to the intake: {errors}")
             row = {"cycle": cycle, "ready_s": round(ready_s, 2), "kill_at_ms": round(kill_at * 1000),
                    "sent": 0, "acked": 0, "unacked": 0, "rejected": 0}
+            if len(daemons) > 1:
+                row["killed"] = victim_i
             for r in results:
                 row["sent"] += r.sent
                 row["acked"] += len(r.acked)
@@ -505,7 +551,9 @@ def main() -> int:
 
         # the last start: everything acknowledged must now arrive
         drain_started = time.monotonic()
-        daemon.start(root / "daemon-final.log")
+        for d in daemons:
+            if d.proc is None or d.proc.poll() is not None:
+                d.start(d.root / "daemon-final.log")
         expected = wanted(set(acked_in))
         deadline = drain_started + args.drain_timeout
         status: dict[str, Any] | None = None
@@ -525,6 +573,8 @@ def main() -> int:
         drain_s = time.monotonic() - drain_started
         status = daemon.status() or status
         exit_status = daemon.terminate()
+        for d in daemons[1:]:
+            d.terminate()
 
         delivered, deliveries_received, answered_503 = receiver.snapshot()
         lost = sorted(expected - delivered)
@@ -539,6 +589,8 @@ def main() -> int:
             "ok": not lost,
             "cycles": args.cycles,
             "seed": args.seed,
+            "backend": args.backend,
+            "instances": args.instances,
             "settings": {"rate_events_per_s": args.rate, "clients": args.clients, "fail_rate": args.fail_rate,
                          "fanout": args.fanout, "batch": args.batch,
                          "kill_window_ms": [round(args.kill_min * 1000), round(args.kill_max * 1000)],
@@ -568,6 +620,7 @@ def main() -> int:
             "final_sigterm_exit": exit_status,
             "webhooks": [{"id": i, "path": h.path, "events": list(h.events), "enabled": h.enabled}
                          for i, h in zip(webhook_ids, hooks, strict=True)],
+            **({"kills_by_instance": [kills[i] for i in range(len(daemons))]} if len(daemons) > 1 else {}),
             "per_cycle": "@PER_CYCLE@",
             "duration_s": round(time.monotonic() - began, 1),
             "machine": versions(cpus_allowed),
@@ -580,15 +633,21 @@ def main() -> int:
             summary["lost_acknowledged_in_cycle"] = dict(Counter(acked_in[mid_of(m)] for m in lost))
             summary["lost_in_database"] = lookup(daemon.db, [mid_of(m) for m in lost[:20]])
             summary["logs"] = str(root)
-            summary["final_log_tail"] = log_lines(root / "daemon-final.log")
+            summary["final_log_tail"] = log_lines(daemon.root / "daemon-final.log")
             cycles_hit = sorted({acked_in[mid_of(m)] for m in lost})[:3]
-            summary["cycle_log_tails"] = {c: log_lines(root / f"daemon-{c:03d}.log") for c in cycles_hit}
+            summary["cycle_log_tails"] = {c: log_lines(d.root / f"daemon-{c:03d}.log") for c in cycles_hit
+                                          for d in daemons if (d.root / f"daemon-{c:03d}.log").exists()}
         elif args.keep:
             summary["logs"] = str(root)
     finally:
-        daemon.kill()
-        daemon.cleanup()
+        for d in daemons:
+            d.kill()
+            d.cleanup()
         receiver.close()
+        if cluster is not None:
+            cluster.stop("immediate")
+            if summary and not lost and not args.keep:
+                shutil.rmtree(cluster.root, ignore_errors=True)
         if summary and not lost and not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         elif not summary:
