@@ -144,6 +144,10 @@ class _Transactions:
     def describe(self, exc: BaseException) -> str:
         return describe(exc)
 
+    def transient(self, exc: BaseException) -> bool:
+        """A deadlock with another daemon's transaction (or a serialization failure): run it again."""
+        return isinstance(exc, asyncpg.exceptions.DeadlockDetectedError | asyncpg.exceptions.SerializationError)
+
 
 class PostgresStorage(Reads, WriterBacked):
     """`Storage` on one PostgreSQL database (several daemons may share it: ids never collide)."""
@@ -179,7 +183,7 @@ class PostgresStorage(Reads, WriterBacked):
         self._events = Events(clock, self._sink)
         self._events.claimer = self.fleet.instance_id if self.fleet is not None else None
         self._outcomes = Outcomes(fleet=self.fleet is not None)
-        self._batch_outcomes = BatchOutcomes()
+        self._batch_outcomes = BatchOutcomes(fleet=self.fleet is not None)
         self._lost_at: float | None = None  # monotonic time the writer's connection was found lost
         self._retry_at = 0.0
         self._retry_in = RECONNECT_MIN

@@ -192,8 +192,11 @@ class Outcomes:
         self.fleet = fleet
 
     async def execute(self, conn: Conn, items: list[OutcomeRecord]) -> list[None]:
-        # Rows are locked in id order (several instances never deadlock on each other's runs);
-        # deliveries deleted meanwhile (their webhook went) record nothing.
+        # Rows are locked in id order (several instances never deadlock on each other's runs),
+        # webhooks first in a fleet (as Fleet.settle does); deliveries deleted meanwhile (their
+        # webhook went) record nothing.
+        if self.fleet:
+            await lock_webhooks(conn, {r.webhook_id for r in items})
         ids = sorted({r.delivery_id for r in items})
         present = {int(r[0]) for r in await conn.fetch(
             "SELECT id FROM deliveries WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", ids
@@ -243,7 +246,12 @@ class BatchOutcomes:
     attempt once per batch; deliveries deleted meanwhile (their webhook went) record nothing.
     The whole run is one UPDATE and one INSERT (`unnest` of arrays), whatever its size."""
 
+    def __init__(self, *, fleet: bool = False) -> None:
+        self.fleet = fleet
+
     async def execute(self, conn: Conn, items: list[BatchOutcomeRecord]) -> list[None]:
+        if self.fleet:
+            await lock_webhooks(conn, {r.webhook_id for r in items})
         ids = sorted({did for r in items for did in r.delivery_ids})
         present = {int(r[0]) for r in await conn.fetch(  # locked in id order, as Outcomes does
             "SELECT id FROM deliveries WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", ids
@@ -284,6 +292,14 @@ class BatchOutcomes:
 
 
 _Attempted = OutcomeRecord | BatchOutcomeRecord
+
+
+async def lock_webhooks(conn: Conn, webhook_ids: set[str]) -> None:
+    """Lock the webhooks' rows, in id order, before anything else an outcome writes: every
+    daemon takes the webhook first and then its deliveries, hour counts and last attempt,
+    so two daemons' outcome transactions wait for each other instead of deadlocking."""
+    await conn.execute("SELECT 1 FROM webhooks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE",
+                       sorted(webhook_ids))
 
 
 @dataclass(frozen=True, slots=True)

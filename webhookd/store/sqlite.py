@@ -120,6 +120,9 @@ class _Transactions:
     def describe(self, exc: BaseException) -> str:
         return describe(exc)
 
+    def transient(self, exc: BaseException) -> bool:
+        return False  # one writer per database: nobody else's transaction to collide with
+
 
 class SqliteStorage(Reads, WriterBacked):
     """`Storage` on one SQLite file."""

@@ -54,6 +54,7 @@ C_contra = TypeVar("C_contra", contravariant=True)
 R_co = TypeVar("R_co", covariant=True)  # (it is only ever handed to the backend's functions)
 
 CLOSE_RETRIES = 3  # failed commits of internal operations tolerated while closing
+TRANSIENT_RETRIES = 3  # a transaction that failed transiently (Transactions.transient) is run again
 SHUTTING_DOWN = Lead.UNAVAILABLE.text(": daemon is shutting down")
 
 
@@ -74,6 +75,12 @@ class Transactions(Protocol[C, R_co]):
         ...
 
     def describe(self, exc: BaseException) -> str: ...
+
+    def transient(self, exc: BaseException) -> bool:
+        """Whether the transaction failed only because of another one (a deadlock between
+        daemons sharing a database): then everything in it is run again, at once, up to
+        TRANSIENT_RETRIES times, before anything fails."""
+        ...
 
 
 class Batcher(Protocol[R_contra, I, T]):
@@ -222,6 +229,7 @@ class Writer(Generic[C, R]):
     async def _run(self) -> None:
         delay = self.retry_delay
         failures_while_closing = 0
+        transient = 0
         while True:
             if not self._queue:
                 if self._closing:
@@ -234,6 +242,15 @@ class Writer(Generic[C, R]):
             try:
                 await self._execute(runs)
             except Exception as exc:
+                if transient < TRANSIENT_RETRIES and self._tx.transient(exc):
+                    transient += 1
+                    self.failed_commits += 1
+                    log.warning("transaction run again", error=self._tx.describe(exc), ops=len(ops), attempt=transient)
+                    for op in ops:
+                        op.result = None
+                    self._queue[:0] = ops
+                    continue
+                transient = 0
                 retry = self._fail(ops, exc)
                 if retry and self._closing:
                     failures_while_closing += 1
@@ -252,6 +269,7 @@ class Writer(Generic[C, R]):
                     delay = min(delay * 2, 5.0)
                 continue
             delay = self.retry_delay
+            transient = 0
             self.commits += 1
             self._succeed(runs)
 
