@@ -56,10 +56,20 @@ def make_config(state: Path, run: Path, *, delivery: dict[str, Any] | None = Non
     return parse_config(data, env={})
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port nobody listens on now, and never one this test run handed out before:
+    the kernel may give the same free port to two binds in a row (two `free_port()` in one
+    config were once the same port, and the daemon could not listen on the second)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 # -- receivers ---------------------------------------------------------------------------------

@@ -214,3 +214,28 @@ def test_a_backlog_beyond_one_daemons_window_is_shared_with_the_other(
     assert sorted(delivered(recorder)) == sorted(f"<backlog-{i}@x>" for i in range(400))  # each once
     by_b = [x for x in b.logged('"attempt"') if x.get("event") == "attempt" and x.get("outcome") == "succeeded"]
     assert len(by_b) >= 100, len(by_b)  # b took a large part of what a was given
+
+
+def test_a_daemon_restarted_after_kill_9_takes_over_its_previous_life_at_once(
+    pair: tuple[Proc, Proc, Path], recorder: ThreadReceiver
+) -> None:
+    """The same daemon (host and state_dir) started again after a crash does not wait out its
+    previous life's lease (30 s here) for the deliveries that life had claimed."""
+    a, _, _ = pair
+    a.tables = a.tables.replace(f'lease = "{LEASE}"', 'lease = "30s"')  # type: ignore[attr-defined]
+    configure(a, {"per_webhook_concurrency": 1})
+    a.start()
+    recorder.delay = 0.2
+    a.json("webhooks", "create", "--url", recorder.url)
+    submit(a, 20, "again")
+    wait_until(lambda: len(delivered(recorder)) >= 2, what="a to start delivering")
+    assert a.proc is not None
+    a.proc.kill()
+    a.proc.wait(10)
+    recorder.delay = 0.0
+    restarted_at = time.monotonic()
+    a.start()
+    wait_until(lambda: set(delivered(recorder)) == {f"<again-{i}@x>" for i in range(20)}, timeout=20,
+               what="the restarted daemon to deliver what its previous life held")
+    assert time.monotonic() - restarted_at < 20  # far less than the 30 s lease
+    assert a.logged("took over from this daemon's previous life")

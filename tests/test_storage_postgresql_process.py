@@ -136,7 +136,8 @@ def test_postgresql_stopped_and_restarted_under_load(
 ) -> None:
     dsn = asyncio.run(new_schema(pg_cluster))
     d = proc({"retry_base": "50ms", "retry_max": "200ms"})
-    d.write_config({"retry_base": "50ms", "retry_max": "200ms"}, tables=storage_table(dsn))
+    # a short lease: the fleet's upkeep (every lease / 3) finds its listening connection lost soon
+    d.write_config({"retry_base": "50ms", "retry_max": "200ms"}, tables=storage_table(dsn) + 'lease = "3s"\n')
     d.start()
     d.json("webhooks", "create", "--url", receiver.url)
     acked: list[str] = []
@@ -193,6 +194,8 @@ def test_postgresql_stopped_and_restarted_under_load(
     assert (metric(d, "webhookd_store_reconnects_total") or 0) >= 1
     assert metric(d, "webhookd_store_connected") == 1
     assert d.logged("storage connection lost") and d.logged("storage reconnected")
+    # LISTEN/NOTIFY came back too (the other daemons' changes reach this one again)
+    wait_until(lambda: d.logged("listening again for the other instances"), what="the listener reconnected")
 
 
 def test_check_config_plan_reads_the_declared_webhooks_from_postgresql(

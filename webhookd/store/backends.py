@@ -37,8 +37,9 @@ def make_storage(
                 f" ({exc.name} is missing)"
             ) from None
         # a lease: a member of the fleet of daemons that may share this database's queue
+        # home: the state_dir, by which a daemon restarted after a crash recognises its previous life
         pg = PostgresStorage(cfg.dsn, password_file=cfg.password_file, clock=clock, on_fresh=on_fresh,
-                             lease=cfg.lease)
+                             lease=cfg.lease, home=str(cfg.path.parent))
         return pg, lambda: Health("postgresql", pg.where, pg.connected, pg.reconnects)
     lite = SqliteStorage(cfg.path, durability=cfg.durability, clock=clock, on_fresh=on_fresh)
     return lite, lambda: Health("sqlite", str(cfg.path), True, 0)

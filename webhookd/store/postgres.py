@@ -162,6 +162,7 @@ class PostgresStorage(Reads, WriterBacked):
         pool_size: int = 4,
         exclusive: bool = False,
         lease: float | None = None,
+        home: str = "",
     ) -> None:
         self.dsn = dsn
         self.where = redact_dsn(dsn)
@@ -172,7 +173,7 @@ class PostgresStorage(Reads, WriterBacked):
         # shared (a daemon: several share the database, none while a copy runs)
         self.exclusive = exclusive
         # with a lease: a daemon in a fleet sharing this database's queue (postgres_cluster.py)
-        self.fleet: Fleet | None = Fleet(self, lease=lease) if lease is not None else None
+        self.fleet: Fleet | None = Fleet(self, lease=lease, home=home) if lease is not None else None
         self.reconnect_min = RECONNECT_MIN
         self.reconnect_max = RECONNECT_MAX
         self.reconnects = 0  # connections regained after a loss

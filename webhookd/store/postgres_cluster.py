@@ -83,9 +83,10 @@ async def notify_work(conn: Notifier, webhook_ids: list[str]) -> None:
 class Fleet:
     """This daemon's membership of the fleet sharing one database."""
 
-    def __init__(self, storage: PostgresStorage, *, lease: float) -> None:
+    def __init__(self, storage: PostgresStorage, *, lease: float, home: str = "") -> None:
         self.storage = storage
         self.lease = lease
+        self.home = home  # the daemon's state_dir: with the host, who its earlier lives were
         self.instance_id = new_id("ins")
         self.on_webhook: Callable[[str], None] = lambda _id: None  # another instance changed it
         self.on_work: Callable[[list[str] | None], None] = lambda _ids: None  # None: every webhook
@@ -101,6 +102,7 @@ class Fleet:
     async def start(self) -> None:
         """Register (the storage is open) and start renewing, sweeping and listening."""
         await self._register()
+        await self._take_over_earlier_lives()
         await self._renew()
         await self._listen()
         self._task = asyncio.create_task(self._run(), name="fleet")
@@ -140,10 +142,24 @@ class Fleet:
     async def _register(self) -> None:
         async with self._pool().acquire() as conn:
             await conn.execute(
-                f"INSERT INTO instances (id, host, pid, started_at, lease_until) VALUES ($1, $2, $3, {DB_NOW},"  # noqa: S608
-                f" {DB_NOW} + $4) ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until",
-                self.instance_id, socket.gethostname(), os.getpid(), self.lease,
+                f"INSERT INTO instances (id, host, pid, home, started_at, lease_until) VALUES ($1, $2, $3, $5,"  # noqa: S608
+                f" {DB_NOW}, {DB_NOW} + $4) ON CONFLICT (id) DO UPDATE SET lease_until = excluded.lease_until",
+                self.instance_id, socket.gethostname(), os.getpid(), self.lease, self.home,
             )
+
+    async def _take_over_earlier_lives(self) -> None:
+        """A daemon restarted after a crash (kill -9, OOM, power) would otherwise wait a whole
+        lease for what its previous life had claimed: an instance row with this host and
+        state_dir whose process is gone (or has this very pid: a restarted container) is that
+        previous life, and is taken over at once."""
+        if not self.home:
+            return
+        async with self._pool().acquire() as conn:
+            rows = await conn.fetch("SELECT id, pid FROM instances WHERE host = $1 AND home = $2 AND id <> $3",
+                                    socket.gethostname(), self.home, self.instance_id)
+        dead = [str(r[0]) for r in rows if int(r[1]) == os.getpid() or not _alive(int(r[1]))]
+        if dead:
+            await self._release_instances(dead, "took over from this daemon's previous life")
 
     async def _listen(self) -> None:
         conn: Conn = await asyncpg.connect(**self.storage._connect_args())
@@ -201,9 +217,20 @@ class Fleet:
 
     async def _sweep(self) -> None:
         """Release what instances whose lease ended held, once (whoever deletes their row)."""
+        async with self._pool().acquire() as conn:
+            ended = [str(r[0]) for r in await conn.fetch(
+                f"SELECT id FROM instances WHERE lease_until < {DB_NOW}")]  # noqa: S608
+        if ended:
+            await self._release_instances(ended, "took over from instances whose lease ended", ended_only=True)
+
+    async def _release_instances(self, candidates: list[str], why: str, *, ended_only: bool = False) -> None:
+        """Delete these instances' rows and release their pending rows, in one transaction; only
+        the rows this call deleted count (another daemon may have taken them over first, or,
+        `ended_only`, the instance renewed its lease meanwhile)."""
+        still = f" AND lease_until < {DB_NOW}" if ended_only else ""
         async with self._pool().acquire() as conn, conn.transaction():
             gone = [str(r[0]) for r in await conn.fetch(
-                f"DELETE FROM instances WHERE lease_until < {DB_NOW} RETURNING id")]  # noqa: S608
+                f"DELETE FROM instances WHERE id = ANY($1::text[]){still} RETURNING id", candidates)]  # noqa: S608
             if not gone:
                 return
             ids = [str(r[0]) for r in await conn.fetch(
@@ -211,7 +238,7 @@ class Fleet:
                 " AND status = 'pending' RETURNING webhook_id) SELECT DISTINCT webhook_id FROM r", gone)]
             await notify_work(conn, ids)
         self.takeovers += len(gone)
-        log.warning("took over from instances whose lease ended", instances=gone, webhooks=len(ids))
+        log.warning(why, instances=gone, webhooks=len(ids))
 
     # -- sharing a backlog -------------------------------------------------------------------
     def share(self, rows: dict[str, list[int]]) -> None:
@@ -326,3 +353,14 @@ class Fleet:
                 return {str(r[0]): int(r[1]) for r in await conn.fetch("SELECT id, gate_epoch FROM webhooks")}
         except DB_ERRORS as exc:
             raise StoreError(f"cannot read the webhooks' gates: {describe(exc)}") from None
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (as far as this daemon can tell)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

@@ -148,6 +148,7 @@ MIGRATIONS: tuple[str, ...] = (
         id text PRIMARY KEY,
         host text NOT NULL,
         pid integer NOT NULL,
+        home text NOT NULL DEFAULT '',
         started_at double precision NOT NULL,
         lease_until double precision NOT NULL
     );
