@@ -399,7 +399,7 @@ def lookup(db: Path, mids: list[str]) -> list[dict[str, Any]]:
     """What the database says about lost ids (read-only, after the daemon stopped)."""
     out: list[dict[str, Any]] = []
     if not db.exists():
-        return [{"error": f"no SQLite database at {db} (PostgreSQL: look in the cluster the soak kept)"}]
+        return [{"error": f"no SQLite database at {db}"}]
     try:
         conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     except sqlite3.Error as exc:
@@ -411,6 +411,25 @@ def lookup(db: Path, mids: list[str]) -> list[dict[str, Any]]:
                 " FROM events e LEFT JOIN deliveries d ON d.event_id = e.id"
                 " WHERE instr(CAST(e.body AS TEXT), ?) > 0", (json.dumps(mid),)).fetchall()
             out.append({"message_id": mid, "rows": [list(r) for r in rows]})
+    return out
+
+
+def lookup_pg(cluster: Any, schema: str, mids: list[str]) -> list[dict[str, Any]]:
+    """What the PostgreSQL queue says about lost ids: each event row with its deliveries, who
+    claimed them and until when, beside each instance's lease (before the cluster stops)."""
+    out: list[dict[str, Any]] = []
+    try:
+        leases = cluster.psql(f"SELECT id, lease_until FROM {schema}.instances ORDER BY id")
+        out.append({"instances": leases.splitlines()})
+        for mid in mids:
+            rows = cluster.psql(
+                "SELECT e.uid, e.created_at, d.id, d.webhook_id, d.status, d.attempts, d.last_status_code,"
+                f" d.last_error, d.claimed_by, d.lease_until FROM {schema}.events e"
+                f" LEFT JOIN {schema}.deliveries d ON d.event_id = e.id"
+                " WHERE e.message_id = '" + mid.replace("'", "''") + "'")
+            out.append({"message_id": mid, "rows": [r.split("|") for r in rows.splitlines()]})
+    except (AssertionError, OSError, subprocess.SubprocessError) as exc:
+        out.append({"error": repr(exc)})
     return out
 
 
@@ -471,6 +490,7 @@ def main() -> int:
     receiver = Receiver(args.fail_rate, args.seed)
     hooks = hooks_for(args.fanout)
     cluster: Any = None
+    schema = ""
     storage = '[storage]\ndurability = "full"\n'
     if args.backend == "postgresql":
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -631,7 +651,9 @@ def main() -> int:
         if lost:
             summary["lost_ids"] = lost[:100]
             summary["lost_acknowledged_in_cycle"] = dict(Counter(acked_in[mid_of(m)] for m in lost))
-            summary["lost_in_database"] = lookup(daemon.db, [mid_of(m) for m in lost[:20]])
+            lost_mids = [mid_of(m) for m in lost[:20]]
+            summary["lost_in_database"] = (lookup_pg(cluster, schema, lost_mids) if cluster is not None
+                                           else lookup(daemon.db, lost_mids))
             summary["logs"] = str(root)
             summary["final_log_tail"] = log_lines(daemon.root / "daemon-final.log")
             cycles_hit = sorted({acked_in[mid_of(m)] for m in lost})[:3]
