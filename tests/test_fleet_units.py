@@ -22,7 +22,7 @@ from webhookd.metrics import Metrics
 from webhookd.operations import Operations
 from webhookd.policy import SLOW_START, Gate
 from webhookd.scheduler import Scheduler
-from webhookd.store.model import BatchOutcomeRecord, OutcomeRecord
+from webhookd.store.model import BatchOutcomeRecord, OutcomeRecord, WebhookRecord
 from webhookd.store.sqlite import SqliteStorage
 from webhookd.webhooks import Webhook
 
@@ -78,19 +78,16 @@ class Member:
                 if other is not self and other.scheduler is not None:
                     wh = other.scheduler.webhooks.get(webhook_id)
                     if wh is not None:
-                        other.scheduler.refresh(webhook_id, (wh.record_with(fleet.gates[webhook_id]),
-                                                             fleet.gates[webhook_id].epoch))
+                        gate = fleet.gates[webhook_id]
+                        other.scheduler.refresh(webhook_id, (stored_as(wh, gate), gate.epoch))
 
         self.storage.record_outcome(record, on_commit=committed)
 
 
-def _record_with(self: Webhook, gate: Gate) -> Any:
-    r = self.record()
-    return replace(r, enabled=gate.enabled, consecutive_failures=gate.consecutive_failures,
+def stored_as(wh: Webhook, gate: Gate) -> WebhookRecord:
+    """The webhook as the other member would read it back: its fields, the fleet's gate."""
+    return replace(wh.record(), enabled=gate.enabled, consecutive_failures=gate.consecutive_failures,
                    backoff_until=gate.backoff_until, disabled_reason=gate.disabled_reason)
-
-
-Webhook.record_with = _record_with  # type: ignore[attr-defined]
 
 
 @pytest.fixture
