@@ -55,6 +55,20 @@ class Svg:
         return head + "\n".join(self.parts) + "\n</svg>\n"
 
 
+def shared(svg: Svg, ox: float, daemons_bottom: float, notes: tuple[str, str, str]) -> None:
+    """What both panels have: the receivers, PostgreSQL and its replica, the dashed
+    LISTEN/NOTIFY from the daemons, and three lines of notes (the first about NOTIFY)."""
+    svg.box(ox + 400, 70, 120, 96, "receivers", "recv", "HTTPS, signed")
+    svg.box(ox + 330, 400, 190, 70, "PostgreSQL", "db", "primary: one queue")
+    svg.box(ox + 330, 490, 190, 44, "streaming replica", "db")
+    svg.arrow(ox + 425, 470, ox + 425, 490)
+    svg.arrow(ox + 260, daemons_bottom, ox + 330, 430, dashed=True, both=True)
+    svg.text(ox + 20, 420, "LISTEN / NOTIFY", anchor="start", size=12, fill="#1a73e8")
+    svg.text(ox + 20, 437, notes[0], anchor="start", size=11, fill="#1a73e8")
+    svg.text(ox + 20, 460, notes[1], anchor="start", size=11)
+    svg.text(ox + 20, 476, notes[2], anchor="start", size=11)
+
+
 def per_host(svg: Svg, ox: float) -> None:
     svg.text(ox + PANEL_W / 2, 34, "A daemon per MTA host, one shared PostgreSQL", size=16, weight="bold")
     for i, y in enumerate((70, 170, 270)):
@@ -64,15 +78,8 @@ def per_host(svg: Svg, ox: float) -> None:
         svg.arrow(ox + 130, y + 30, ox + 190, y + 30)
         svg.arrow(ox + 330, y + 30, ox + 400, 400)  # to PostgreSQL
         svg.arrow(ox + 330, y + 22, ox + 400, 118)  # to the receivers
-    svg.box(ox + 400, 70, 120, 96, "receivers", "recv", "HTTPS, signed")
-    svg.box(ox + 330, 400, 190, 70, "PostgreSQL", "db", "primary: one queue")
-    svg.box(ox + 330, 490, 190, 44, "streaming replica", "db")
-    svg.arrow(ox + 425, 470, ox + 425, 490)
-    svg.arrow(ox + 260, 332, ox + 330, 430, dashed=True, both=True)
-    svg.text(ox + 20, 420, "LISTEN / NOTIFY", anchor="start", size=12, fill="#1a73e8")
-    svg.text(ox + 20, 437, "webhook changes, released work", anchor="start", size=11, fill="#1a73e8")
-    svg.text(ox + 20, 460, "claims + leases: a dead daemon's", anchor="start", size=11)
-    svg.text(ox + 20, 476, "deliveries go to the others", anchor="start", size=11)
+    shared(svg, ox, 332, ("webhook changes, released work", "claims + leases: a dead daemon's",
+                          "deliveries go to the others"))
 
 
 def pool(svg: Svg, ox: float) -> None:
@@ -85,15 +92,8 @@ def pool(svg: Svg, ox: float) -> None:
         svg.arrow(ox + 130, 220, ox + 190, y + 28)
         svg.arrow(ox + 330, y + 28, ox + 400, 400)
         svg.arrow(ox + 330, y + 20, ox + 400, 118)
-    svg.box(ox + 400, 70, 120, 96, "receivers", "recv", "HTTPS, signed")
-    svg.box(ox + 330, 400, 190, 70, "PostgreSQL", "db", "primary: one queue")
-    svg.box(ox + 330, 490, 190, 44, "streaming replica", "db")
-    svg.arrow(ox + 425, 470, ox + 425, 490)
-    svg.arrow(ox + 260, 348, ox + 330, 430, dashed=True, both=True)
-    svg.text(ox + 20, 420, "LISTEN / NOTIFY", anchor="start", size=12, fill="#1a73e8")
-    svg.text(ox + 20, 437, "one failure gate for the fleet", anchor="start", size=11, fill="#1a73e8")
-    svg.text(ox + 20, 460, "each daemon delivers what it took", anchor="start", size=11)
-    svg.text(ox + 20, 476, "in; a backlog is shared", anchor="start", size=11)
+    shared(svg, ox, 348, ("one failure gate for the fleet", "each daemon delivers what it took",
+                          "in; a backlog is shared"))
 
 
 def draw() -> str:

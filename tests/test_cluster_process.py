@@ -91,6 +91,16 @@ def started(a: Proc, b: Proc, url: str) -> dict[str, Any]:
     return hook
 
 
+def kill_9_while_delivering(p: Proc, recorder: ThreadReceiver) -> None:
+    """SIGKILL the daemon once it has delivered two (the rest claimed by it, most still
+    pending); the receiver answers at once from then on."""
+    wait_until(lambda: len(delivered(recorder)) >= 2, what="the daemon to start delivering")
+    assert p.proc is not None
+    p.proc.kill()
+    p.proc.wait(10)
+    recorder.delay = 0.0
+
+
 def submit(p: Proc, n: int, prefix: str) -> None:
     done = p.cli("submit", stdin=lines(n, prefix))
     assert done.returncode == 0, done.stderr
@@ -179,11 +189,7 @@ def test_kill_9_one_daemon_and_the_other_delivers_what_it_held_after_the_lease(
     recorder.delay = 0.2  # a delivers slowly: most of its deliveries are still pending, claimed by it
     started(a, b, recorder.url)
     submit(a, 40, "held")
-    wait_until(lambda: len(delivered(recorder)) >= 2, what="a to start delivering")
-    assert a.proc is not None
-    a.proc.kill()
-    a.proc.wait(10)
-    recorder.delay = 0.0
+    kill_9_while_delivering(a, recorder)
     killed_at = time.monotonic()
     wait_until(lambda: set(delivered(recorder)) == {f"<held-{i}@x>" for i in range(40)}, timeout=30,
                what="b to deliver every delivery a held")
@@ -228,11 +234,7 @@ def test_a_daemon_restarted_after_kill_9_takes_over_its_previous_life_at_once(
     recorder.delay = 0.2
     a.json("webhooks", "create", "--url", recorder.url)
     submit(a, 20, "again")
-    wait_until(lambda: len(delivered(recorder)) >= 2, what="a to start delivering")
-    assert a.proc is not None
-    a.proc.kill()
-    a.proc.wait(10)
-    recorder.delay = 0.0
+    kill_9_while_delivering(a, recorder)
     restarted_at = time.monotonic()
     a.start()
     wait_until(lambda: set(delivered(recorder)) == {f"<again-{i}@x>" for i in range(20)}, timeout=20,

@@ -52,7 +52,9 @@ class FakeTransactions:
         return isinstance(exc, Deadlock)
 
 
-async def _run(tx: FakeTransactions) -> tuple[Writer[Any, Any], list[int]]:
+async def _run(tx: FakeTransactions) -> tuple[int, int]:
+    """One operation that is not internal (what intake and admin writes are), through a writer:
+    how many times it ran when it succeeded, and the writer's failed commits."""
     writer: Writer[Any, Any] = Writer(tx, retry_delay=0.001)
     writer.start()
     ran: list[int] = []
@@ -61,39 +63,27 @@ async def _run(tx: FakeTransactions) -> tuple[Writer[Any, Any], list[int]]:
         ran.append(1)
         return len(ran)
 
-    return writer, [await writer.run(op)]  # not internal: what intake and admin writes are
+    try:
+        return await writer.run(op), writer.failed_commits
+    finally:
+        await writer.close()
 
 
 async def test_a_deadlocked_transaction_is_run_again_and_nothing_fails() -> None:
     tx = FakeTransactions([Deadlock("40P01"), Deadlock("40P01")])
-    writer, results = await _run(tx)
-    assert results == [3]  # the operation ran three times; its third run committed
-    assert tx.committed == 1 and writer.failed_commits == 2
-    await writer.close()
+    runs, failed_commits = await _run(tx)
+    assert runs == 3  # the operation ran three times; its third run committed
+    assert tx.committed == 1 and failed_commits == 2
 
 
 async def test_a_transaction_that_keeps_deadlocking_fails_like_any_other() -> None:
     tx = FakeTransactions([Deadlock("40P01")] * (TRANSIENT_RETRIES + 1))
-    writer: Writer[Any, Any] = Writer(tx, retry_delay=0.001)
-    writer.start()
-
-    async def op(conn: object) -> int:
-        return 1
-
     with pytest.raises(StoreError, match="40P01"):
-        await writer.run(op)
-    await writer.close()
+        await _run(tx)
 
 
 async def test_other_failures_fail_intake_at_once() -> None:
     tx = FakeTransactions([RuntimeError("disk full")])
-    writer: Writer[Any, Any] = Writer(tx, retry_delay=0.001)
-    writer.start()
-
-    async def op(conn: object) -> int:
-        return 1
-
     with pytest.raises(StoreError, match="disk full"):
-        await writer.run(op)
+        await _run(tx)
     assert tx.began == 1
-    await writer.close()

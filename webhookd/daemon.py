@@ -122,12 +122,12 @@ class Daemon:
         guard = None if config.dev else TargetGuard(cfg.allow_targets)
         self.dispatcher = Dispatcher(cfg, guard=guard)
         self.metrics = Metrics()
-        fleet = getattr(self.store, "fleet", None)  # PostgreSQL: daemons sharing the queue
+        self.fleet = getattr(self.store, "fleet", None)  # PostgreSQL: daemons sharing the queue
         self.scheduler = Scheduler(
             self.store, self.dispatcher, cfg, clock=clock, on_disabled=self._notify_disabled, metrics=self.metrics,
-            fleet=fleet,
+            fleet=self.fleet,
         )
-        self.fleet_sync = FleetSync(fleet, self.scheduler) if fleet is not None else None
+        self.fleet_sync = FleetSync(self.fleet, self.scheduler) if self.fleet is not None else None
         self.stats = IntakeStats()
         self.metrics.received = self.store.received
         self.metrics.rejected = lambda: self.stats.rejected
@@ -182,10 +182,9 @@ class Daemon:
     def _fleet_status(self) -> dict[str, Any]:
         """On PostgreSQL: this daemon's id in the fleet (the `instances` table, and the ids the
         others log when they take over from it) and how many ended leases it took over."""
-        fleet = getattr(self.store, "fleet", None)
-        if fleet is None:
+        if self.fleet is None:
             return {}
-        return {"instance": fleet.instance_id, "takeovers": fleet.takeovers}
+        return {"instance": self.fleet.instance_id, "takeovers": self.fleet.takeovers}
 
     # -- start ---------------------------------------------------------------------------
     async def start(self) -> None:

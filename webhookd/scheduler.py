@@ -575,21 +575,12 @@ class Scheduler:
             attempts=item.attempts, cfg=self.cfg, now=now,
         )
         self._apply_gate(wh, d.gate, gate_changed=d.gate_changed, disabled=d.disabled, outcome=outcome, now=now)
-        log.info(
-            "attempt", webhook_id=wh.id, event_id=item.event_uid, delivery_id=item.delivery_id,
-            attempt=item.attempts, status_code=outcome.status_code, duration_ms=round(outcome.duration_ms, 1),
-            outcome=d.status, error=outcome.error,
-        )
+        self._log_attempt(wh, item, d, outcome)
         if d.disabled:
             self._log_disabled(wh)
         if d.next_at is not None:
             item.next_at = d.next_at
-        record = OutcomeRecord(
-            delivery_id=item.delivery_id, webhook_id=wh.id, status=d.status, attempts=item.attempts,
-            next_attempt_at=d.next_at, at=at, duration_ms=outcome.duration_ms, status_code=outcome.status_code,
-            error=outcome.error, response_body=outcome.response_body[:1024].decode("utf-8", "replace"),
-            updated_at=now,
-        )
+        record = self._outcome_record(wh, item, d, outcome, at, now)
         pending = d.status == PENDING
 
         def committed(_: None) -> None:
@@ -601,6 +592,24 @@ class Scheduler:
         self.storage.record_outcome(record, on_commit=committed)
         if d.gate_changed:
             self._store_gate(wh, disabled=d.disabled)
+
+    @staticmethod
+    def _outcome_record(wh: Webhook, item: DueItem, d: policy.Decision, outcome: Outcome, at: float,
+                        now: float) -> OutcomeRecord:
+        return OutcomeRecord(
+            delivery_id=item.delivery_id, webhook_id=wh.id, status=d.status, attempts=item.attempts,
+            next_attempt_at=d.next_at, at=at, duration_ms=outcome.duration_ms, status_code=outcome.status_code,
+            error=outcome.error, response_body=outcome.response_body[:1024].decode("utf-8", "replace"),
+            updated_at=now,
+        )
+
+    @staticmethod
+    def _log_attempt(wh: Webhook, item: DueItem, d: policy.Decision, outcome: Outcome) -> None:
+        log.info(
+            "attempt", webhook_id=wh.id, event_id=item.event_uid, delivery_id=item.delivery_id,
+            attempt=item.attempts, status_code=outcome.status_code, duration_ms=round(outcome.duration_ms, 1),
+            outcome=d.status, error=outcome.error,
+        )
 
     # -- refill --------------------------------------------------------------------------------
     async def _refill(self, wh: Webhook) -> None:
@@ -733,12 +742,7 @@ class Scheduler:
             attempts=[item.attempts for item in items], cfg=self.cfg, now=now,
         )
         self._apply_gate(wh, d.gate, gate_changed=d.gate_changed, disabled=d.disabled, outcome=outcome, now=now)
-        log.info(
-            "batch attempt", webhook_id=wh.id, batch_id=batch_id, deliveries=len(items),
-            first_delivery_id=items[0].delivery_id, status_code=outcome.status_code,
-            duration_ms=round(outcome.duration_ms, 1), succeeded=outcome.success, error=outcome.error,
-            retried=sum(1 for st in d.statuses if st == PENDING),
-        )
+        self._log_batch(wh, items, batch_id, d, outcome)
         if d.disabled:
             self._log_disabled(wh)
         next_at = d.next_at
@@ -749,12 +753,7 @@ class Scheduler:
                     item.next_at = next_at
                     item.batch = batch_id
                     pending.append(item)
-        record = BatchOutcomeRecord(
-            webhook_id=wh.id, batch_id=batch_id, delivery_ids=tuple([item.delivery_id for item in items]),
-            statuses=d.statuses, attempts=tuple([item.attempts for item in items]), next_attempt_at=next_at, at=at,
-            duration_ms=outcome.duration_ms, status_code=outcome.status_code, error=outcome.error,
-            response_body=outcome.response_body[:1024].decode("utf-8", "replace"), updated_at=now,
-        )
+        record = self._batch_record(wh, items, batch_id, d, outcome, at, now)
 
         def committed(_: None) -> None:
             inflight = wh.inflight
@@ -768,6 +767,26 @@ class Scheduler:
         self.storage.record_batch_outcome(record, on_commit=committed)
         if d.gate_changed:
             self._store_gate(wh, disabled=d.disabled)
+
+    @staticmethod
+    def _batch_record(wh: Webhook, items: list[DueItem], batch_id: str, d: policy.BatchDecision, outcome: Outcome,
+                      at: float, now: float) -> BatchOutcomeRecord:
+        return BatchOutcomeRecord(
+            webhook_id=wh.id, batch_id=batch_id, delivery_ids=tuple([item.delivery_id for item in items]),
+            statuses=d.statuses, attempts=tuple([item.attempts for item in items]), next_attempt_at=d.next_at,
+            at=at, duration_ms=outcome.duration_ms, status_code=outcome.status_code, error=outcome.error,
+            response_body=outcome.response_body[:1024].decode("utf-8", "replace"), updated_at=now,
+        )
+
+    @staticmethod
+    def _log_batch(wh: Webhook, items: list[DueItem], batch_id: str, d: policy.BatchDecision,
+                   outcome: Outcome) -> None:
+        log.info(
+            "batch attempt", webhook_id=wh.id, batch_id=batch_id, deliveries=len(items),
+            first_delivery_id=items[0].delivery_id, status_code=outcome.status_code,
+            duration_ms=round(outcome.duration_ms, 1), succeeded=outcome.success, error=outcome.error,
+            retried=sum(1 for st in d.statuses if st == PENDING),
+        )
 
     # -- outcomes in a fleet (several daemons, one queue: FleetGate) ----------------------------
     def _in_fleet(self, wh: Webhook, outcome: Outcome) -> bool:
@@ -793,14 +812,13 @@ class Scheduler:
             if self.on_disabled is not None:
                 self.on_disabled(wh)
 
-    def _fleet_committed(self, wh: Webhook, items: list[DueItem], d: object) -> bool:
-        """A settled outcome committed: its deliveries are no longer in flight, the probe it used
-        is over; False if there is nothing more to apply (the webhook is gone)."""
+    @staticmethod
+    def _fleet_committed(wh: Webhook, items: list[DueItem]) -> None:
+        """A settled outcome committed: its deliveries are no longer in flight, the probe it used is over."""
         for item in items:
             wh.inflight.discard(item.delivery_id)
         wh.probing = False
         wh.wake.set()
-        return d is not None and self.webhooks.get(wh.id) is wh
 
     def _record_in_fleet(self, wh: Webhook, item: DueItem, epoch: int, outcome: Outcome, at: float) -> None:
         assert self.fleet is not None
@@ -813,22 +831,14 @@ class Scheduler:
                                  attempt_epoch=epoch, attempts=attempts, cfg=cfg, now=now)
 
         def build(d: policy.Decision) -> OutcomeRecord:
-            return OutcomeRecord(
-                delivery_id=item.delivery_id, webhook_id=wh.id, status=d.status, attempts=attempts,
-                next_attempt_at=d.next_at, at=at, duration_ms=outcome.duration_ms, status_code=outcome.status_code,
-                error=outcome.error, response_body=outcome.response_body[:1024].decode("utf-8", "replace"),
-                updated_at=now,
-            )
+            return self._outcome_record(wh, item, d, outcome, at, now)
 
         def committed(d: policy.Decision | None) -> None:
-            if not self._fleet_committed(wh, [item], d) or d is None:
-                return
+            self._fleet_committed(wh, [item])
+            if d is None or self.webhooks.get(wh.id) is not wh:
+                return  # deleted meanwhile
             self._fleet_gate(wh, d, outcome, now)
-            log.info(
-                "attempt", webhook_id=wh.id, event_id=item.event_uid, delivery_id=item.delivery_id,
-                attempt=attempts, status_code=outcome.status_code, duration_ms=round(outcome.duration_ms, 1),
-                outcome=d.status, error=outcome.error,
-            )
+            self._log_attempt(wh, item, d, outcome)
             if d.status == PENDING and d.next_at is not None and wh.enabled:
                 item.next_at = d.next_at
                 wh.push(item)
@@ -851,23 +861,14 @@ class Scheduler:
                                        cfg=cfg, now=now)
 
         def build(d: policy.BatchDecision) -> BatchOutcomeRecord:
-            return BatchOutcomeRecord(
-                webhook_id=wh.id, batch_id=batch_id, delivery_ids=tuple([item.delivery_id for item in items]),
-                statuses=d.statuses, attempts=tuple(attempts), next_attempt_at=d.next_at, at=at,
-                duration_ms=outcome.duration_ms, status_code=outcome.status_code, error=outcome.error,
-                response_body=outcome.response_body[:1024].decode("utf-8", "replace"), updated_at=now,
-            )
+            return self._batch_record(wh, items, batch_id, d, outcome, at, now)
 
         def committed(d: policy.BatchDecision | None) -> None:
-            if not self._fleet_committed(wh, items, d) or d is None:
-                return
+            self._fleet_committed(wh, items)
+            if d is None or self.webhooks.get(wh.id) is not wh:
+                return  # deleted meanwhile
             self._fleet_gate(wh, d, outcome, now)
-            log.info(
-                "batch attempt", webhook_id=wh.id, batch_id=batch_id, deliveries=len(items),
-                first_delivery_id=items[0].delivery_id, status_code=outcome.status_code,
-                duration_ms=round(outcome.duration_ms, 1), succeeded=outcome.success, error=outcome.error,
-                retried=sum(1 for st in d.statuses if st == PENDING),
-            )
+            self._log_batch(wh, items, batch_id, d, outcome)
             if d.next_at is not None and wh.enabled:
                 for item, status in zip(items, d.statuses, strict=True):
                     if status == PENDING:

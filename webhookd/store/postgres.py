@@ -55,7 +55,7 @@ from webhookd.store.model import (
     WebhookState,
 )
 from webhookd.store.postgres_batch import BatchOutcomes, Conn, Events, EventSink, Outcomes
-from webhookd.store.postgres_cluster import Fleet, notify_webhook, notify_work
+from webhookd.store.postgres_cluster import Fleet
 from webhookd.store.postgres_read import Reads
 from webhookd.store.postgres_rows import (
     CONNECTION_ERRORS,
@@ -67,6 +67,8 @@ from webhookd.store.postgres_rows import (
     count,
     describe,
     due_row,
+    notify_webhook,
+    notify_work,
     token_row,
     webhook_row,
     where_clause,

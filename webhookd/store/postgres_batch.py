@@ -23,6 +23,7 @@ from webhookd.store.model import (
     StoreError,
     Subscriber,
 )
+from webhookd.store.postgres_rows import notify_webhook
 from webhookd.store.postgres_schema import BLOCK_LOCK, ID_BLOCK
 from webhookd.store.sqlite_rows import HOUR
 
@@ -219,14 +220,7 @@ class Outcomes:
         )
         await _insert_attempts(conn, [_AttemptRow(r.delivery_id, r) for r in kept])
         if self.fleet:
-            succeeded = sorted({r.webhook_id for r in kept if r.status == SUCCEEDED})
-            if succeeded:
-                reset = await conn.fetch(
-                    "UPDATE webhooks SET consecutive_failures = 0, backoff_until = 0, gate_epoch = gate_epoch + 1"
-                    " WHERE id = ANY($1::text[]) AND enabled AND (consecutive_failures > 0 OR backoff_until > 0)"
-                    " RETURNING id", succeeded)
-                for row in reset:
-                    await conn.execute("SELECT pg_notify('webhookd_webhooks', $1)", str(row[0]))
+            await close_episodes(conn, {r.webhook_id for r in kept if r.status == SUCCEEDED})
         hours: Counter[tuple[int, str, bool]] = Counter()
         last: dict[str, _Attempted] = {}
         for r in kept:
@@ -284,6 +278,8 @@ class BatchOutcomes:
             [state[i][3].updated_at for i in order],
         )
         await _insert_attempts(conn, rows)
+        if self.fleet:
+            await close_episodes(conn, {r.webhook_id for r in items if SUCCEEDED in r.statuses})
         await _add_hours_and_last(conn, hours, last)
         return [None] * len(items)
 
@@ -292,6 +288,20 @@ class BatchOutcomes:
 
 
 _Attempted = OutcomeRecord | BatchOutcomeRecord
+
+
+async def close_episodes(conn: Conn, webhook_ids: set[str]) -> None:
+    """In a fleet, a success closes a failure episode another daemon stored that this one had
+    not heard of yet (its gate looked healthy here, so the outcome was not settled under the
+    gate's lock): reset the stored gate and tell the others."""
+    if not webhook_ids:
+        return
+    for row in await conn.fetch(
+        "UPDATE webhooks SET consecutive_failures = 0, backoff_until = 0, gate_epoch = gate_epoch + 1"
+        " WHERE id = ANY($1::text[]) AND enabled AND (consecutive_failures > 0 OR backoff_until > 0) RETURNING id",
+        sorted(webhook_ids),
+    ):
+        await notify_webhook(conn, str(row[0]))
 
 
 async def lock_webhooks(conn: Conn, webhook_ids: set[str]) -> None:

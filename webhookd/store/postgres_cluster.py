@@ -46,38 +46,27 @@ from webhookd.ids import new_id
 from webhookd.policy import Gate
 from webhookd.store.model import BatchOutcomeRecord, OutcomeRecord, StoreError, WebhookRecord
 from webhookd.store.postgres_batch import BatchOutcomes, Conn, Outcomes
-from webhookd.store.postgres_rows import DB_ERRORS, WEBHOOK_COLUMNS, describe, webhook_row
+from webhookd.store.postgres_rows import (
+    ALL,
+    DB_ERRORS,
+    WEBHOOK_COLUMNS,
+    WEBHOOKS_CHANNEL,
+    WORK_CHANNEL,
+    describe,
+    notify_webhook,
+    notify_work,
+    webhook_row,
+)
 
 if TYPE_CHECKING:
     from webhookd.store.postgres import PostgresStorage
 
 log = structlog.get_logger("webhookd.store")
 
-WEBHOOKS_CHANNEL = "webhookd_webhooks"
-WORK_CHANNEL = "webhookd_work"
-ALL = "*"  # a work notification for every webhook
 DB_NOW = "extract(epoch from clock_timestamp())"
 SHARE_EVERY = 0.5  # seconds between two announcements of one webhook's shared backlog
-MAX_PAYLOAD = 7000  # NOTIFY payloads are limited to 8000 bytes
 D = TypeVar("D")
 UPKEEP_ERRORS: tuple[type[BaseException], ...] = (*DB_ERRORS, StoreError)  # PostgreSQL out of reach
-
-
-if TYPE_CHECKING:
-    Notifier = Conn | asyncpg.pool.PoolConnectionProxy[Any]
-
-
-async def notify_webhook(conn: Notifier, webhook_id: str) -> None:
-    """Tell the other instances that this webhook changed (delivered at COMMIT)."""
-    await conn.execute("SELECT pg_notify($1, $2)", WEBHOOKS_CHANNEL, webhook_id)
-
-
-async def notify_work(conn: Notifier, webhook_ids: list[str]) -> None:
-    """Tell every instance that these webhooks have pending rows nobody claims."""
-    payload = ",".join(sorted(set(webhook_ids)))
-    if not payload:
-        return
-    await conn.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL, payload if len(payload) <= MAX_PAYLOAD else ALL)
 
 
 class Fleet:
@@ -124,11 +113,8 @@ class Fleet:
         """This instance's claims and row, dropped (after its last outcome committed)."""
         try:
             async with self._pool().acquire() as conn, conn.transaction():
-                ids = await conn.fetch(
-                    "WITH r AS (UPDATE deliveries SET claimed_by = NULL WHERE claimed_by = $1 AND status = 'pending'"
-                    " RETURNING webhook_id) SELECT DISTINCT webhook_id FROM r", self.instance_id)
                 await conn.execute("DELETE FROM instances WHERE id = $1", self.instance_id)
-                await notify_work(conn, [str(r[0]) for r in ids])
+                await _release_claims(conn, [self.instance_id])
         except DB_ERRORS as exc:
             log.warning("could not release this instance's claims; the others take them after its lease",
                         instance=self.instance_id, error=type(exc).__name__, lease_s=self.lease)
@@ -233,10 +219,7 @@ class Fleet:
                 f"DELETE FROM instances WHERE id = ANY($1::text[]){still} RETURNING id", candidates)]  # noqa: S608
             if not gone:
                 return
-            ids = [str(r[0]) for r in await conn.fetch(
-                "WITH r AS (UPDATE deliveries SET claimed_by = NULL WHERE claimed_by = ANY($1::text[])"
-                " AND status = 'pending' RETURNING webhook_id) SELECT DISTINCT webhook_id FROM r", gone)]
-            await notify_work(conn, ids)
+            ids = await _release_claims(conn, gone)
         self.takeovers += len(gone)
         log.warning(why, instances=gone, webhooks=len(ids))
 
@@ -353,6 +336,16 @@ class Fleet:
                 return {str(r[0]): int(r[1]) for r in await conn.fetch("SELECT id, gate_epoch FROM webhooks")}
         except DB_ERRORS as exc:
             raise StoreError(f"cannot read the webhooks' gates: {describe(exc)}") from None
+
+
+async def _release_claims(conn: Any, instances: list[str]) -> list[str]:
+    """Release these instances' pending rows and announce them (NOTIFY webhookd_work); the
+    webhooks they belong to."""
+    ids = [str(r[0]) for r in await conn.fetch(
+        "WITH r AS (UPDATE deliveries SET claimed_by = NULL WHERE claimed_by = ANY($1::text[])"
+        " AND status = 'pending' RETURNING webhook_id) SELECT DISTINCT webhook_id FROM r", instances)]
+    await notify_work(conn, ids)
+    return ids
 
 
 def _alive(pid: int) -> bool:

@@ -1,5 +1,6 @@
 """The PostgreSQL backend's shared pieces: column lists, row shapes, the delivery filter as
-SQL, and how a failure is described (never with the DSN or a password in it)."""
+SQL, how a failure is described (never with the DSN or a password in it), and the NOTIFY
+channels of several daemons sharing a database (postgres_cluster.py)."""
 
 from __future__ import annotations
 
@@ -128,3 +129,23 @@ def where_clause(f: DeliveryFilter, p: Params, before: int | None = None) -> str
     if before is not None:
         clauses.append(f"d.id < {p(before)}")
     return " AND ".join(clauses)
+
+
+# -- NOTIFY: what one daemon tells the others (delivered at COMMIT) ------------------------------
+WEBHOOKS_CHANNEL = "webhookd_webhooks"  # payload: a webhook id that changed
+WORK_CHANNEL = "webhookd_work"  # payload: webhook ids with pending rows nobody claims, or ALL
+ALL = "*"
+MAX_PAYLOAD = 7000  # NOTIFY payloads are limited to 8000 bytes
+
+
+async def notify_webhook(conn: Any, webhook_id: str) -> None:
+    """Tell the other daemons that this webhook changed."""
+    await conn.execute("SELECT pg_notify($1, $2)", WEBHOOKS_CHANNEL, webhook_id)
+
+
+async def notify_work(conn: Any, webhook_ids: list[str]) -> None:
+    """Tell every daemon that these webhooks have pending rows nobody claims."""
+    payload = ",".join(sorted(set(webhook_ids)))
+    if not payload:
+        return
+    await conn.execute("SELECT pg_notify($1, $2)", WORK_CHANNEL, payload if len(payload) <= MAX_PAYLOAD else ALL)
